@@ -1,0 +1,146 @@
+//! `#[repr(C)]` types that cross the map boundary between Shepherd's eBPF
+//! programs and the userspace agent, plus the constants both sides must agree
+//! on (map names, packet marks, flags).
+//!
+//! Every type here uses fixed-width integers and explicit padding; the layout
+//! tests at the bottom pin sizes and offsets so a change on one side cannot
+//! silently disagree with the other. Nothing here may allocate or depend on
+//! `std`: the eBPF crate builds it for `bpfel-unknown-none`.
+#![no_std]
+
+/// Map: managed endpoints. Key [`EndpointKey`], value [`EndpointConfig`].
+/// Written by userspace (endpoint add/rm, hold/release); read by `intercept`
+/// and `rst_shield`.
+pub const MAP_ENDPOINTS: &str = "SHEPHERD_ENDPOINTS";
+/// Map (per-CPU hash): counters per endpoint. Key [`EndpointKey`], value
+/// [`EndpointStats`]. Created (zeroed) by userspace on endpoint add; written by
+/// the eBPF programs; summed over CPUs by userspace.
+pub const MAP_STATS: &str = "SHEPHERD_STATS";
+/// Map (sockhash): the proxy's transparent listener. Key [`LISTENER_KEY`], value
+/// the listening socket. Written by userspace at start-up; read by `intercept`.
+pub const MAP_LISTENER: &str = "SHEPHERD_LISTENER";
+
+/// Program names in the object file.
+pub const PROG_INTERCEPT: &str = "intercept";
+pub const PROG_RST_SHIELD: &str = "rst_shield";
+
+/// The single key of [`MAP_LISTENER`].
+pub const LISTENER_KEY: u32 = 0;
+
+/// skb mark `intercept` sets on packets that must be delivered locally to the
+/// proxy; the agent's policy rule `fwmark INTERCEPT_MARK lookup ROUTE_TABLE`
+/// routes them to `local 0.0.0.0/0 dev lo`.
+pub const INTERCEPT_MARK: u32 = 0x5348_0001;
+/// `SO_MARK` of the proxy's backend sockets. It must differ from
+/// [`INTERCEPT_MARK`] (or the backend connect fails with ENETUNREACH) and
+/// `intercept` leaves packets carrying it alone.
+pub const BACKEND_MARK: u32 = 0x5348_0002;
+/// Routing table holding the local-delivery route.
+pub const ROUTE_TABLE: u32 = 0x5348;
+/// Priority of the policy rule (before the `main` table at 32766).
+pub const RULE_PRIORITY: u32 = 0x5348;
+
+/// [`EndpointConfig::flags`]: new SYNs to this endpoint go to the proxy.
+pub const EP_INTERCEPT: u32 = 1 << 0;
+/// [`EndpointConfig::flags`]: RSTs whose source is this endpoint are dropped
+/// (set while the endpoint is held or migrating).
+pub const EP_SHIELD: u32 = 1 << 1;
+
+/// A managed endpoint: IPv4 address and TCP port, both in network byte order
+/// exactly as they appear in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    /// IPv4 address, network byte order (the packet's bytes read as a native u32).
+    pub addr: u32,
+    /// TCP port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl EndpointKey {
+    /// Builds a key from an address's octets and a host-order port.
+    pub const fn new(octets: [u8; 4], port: u16) -> Self {
+        Self {
+            addr: u32::from_ne_bytes(octets),
+            port: u16::from_ne_bytes(port.to_be_bytes()),
+            _pad: 0,
+        }
+    }
+
+    /// The address's octets.
+    pub const fn octets(&self) -> [u8; 4] {
+        self.addr.to_ne_bytes()
+    }
+
+    /// The port in host order.
+    pub const fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port.to_ne_bytes())
+    }
+}
+
+/// What the kernel side does for an endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointConfig {
+    /// `EP_*` bits. 0 means draining: existing proxied flows keep being
+    /// delivered to the proxy, new SYNs pass through untouched.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Counters per endpoint (per CPU; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    /// Packets steered to the proxy (SYNs and established).
+    pub packets: u64,
+    /// Bytes (skb length) of those packets.
+    pub bytes: u64,
+    /// SYNs assigned to the proxy's listener.
+    pub syns_assigned: u64,
+    /// SYNs that could not be assigned (no listener, or the helper failed);
+    /// they pass through to the pod.
+    pub assign_failures: u64,
+    /// RSTs from the endpoint dropped by `rst_shield`.
+    pub rsts_shielded: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all three are `#[repr(C)]`, made only of integers, with explicit
+    // padding, so every bit pattern is valid and there are no implicit holes.
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::EndpointConfig {}
+    unsafe impl aya::Pod for super::EndpointStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{offset_of, size_of};
+
+    #[test]
+    fn layouts_are_pinned() {
+        assert_eq!(size_of::<EndpointKey>(), 8);
+        assert_eq!(offset_of!(EndpointKey, addr), 0);
+        assert_eq!(offset_of!(EndpointKey, port), 4);
+        assert_eq!(size_of::<EndpointConfig>(), 8);
+        assert_eq!(size_of::<EndpointStats>(), 40);
+        assert_eq!(offset_of!(EndpointStats, rsts_shielded), 32);
+    }
+
+    #[test]
+    fn key_is_in_network_order() {
+        let k = EndpointKey::new([10, 0, 0, 1], 0x1234);
+        let bytes: [u8; 8] = unsafe { core::mem::transmute(k) };
+        assert_eq!(&bytes[..6], &[10, 0, 0, 1, 0x12, 0x34]);
+        assert_eq!(k.port(), 0x1234);
+        assert_eq!(k.octets(), [10, 0, 0, 1]);
+    }
+
+    #[test]
+    fn marks_differ() {
+        assert_ne!(INTERCEPT_MARK, BACKEND_MARK);
+    }
+}

@@ -1,0 +1,207 @@
+//! Shepherd's kernel-side programs (tc classifiers).
+//!
+//! - `intercept` (ingress on client-facing interfaces): a SYN to a managed
+//!   endpoint is `bpf_sk_assign`ed to the proxy's transparent listener; later
+//!   packets of flows the node already has a socket for (the proxy's) are
+//!   marked so the agent's policy route delivers them locally. Anything else —
+//!   unmanaged addresses, and flows that predate registration — is untouched.
+//! - `rst_shield` (ingress on pod-facing host interfaces): while an endpoint is
+//!   held, RSTs whose source is that endpoint are dropped and counted.
+//!
+//! These programs must never drop or rewrite a packet they are not sure about:
+//! on any doubt they return `TC_ACT_UNSPEC` and the packet goes on unchanged.
+#![no_std]
+#![no_main]
+
+mod parse;
+
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_tuple, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    cty::c_void,
+    helpers::generated::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    macros::{classifier, map},
+    maps::{HashMap, PerCpuHashMap, SockHash},
+    programs::TcContext,
+};
+use parse::{Segment, TCP_ACK, TCP_RST, TCP_SYN};
+use shepherd_common::{
+    EndpointConfig, EndpointKey, EndpointStats, BACKEND_MARK, EP_INTERCEPT, EP_SHIELD,
+    INTERCEPT_MARK, LISTENER_KEY,
+};
+
+/// Key: managed endpoint (pod ip, port). Value: its flags. Written by userspace.
+#[map(name = "SHEPHERD_ENDPOINTS")]
+static ENDPOINTS: HashMap<EndpointKey, EndpointConfig> = HashMap::with_max_entries(4096, 0);
+
+/// Key: managed endpoint. Value: per-CPU counters. Entries created by
+/// userspace on endpoint add; incremented here.
+#[map(name = "SHEPHERD_STATS")]
+static STATS: PerCpuHashMap<EndpointKey, EndpointStats> = PerCpuHashMap::with_max_entries(4096, 0);
+
+/// Key: `LISTENER_KEY`. Value: the proxy's transparent listening socket.
+/// Written by userspace at start-up.
+#[map(name = "SHEPHERD_LISTENER")]
+static LISTENER: SockHash<u32> = SockHash::with_max_entries(1, 0);
+
+const TCP_LISTEN: u32 = 10;
+const TCP_TIME_WAIT: u32 = 6;
+/// `BPF_F_CURRENT_NETNS`: look sockets up in the netns of the skb's device.
+const CURRENT_NETNS: u64 = -1i64 as u64;
+
+#[classifier]
+pub fn intercept(ctx: TcContext) -> i32 {
+    try_intercept(&ctx).unwrap_or(TC_ACT_UNSPEC)
+}
+
+#[classifier]
+pub fn rst_shield(ctx: TcContext) -> i32 {
+    try_rst_shield(&ctx).unwrap_or(TC_ACT_UNSPEC)
+}
+
+fn try_intercept(ctx: &TcContext) -> Result<i32, i32> {
+    // SAFETY: `skb` is the context pointer the kernel handed us.
+    if unsafe { (*ctx.skb.skb).mark } == BACKEND_MARK {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let seg = Segment::parse(ctx)?;
+    let key = EndpointKey {
+        addr: seg.daddr,
+        port: seg.dport,
+        _pad: 0,
+    };
+    // SAFETY: the value is plain data copied out before any map update.
+    let Some(cfg) = (unsafe { ENDPOINTS.get(key) }).copied() else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    let is_syn = seg.flags & TCP_SYN != 0 && seg.flags & TCP_ACK == 0;
+    let existing = existing_socket_state(ctx, &seg);
+    let established = matches!(existing, Some(s) if s != TCP_LISTEN && s != TCP_TIME_WAIT);
+    if established {
+        // One of the proxy's sockets (or a request socket): deliver locally.
+        ctx.set_mark(INTERCEPT_MARK);
+        count(&key, ctx.len(), false, false);
+        return Ok(TC_ACT_OK);
+    }
+    if !is_syn || cfg.flags & EP_INTERCEPT == 0 {
+        // Not ours: a flow from before registration, or a draining endpoint.
+        return Ok(TC_ACT_UNSPEC);
+    }
+    if assign_to_listener(ctx).is_err() {
+        count(&key, ctx.len(), false, true);
+        return Ok(TC_ACT_UNSPEC);
+    }
+    ctx.set_mark(INTERCEPT_MARK);
+    count(&key, ctx.len(), true, false);
+    Ok(TC_ACT_OK)
+}
+
+fn try_rst_shield(ctx: &TcContext) -> Result<i32, i32> {
+    let seg = Segment::parse(ctx)?;
+    if seg.flags & TCP_RST == 0 {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let key = EndpointKey {
+        addr: seg.saddr,
+        port: seg.sport,
+        _pad: 0,
+    };
+    // SAFETY: plain data copied out.
+    let Some(cfg) = (unsafe { ENDPOINTS.get(key) }).copied() else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    if cfg.flags & EP_SHIELD == 0 {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    if let Some(stats) = STATS.get_ptr_mut(key) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        unsafe { (*stats).rsts_shielded += 1 };
+    }
+    Ok(TC_ACT_SHOT)
+}
+
+/// State of the socket (established, request or listener) the node has for
+/// this segment's 4-tuple, if any. Uses the `skc` lookup so a request socket
+/// (SYN_RECV) is returned as itself rather than as its listener.
+#[inline(never)]
+fn existing_socket_state(ctx: &TcContext, seg: &Segment) -> Option<u32> {
+    // SAFETY: an all-zero tuple is a valid value of this plain C union.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    // Writing a union field is safe; we use the ipv4 member only.
+    tuple.__bindgen_anon_1.ipv4.saddr = seg.saddr;
+    tuple.__bindgen_anon_1.ipv4.daddr = seg.daddr;
+    tuple.__bindgen_anon_1.ipv4.sport = seg.sport;
+    tuple.__bindgen_anon_1.ipv4.dport = seg.dport;
+    let tuple_size = core::mem::size_of_val(unsafe { &tuple.__bindgen_anon_1.ipv4 }) as u32;
+    // SAFETY: helper contract: ctx is the skb, tuple points to tuple_size
+    // readable bytes; a non-null result must be released, which we do.
+    let sk: *mut bpf_sock = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.skb.skb as *mut c_void,
+            &mut tuple,
+            tuple_size,
+            CURRENT_NETNS,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: `state` is readable on a sock_common pointer; sk is non-null.
+    let state = unsafe { (*sk).state };
+    // SAFETY: sk came from a lookup helper and is released exactly once.
+    unsafe { bpf_sk_release(sk as *mut c_void) };
+    Some(state)
+}
+
+/// Hands the SYN to the proxy's transparent listener.
+#[inline(never)]
+fn assign_to_listener(ctx: &TcContext) -> Result<(), i64> {
+    let key = LISTENER_KEY;
+    // SAFETY: SockHash is `repr(transparent)` over its map definition, so its
+    // address is the map pointer the helper expects; a non-null result is a
+    // referenced socket that we release below.
+    let sk = unsafe {
+        aya_ebpf::helpers::generated::bpf_map_lookup_elem(
+            core::ptr::addr_of!(LISTENER) as *mut c_void,
+            &key as *const u32 as *const c_void,
+        )
+    };
+    if sk.is_null() {
+        return Err(-2);
+    }
+    // SAFETY: ctx is the skb; sk is a referenced full listening socket.
+    let ret = unsafe { bpf_sk_assign(ctx.skb.skb as *mut c_void, sk, 0) };
+    // SAFETY: release the reference taken by the lookup, exactly once.
+    unsafe { bpf_sk_release(sk) };
+    if ret != 0 {
+        return Err(ret);
+    }
+    Ok(())
+}
+
+fn count(key: &EndpointKey, len: u32, syn_assigned: bool, assign_failed: bool) {
+    if let Some(stats) = STATS.get_ptr_mut(key) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        unsafe {
+            if assign_failed {
+                (*stats).assign_failures += 1;
+                return;
+            }
+            (*stats).packets += 1;
+            (*stats).bytes += u64::from(len);
+            if syn_assigned {
+                (*stats).syns_assigned += 1;
+            }
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

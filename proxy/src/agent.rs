@@ -1,0 +1,98 @@
+//! `shepherd run`: wires the parts together in order — lock, listener, eBPF,
+//! policy route, API — and undoes them in reverse on SIGTERM/SIGINT.
+//!
+//! Client connections are not preserved across an agent restart yet (a later
+//! issue hands them over); the agent removes everything it installed.
+use anyhow::Context;
+use shepherd::config::Config;
+use shepherd::control::{Control, ControlConfig};
+use shepherd::intercept::ebpf::EbpfInterception;
+use shepherd::intercept::routing::Routing;
+use shepherd::relay::connection::RelayContext;
+use shepherd::relay::hold_buffer::Budget;
+use shepherd::transport::backend::MarkedConnector;
+use shepherd::transport::orig_dst::LocalAddr;
+use shepherd::{api, relay, single_instance, transport};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let _lock = single_instance::acquire()?;
+    let api_listener = api::socket::bind(&config.api_socket)?;
+    let socket_path = config.api_socket.clone();
+    let _socket_cleanup = RemoveOnDrop(socket_path.clone());
+
+    let listener = transport::listener::transparent_listener(config.listen_backlog)
+        .context("creating the transparent listener (needs CAP_NET_ADMIN)")?;
+    let intercept = Arc::new(EbpfInterception::load(
+        &config.intercept_ifaces,
+        &config.shield_ifaces,
+        &listener,
+    )?);
+    let routing = Routing::install().await?;
+
+    let relay = RelayContext {
+        connector: Arc::new(MarkedConnector {
+            timeout: config.connect_timeout,
+            mark: true,
+        }),
+        budget: Budget::new(config.hold_buffer_total),
+        hold_cap_per_conn: config.hold_buffer_per_conn,
+        close_linger: Duration::from_secs(5),
+        next_id: Arc::new(AtomicU64::new(1)),
+    };
+    let control = Control::new(
+        ControlConfig {
+            default_deadline: config.hold_deadline,
+            quiesce_timeout: config.quiesce_timeout,
+        },
+        intercept.clone(),
+        relay,
+    );
+    let accept = tokio::spawn(relay::accept_loop(
+        listener,
+        control.clone(),
+        Arc::new(LocalAddr),
+    ));
+    let app = api::router(control.clone());
+    tracing::info!(
+        socket = %socket_path.display(),
+        intercept = ?config.intercept_ifaces,
+        shield = ?config.shield_ifaces,
+        "shepherd agent ready"
+    );
+    let server = axum::serve(api_listener, app).with_graceful_shutdown(shutdown_signal());
+    let served = server.await;
+    tracing::info!("shutting down");
+    accept.abort();
+    routing.remove().await;
+    drop(control);
+    drop(intercept);
+    served.context("API server failed")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,169 @@
+//! The control API: HTTP/JSON on a root-only Unix socket.
+//!
+//! Routes (all bodies JSON; errors are `{error, detail}`):
+//! - `GET /healthz`, `GET /metrics` (Prometheus text)
+//! - `GET /v1/endpoints`, `POST /v1/endpoints` `{endpoints: [..]}`,
+//!   `DELETE /v1/endpoints/{ip:port}`
+//! - `GET /v1/connections`
+//! - `GET /v1/migrations`, `GET /v1/migrations/{id}`,
+//!   `PUT /v1/migrations/{id}/hold` `{endpoints, deadline_ms?, quiesce_timeout_ms?}`,
+//!   `POST /v1/migrations/{id}/release` `{mode?, to?}`,
+//!   `POST /v1/migrations/{id}/abort` `{reason?}`
+//!
+//! Bodies are read with a hard size limit and parsed here, so malformed or
+//! oversized input gets a JSON error rather than a framework default.
+pub mod error;
+pub mod socket;
+pub mod types;
+
+use crate::control::Control;
+use crate::endpoint::EndpointAddr;
+use crate::migration::ReleaseMode;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use error::ApiError;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use types::*;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+pub fn router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route("/metrics", get(metrics))
+        .route("/v1/endpoints", get(list_endpoints).post(add_endpoints))
+        .route("/v1/endpoints/{addr}", delete(remove_endpoint))
+        .route("/v1/connections", get(connections))
+        .route("/v1/migrations", get(list_migrations))
+        .route("/v1/migrations/{id}", get(migration_status))
+        .route("/v1/migrations/{id}/hold", put(hold))
+        .route("/v1/migrations/{id}/release", post(release))
+        .route("/v1/migrations/{id}/abort", post(abort))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; see `shepherd --help`",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .with_state(control)
+}
+
+type Ctl = State<Arc<Control>>;
+
+/// Reads and parses a JSON body; an empty body parses as `{}` when allowed.
+async fn json_body<T: DeserializeOwned>(body: Body, empty_ok: bool) -> Result<T, ApiError> {
+    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body exceeds {MAX_BODY} bytes"),
+        )
+    })?;
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) && empty_ok {
+        b"{}"
+    } else {
+        &bytes
+    };
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+            format!("invalid JSON body: {e}"),
+        )
+    })
+}
+
+async fn metrics(State(c): Ctl) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        c.metrics(),
+    )
+}
+
+async fn list_endpoints(State(c): Ctl) -> Json<EndpointList> {
+    Json(EndpointList {
+        endpoints: c.list_endpoints(),
+    })
+}
+
+async fn add_endpoints(State(c): Ctl, body: Body) -> Result<Json<EndpointList>, ApiError> {
+    let req: EndpointsRequest = json_body(body, false).await?;
+    Ok(Json(EndpointList {
+        endpoints: c.add_endpoints(&req.endpoints)?,
+    }))
+}
+
+async fn remove_endpoint(State(c): Ctl, Path(addr): Path<String>) -> Result<StatusCode, ApiError> {
+    let addr: EndpointAddr = addr
+        .parse()
+        .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_endpoint", e))?;
+    c.remove_endpoint(&addr)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn connections(State(c): Ctl) -> Json<ConnectionList> {
+    Json(ConnectionList {
+        connections: c.connections(),
+    })
+}
+
+async fn list_migrations(State(c): Ctl) -> Json<MigrationList> {
+    Json(MigrationList {
+        migrations: c.list_migrations(),
+    })
+}
+
+async fn migration_status(
+    State(c): Ctl,
+    Path(id): Path<String>,
+) -> Result<Json<MigrationStatus>, ApiError> {
+    Ok(Json(c.status(&id)?))
+}
+
+async fn hold(
+    State(c): Ctl,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<MigrationStatus>, ApiError> {
+    let req: HoldRequest = json_body(body, false).await?;
+    Ok(Json(c.hold(&id, &req).await?))
+}
+
+async fn release(
+    State(c): Ctl,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<MigrationStatus>, ApiError> {
+    let req: ReleaseRequest = json_body(body, true).await?;
+    Ok(Json(c.release(
+        &id,
+        req.mode.unwrap_or(ReleaseMode::Resume),
+        req.to.as_deref(),
+    )?))
+}
+
+async fn abort(
+    State(c): Ctl,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<MigrationStatus>, ApiError> {
+    let req: AbortRequest = json_body(body, true).await?;
+    Ok(Json(c.abort(&id, req.reason)?))
+}

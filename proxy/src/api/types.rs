@@ -1,0 +1,115 @@
+//! Request and response bodies of the control API. The CLI and the server
+//! share these types, so the contract has one definition.
+use crate::endpoint::EndpointAddr;
+use crate::migration::{Phase, ReleaseMode};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointsRequest {
+    pub endpoints: Vec<EndpointAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EndpointInfo {
+    pub endpoint: EndpointAddr,
+    /// "active", "held" (by `migration`) or "draining".
+    pub state: String,
+    pub migration: Option<String>,
+    pub connections: usize,
+    pub connections_total: u64,
+    pub packets_intercepted: u64,
+    pub bytes_intercepted: u64,
+    pub syns_assigned: u64,
+    pub assign_failures: u64,
+    pub rsts_shielded: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointList {
+    pub endpoints: Vec<EndpointInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldRequest {
+    pub endpoints: Vec<EndpointAddr>,
+    /// Abort automatically when no release arrives within this time.
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
+    /// How long `hold` waits for the backends to acknowledge everything.
+    #[serde(default)]
+    pub quiesce_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    #[serde(default)]
+    pub mode: Option<ReleaseMode>,
+    /// New pod address (next issue: translation). Rejected for now.
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AbortRequest {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MigrationStatus {
+    pub id: String,
+    pub state: Phase,
+    /// Why it was aborted ("deadline", "requested", ...), and what happened to
+    /// connections whose backend was unreachable.
+    pub reason: Option<String>,
+    pub endpoints: Vec<EndpointAddr>,
+    pub mode: Option<ReleaseMode>,
+    /// Connections open when the hold began, plus those accepted during it.
+    pub connections: u64,
+    pub connections_queued: u64,
+    pub connections_closed: u64,
+    /// Whether every held connection's backend acknowledged all bytes before
+    /// `hold` returned.
+    pub quiescent: bool,
+    pub quiesce_ms: Option<u64>,
+    pub bytes_held: u64,
+    pub bytes_replayed: u64,
+    pub hold_duration_ms: u64,
+    pub deadline_ms: u64,
+    pub rsts_shielded: u64,
+    /// Unix time (ms) the hold began.
+    pub started_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationList {
+    pub migrations: Vec<MigrationStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConnectionInfo {
+    pub id: u64,
+    pub client: String,
+    pub endpoint: String,
+    pub backend_local: Option<String>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub queued: usize,
+    pub opened_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectionList {
+    pub connections: Vec<ConnectionInfo>,
+}
+
+/// Every error response: `{error, detail}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub detail: String,
+}

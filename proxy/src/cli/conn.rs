@@ -1,0 +1,52 @@
+//! `shepherd conn ls`.
+use super::client::Api;
+use super::output;
+use clap::Subcommand;
+use shepherd::api::types::ConnectionList;
+use std::process::ExitCode;
+
+#[derive(Subcommand)]
+pub enum ConnCmd {
+    /// List relayed connections: client, original destination, backend socket.
+    Ls,
+}
+
+pub fn run(cmd: ConnCmd, api: &Api, json: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ConnCmd::Ls => {
+            let list: ConnectionList = api.call("GET", "/v1/connections", None)?;
+            if json {
+                output::json(&list)?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .connections
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            c.id.to_string(),
+                            c.client.clone(),
+                            c.endpoint.clone(),
+                            c.backend_local.clone().unwrap_or_else(|| "(queued)".into()),
+                            output::bytes(c.bytes_up),
+                            output::bytes(c.bytes_down),
+                            output::bytes(c.queued as u64),
+                        ]
+                    })
+                    .collect();
+                output::table(
+                    &[
+                        "ID",
+                        "CLIENT",
+                        "ENDPOINT",
+                        "BACKEND_LOCAL",
+                        "UP",
+                        "DOWN",
+                        "QUEUED",
+                    ],
+                    &rows,
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

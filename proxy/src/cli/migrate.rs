@@ -1,0 +1,180 @@
+//! `shepherd migrate hold|release|abort|status`.
+use super::client::Api;
+use super::output;
+use clap::Subcommand;
+use serde_json::json;
+use shepherd::api::types::{MigrationList, MigrationStatus};
+use shepherd::endpoint::EndpointAddr;
+use shepherd::units::parse_duration;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Subcommand)]
+pub enum MigrateCmd {
+    /// Hold endpoints: buffer client bytes, return once the pod has acknowledged everything.
+    Hold {
+        #[arg(long)]
+        id: String,
+        #[arg(required = true, value_name = "IP:PORT")]
+        endpoints: Vec<EndpointAddr>,
+        /// Abort automatically if no release arrives in time (default: the agent's --hold-deadline).
+        #[arg(long, value_parser = parse_duration)]
+        deadline: Option<Duration>,
+        /// How long to wait for quiescence (default: the agent's --quiesce-timeout).
+        #[arg(long, value_parser = parse_duration)]
+        quiesce_timeout: Option<Duration>,
+    },
+    /// Release a hold: replay held bytes to the pod, in order, then relay normally.
+    Release {
+        #[arg(long)]
+        id: String,
+        /// resume: the pod's connections were restored (CRIU --tcp-established).
+        #[arg(long, default_value = "resume")]
+        mode: String,
+        /// New pod address (not available in this version).
+        #[arg(long, value_name = "IP")]
+        to: Option<String>,
+    },
+    /// Abort a hold: resume towards the original backend.
+    Abort {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Show a migration (or all of them without --id).
+    Status {
+        #[arg(long)]
+        id: Option<String>,
+    },
+}
+
+pub fn run(cmd: MigrateCmd, api: &Api, json: bool) -> anyhow::Result<ExitCode> {
+    let status: MigrationStatus = match cmd {
+        MigrateCmd::Hold {
+            id,
+            endpoints,
+            deadline,
+            quiesce_timeout,
+        } => {
+            let body = json!({
+                "endpoints": endpoints,
+                "deadline_ms": deadline.map(|d| d.as_millis() as u64),
+                "quiesce_timeout_ms": quiesce_timeout.map(|d| d.as_millis() as u64),
+            });
+            let s: MigrationStatus = api.call(
+                "PUT",
+                &format!("/v1/migrations/{}/hold", enc(&id)),
+                Some(&body),
+            )?;
+            print(&s, json)?;
+            if !s.quiescent {
+                eprintln!(
+                    "shepherd: warning: hold {} is in place but backends still had unacknowledged bytes after {} ms; checkpointing now may capture in-flight data (abort with `shepherd migrate abort --id {}`)",
+                    s.id,
+                    s.quiesce_ms.unwrap_or(0),
+                    s.id
+                );
+                return Ok(ExitCode::from(3));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        MigrateCmd::Release { id, mode, to } => api.call(
+            "POST",
+            &format!("/v1/migrations/{}/release", enc(&id)),
+            Some(&json!({ "mode": mode, "to": to })),
+        )?,
+        MigrateCmd::Abort { id, reason } => api.call(
+            "POST",
+            &format!("/v1/migrations/{}/abort", enc(&id)),
+            Some(&json!({ "reason": reason })),
+        )?,
+        MigrateCmd::Status { id: Some(id) } => {
+            api.call("GET", &format!("/v1/migrations/{}", enc(&id)), None)?
+        }
+        MigrateCmd::Status { id: None } => {
+            let list: MigrationList = api.call("GET", "/v1/migrations", None)?;
+            if json {
+                output::json(&list)?;
+            } else {
+                let rows: Vec<Vec<String>> = list.migrations.iter().map(summary_row).collect();
+                output::table(&SUMMARY_HEADER, &rows);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    print(&status, json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Migration ids are restricted to URL-safe characters by the agent; anything
+/// else is percent-encoded so the agent can reject it with a clear message.
+fn enc(id: &str) -> String {
+    id.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"._-:".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+const SUMMARY_HEADER: [&str; 7] = [
+    "ID",
+    "STATE",
+    "CONNS",
+    "HELD",
+    "REPLAYED",
+    "HOLD_MS",
+    "RSTS_SHIELDED",
+];
+
+fn state_line(s: &MigrationStatus) -> String {
+    match &s.reason {
+        Some(r) => format!("{}: {r}", s.state),
+        None => s.state.to_string(),
+    }
+}
+
+fn summary_row(s: &MigrationStatus) -> Vec<String> {
+    vec![
+        s.id.clone(),
+        state_line(s),
+        s.connections.to_string(),
+        output::bytes(s.bytes_held),
+        output::bytes(s.bytes_replayed),
+        s.hold_duration_ms.to_string(),
+        s.rsts_shielded.to_string(),
+    ]
+}
+
+fn print(s: &MigrationStatus, json: bool) -> anyhow::Result<()> {
+    if json {
+        return output::json(s);
+    }
+    let eps: Vec<String> = s.endpoints.iter().map(|e| e.to_string()).collect();
+    println!("migration:      {}", s.id);
+    println!("state:          {}", state_line(s));
+    println!("endpoints:      {}", eps.join(" "));
+    println!(
+        "connections:    {} held ({} queued during the hold, {} closed)",
+        s.connections, s.connections_queued, s.connections_closed
+    );
+    println!(
+        "quiescent:      {}{}",
+        if s.quiescent { "yes" } else { "no" },
+        s.quiesce_ms
+            .map(|m| format!(" (after {m} ms)"))
+            .unwrap_or_default()
+    );
+    println!("bytes held:     {}", output::bytes(s.bytes_held));
+    println!("bytes replayed: {}", output::bytes(s.bytes_replayed));
+    println!(
+        "hold duration:  {} ms (deadline {} ms)",
+        s.hold_duration_ms, s.deadline_ms
+    );
+    println!("rsts shielded:  {}", s.rsts_shielded);
+    Ok(())
+}

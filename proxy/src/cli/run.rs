@@ -1,0 +1,60 @@
+//! `shepherd run`: parse the agent's flags into a `Config` and start it.
+use clap::Args;
+use shepherd::config::Config;
+use shepherd::units::{parse_duration, parse_size};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Client-facing interface where SYNs to managed endpoints are intercepted (repeatable).
+    #[arg(long = "intercept-iface", value_name = "IF")]
+    intercept_ifaces: Vec<String>,
+    /// Pod-facing interface where RSTs from held endpoints are dropped (repeatable).
+    #[arg(long = "shield-iface", value_name = "IF")]
+    shield_ifaces: Vec<String>,
+    /// Abort a hold that gets no release within this time.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    hold_deadline: Duration,
+    /// How long `hold` waits for backends to acknowledge all bytes.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    quiesce_timeout: Duration,
+    /// Timeout of each backend connect.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// Max client bytes held per connection; past it the client's window closes.
+    #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+    hold_buffer_per_conn: usize,
+    /// Max client bytes held across all connections.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    hold_buffer_total: usize,
+    /// Log filter (RUST_LOG syntax), e.g. info or shepherd=debug.
+    #[arg(long, default_value = "info", env = "RUST_LOG")]
+    log_level: String,
+}
+
+pub fn run(args: RunArgs, api_socket: PathBuf) -> anyhow::Result<ExitCode> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .map_err(|e| anyhow::anyhow!("invalid --log-level {:?}: {e}", args.log_level))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Config {
+        api_socket,
+        intercept_ifaces: args.intercept_ifaces,
+        shield_ifaces: args.shield_ifaces,
+        hold_deadline: args.hold_deadline,
+        quiesce_timeout: args.quiesce_timeout,
+        connect_timeout: args.connect_timeout,
+        hold_buffer_per_conn: args.hold_buffer_per_conn,
+        hold_buffer_total: args.hold_buffer_total,
+        listen_backlog: 4096,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(crate::agent::run(config))?;
+    Ok(ExitCode::SUCCESS)
+}

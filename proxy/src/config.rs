@@ -1,0 +1,88 @@
+//! The agent's typed configuration, parsed and checked before anything binds
+//! a socket or touches the kernel.
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const DEFAULT_SOCKET: &str = "/run/shepherd/shepherd.sock";
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub api_socket: PathBuf,
+    pub intercept_ifaces: Vec<String>,
+    pub shield_ifaces: Vec<String>,
+    pub hold_deadline: Duration,
+    pub quiesce_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub hold_buffer_per_conn: usize,
+    pub hold_buffer_total: usize,
+    pub listen_backlog: i32,
+}
+
+impl Config {
+    /// Checks relations between values; the message says what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.intercept_ifaces.is_empty() {
+            return Err(
+                "no --intercept-iface given: name at least one client-facing interface".into(),
+            );
+        }
+        for i in self.intercept_ifaces.iter().chain(&self.shield_ifaces) {
+            if i.is_empty() || i.len() > 15 || i.contains('/') {
+                return Err(format!("invalid interface name {i:?}"));
+            }
+        }
+        if self.hold_buffer_per_conn > self.hold_buffer_total {
+            return Err(format!(
+                "--hold-buffer-per-conn ({}) is larger than --hold-buffer-total ({})",
+                self.hold_buffer_per_conn, self.hold_buffer_total
+            ));
+        }
+        if self.hold_deadline.is_zero() {
+            return Err("--hold-deadline must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Config {
+        Config {
+            api_socket: DEFAULT_SOCKET.into(),
+            intercept_ifaces: vec!["eth0".into()],
+            shield_ifaces: vec![],
+            hold_deadline: Duration::from_secs(30),
+            quiesce_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            hold_buffer_per_conn: 4 << 20,
+            hold_buffer_total: 256 << 20,
+            listen_backlog: 4096,
+        }
+    }
+
+    #[test]
+    fn valid_config_passes() {
+        assert!(base().validate().is_ok());
+    }
+
+    #[test]
+    fn bad_configs_say_what_to_change() {
+        let mut c = base();
+        c.intercept_ifaces.clear();
+        assert!(c
+            .validate()
+            .expect_err("no iface")
+            .contains("--intercept-iface"));
+        let mut c = base();
+        c.hold_buffer_per_conn = c.hold_buffer_total + 1;
+        assert!(c
+            .validate()
+            .expect_err("caps")
+            .contains("--hold-buffer-total"));
+        let mut c = base();
+        c.shield_ifaces.push("a-very-long-interface-name".into());
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,267 @@
+//! Managed endpoints (a pod's IPv4 address and TCP port) and the live state the
+//! relay shares with the control plane for each: the current [`Mode`] and the
+//! registry of its connections.
+//!
+//! The mode is a `watch` channel: the control plane changes it, and every
+//! connection of the endpoint observes the change at its next step. Nothing
+//! here touches sockets.
+use crate::intercept::Interception;
+use serde::{Deserialize, Serialize};
+use shepherd_common::EndpointKey;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::sync::watch;
+
+/// A pod's (IPv4 address, TCP port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EndpointAddr(pub SocketAddrV4);
+
+impl EndpointAddr {
+    pub fn key(&self) -> EndpointKey {
+        EndpointKey::new(self.0.ip().octets(), self.0.port())
+    }
+}
+
+impl FromStr for EndpointAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let addr: SocketAddrV4 = s.trim().parse().map_err(|_| {
+            format!("invalid endpoint {s:?}: expected IPv4:PORT, e.g. 10.0.0.7:6379")
+        })?;
+        if addr.port() == 0 {
+            return Err(format!("invalid endpoint {s:?}: port 0"));
+        }
+        if addr.ip().is_unspecified() || addr.ip().is_broadcast() || addr.ip().is_multicast() {
+            return Err(format!("invalid endpoint {s:?}: not a unicast address"));
+        }
+        Ok(Self(addr))
+    }
+}
+
+impl TryFrom<String> for EndpointAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<EndpointAddr> for String {
+    fn from(e: EndpointAddr) -> String {
+        e.to_string()
+    }
+}
+
+impl fmt::Display for EndpointAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Counters of one hold, shared by the migration and the connections it holds.
+#[derive(Debug, Default)]
+pub struct HoldStats {
+    /// Identifies the hold; connections record it when they are quiescent.
+    pub epoch: u64,
+    /// Connections that were open when the hold began and observed it.
+    pub connections_held: AtomicU64,
+    /// Connections accepted during the hold (connected to the pod after it).
+    pub connections_queued: AtomicU64,
+    /// Client bytes that were queued when the hold began or arrived during it.
+    pub bytes_held: AtomicU64,
+    /// Of those, bytes written to the pod after the release (or abort).
+    pub bytes_replayed: AtomicU64,
+    /// Connections closed because their backend could not be reached or failed.
+    pub connections_closed: AtomicU64,
+    /// Why the last of those was closed.
+    pub close_reason: Mutex<Option<String>>,
+}
+
+impl HoldStats {
+    pub fn record_close(&self, reason: &str) {
+        self.connections_closed.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut r) = self.close_reason.lock() {
+            *r = Some(reason.to_string());
+        }
+    }
+}
+
+/// What connections of an endpoint do now.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// Relay both ways. `after` is the hold that just ended, if any: bytes it
+    /// queued are counted as replayed when they are written.
+    Forwarding { after: Option<Arc<HoldStats>> },
+    /// Queue client bytes; write nothing to the pod.
+    Holding(Arc<HoldStats>),
+}
+
+impl Mode {
+    pub fn hold(&self) -> Option<&Arc<HoldStats>> {
+        match self {
+            Mode::Holding(h) => Some(h),
+            Mode::Forwarding { .. } => None,
+        }
+    }
+}
+
+/// What the control plane can see of one relayed connection.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub orig_dst: SocketAddrV4,
+    pub opened: SystemTime,
+    pub backend_local: Mutex<Option<SocketAddr>>,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    /// Client bytes queued in this connection's hold buffer.
+    pub queued: AtomicUsize,
+    /// Epoch of the last hold for which this connection has nothing
+    /// unacknowledged towards the pod (0: none yet).
+    pub quiesced_epoch: AtomicU64,
+}
+
+/// Live state of one managed endpoint.
+pub struct EndpointState {
+    pub addr: EndpointAddr,
+    mode: watch::Sender<Mode>,
+    conns: Mutex<HashMap<u64, Arc<ConnInfo>>>,
+    /// Removed by the user but still carrying connections: new SYNs pass
+    /// through; the kernel entry goes when the last connection closes.
+    draining: AtomicBool,
+    intercept: Arc<dyn Interception>,
+    pub connections_total: AtomicU64,
+}
+
+impl fmt::Debug for EndpointState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointState")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EndpointState {
+    pub fn new(addr: EndpointAddr, intercept: Arc<dyn Interception>) -> Arc<Self> {
+        let (mode, _) = watch::channel(Mode::Forwarding { after: None });
+        Arc::new(Self {
+            addr,
+            mode,
+            conns: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            intercept,
+            connections_total: AtomicU64::new(0),
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Mode> {
+        self.mode.subscribe()
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        self.mode.send_replace(mode);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Release);
+    }
+
+    /// Registers a connection; the guard deregisters it when dropped.
+    pub fn register(self: &Arc<Self>, info: Arc<ConnInfo>) -> ConnGuard {
+        self.connections_total.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.insert(info.id, info.clone());
+        }
+        ConnGuard {
+            endpoint: self.clone(),
+            id: info.id,
+        }
+    }
+
+    pub fn connections(&self) -> Vec<Arc<ConnInfo>> {
+        self.conns
+            .lock()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    /// Removes the kernel entry of a draining endpoint once it has no
+    /// connections left. Returns whether it did.
+    pub fn reap_if_drained(&self) -> bool {
+        let Ok(conns) = self.conns.lock() else {
+            return false;
+        };
+        if !self.is_draining() || !conns.is_empty() {
+            return false;
+        }
+        if let Err(e) = self.intercept.remove_endpoint(self.addr.key()) {
+            tracing::warn!(endpoint = %self.addr, error = %e, "could not remove drained endpoint from the kernel map");
+        }
+        true
+    }
+}
+
+/// Deregisters a connection from its endpoint on drop.
+pub struct ConnGuard {
+    endpoint: Arc<EndpointState>,
+    id: u64,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if let Ok(mut conns) = self.endpoint.conns.lock() {
+            conns.remove(&self.id);
+        }
+        self.endpoint.reap_if_drained();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_endpoints() {
+        let e: EndpointAddr = "10.0.0.7:6379".parse().expect("valid");
+        assert_eq!(e.to_string(), "10.0.0.7:6379");
+        assert_eq!(e.key().port(), 6379);
+        for bad in [
+            "10.0.0.7",
+            "10.0.0.7:0",
+            "0.0.0.0:80",
+            "[::1]:80",
+            "x:1",
+            "",
+        ] {
+            assert!(bad.parse::<EndpointAddr>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn serde_round_trip() {
+        let e: EndpointAddr = "10.1.2.3:80".parse().expect("valid");
+        let j = serde_json::to_string(&e).expect("ser");
+        assert_eq!(j, "\"10.1.2.3:80\"");
+        let back: EndpointAddr = serde_json::from_str(&j).expect("de");
+        assert_eq!(back, e);
+        assert!(serde_json::from_str::<EndpointAddr>("\"nope\"").is_err());
+    }
+}

@@ -1,0 +1,161 @@
+//! The real interception: the embedded eBPF object, its programs attached to
+//! the configured interfaces, and its maps.
+//!
+//! Must never leave state behind: programs are attached as tcx links owned by
+//! this value and go away with it (or with the agent process).
+use super::{InterceptError, Interception};
+use aya::maps::{HashMap, MapData, PerCpuHashMap, SockHash};
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::Ebpf;
+use shepherd_common::{
+    EndpointConfig, EndpointKey, EndpointStats, LISTENER_KEY, MAP_ENDPOINTS, MAP_LISTENER,
+    MAP_STATS, PROG_INTERCEPT, PROG_RST_SHIELD,
+};
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+
+/// The object built by `cargo xtask build-ebpf` (empty if it was not built).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shepherd.bpf.o"));
+
+pub struct EbpfInterception {
+    endpoints: Mutex<HashMap<MapData, EndpointKey, EndpointConfig>>,
+    stats: Mutex<PerCpuHashMap<MapData, EndpointKey, EndpointStats>>,
+    _listener: SockHash<MapData, u32>,
+    /// Keeps programs and their links alive.
+    _ebpf: Ebpf,
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> InterceptError {
+    move |e| InterceptError::Map {
+        map,
+        detail: e.to_string(),
+    }
+}
+
+impl EbpfInterception {
+    /// Loads the programs, attaches `intercept` to `intercept_ifaces` and
+    /// `rst_shield` to `shield_ifaces` (ingress), and registers `listener` as
+    /// the socket SYNs are assigned to.
+    pub fn load(
+        intercept_ifaces: &[String],
+        shield_ifaces: &[String],
+        listener: &impl AsRawFd,
+    ) -> Result<Self, InterceptError> {
+        if OBJECT.is_empty() {
+            return Err(InterceptError::NoObject);
+        }
+        for iface in intercept_ifaces.iter().chain(shield_ifaces) {
+            if nix_if_index(iface).is_none() {
+                return Err(InterceptError::NoSuchInterface(iface.clone()));
+            }
+        }
+        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| InterceptError::Load(e.to_string()))?;
+        attach(&mut ebpf, PROG_INTERCEPT, intercept_ifaces)?;
+        attach(&mut ebpf, PROG_RST_SHIELD, shield_ifaces)?;
+
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(InterceptError::Map {
+                map: name,
+                detail: "missing from the object".into(),
+            })
+        };
+        let endpoints =
+            HashMap::try_from(take(&mut ebpf, MAP_ENDPOINTS)?).map_err(map_err(MAP_ENDPOINTS))?;
+        let stats =
+            PerCpuHashMap::try_from(take(&mut ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?;
+        let mut sockhash: SockHash<MapData, u32> =
+            SockHash::try_from(take(&mut ebpf, MAP_LISTENER)?).map_err(map_err(MAP_LISTENER))?;
+        sockhash
+            .insert(LISTENER_KEY, listener.as_raw_fd(), 0)
+            .map_err(map_err(MAP_LISTENER))?;
+        Ok(Self {
+            endpoints: Mutex::new(endpoints),
+            stats: Mutex::new(stats),
+            _listener: sockhash,
+            _ebpf: ebpf,
+        })
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, name: &'static str, ifaces: &[String]) -> Result<(), InterceptError> {
+    let fail = |iface: &str, detail: String| InterceptError::Attach {
+        program: name,
+        iface: iface.to_string(),
+        detail,
+    };
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| fail("-", "missing from the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| fail("-", e.to_string()))?;
+    prog.load().map_err(|e| fail("-", format!("{e:?}")))?;
+    for iface in ifaces {
+        prog.attach(iface, TcAttachType::Ingress)
+            .map_err(|e| fail(iface, e.to_string()))?;
+        tracing::info!(program = name, iface = %iface, "attached (tcx ingress)");
+    }
+    Ok(())
+}
+
+/// The interface's index, if it exists in this network namespace.
+pub fn nix_if_index(iface: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(iface).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (idx != 0).then_some(idx)
+}
+
+impl Interception for EbpfInterception {
+    fn set_endpoint(&self, key: EndpointKey, flags: u32) -> Result<(), InterceptError> {
+        let mut eps = self.endpoints.lock().map_err(|_| InterceptError::Map {
+            map: MAP_ENDPOINTS,
+            detail: "lock poisoned".into(),
+        })?;
+        if let Ok(mut stats) = self.stats.lock() {
+            if stats.get(&key, 0).is_err() {
+                let cpus = aya::util::nr_cpus().map_err(|(_, e)| InterceptError::Map {
+                    map: MAP_STATS,
+                    detail: e.to_string(),
+                })?;
+                let zeros = aya::maps::PerCpuValues::try_from(vec![EndpointStats::default(); cpus])
+                    .map_err(|e| InterceptError::Map {
+                        map: MAP_STATS,
+                        detail: e.to_string(),
+                    })?;
+                stats.insert(key, zeros, 0).map_err(map_err(MAP_STATS))?;
+            }
+        }
+        eps.insert(key, EndpointConfig { flags, _pad: 0 }, 0)
+            .map_err(map_err(MAP_ENDPOINTS))
+    }
+
+    fn remove_endpoint(&self, key: EndpointKey) -> Result<(), InterceptError> {
+        if let Ok(mut eps) = self.endpoints.lock() {
+            match eps.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(MAP_ENDPOINTS)(e)),
+            }
+        }
+        if let Ok(mut stats) = self.stats.lock() {
+            let _ = stats.remove(&key);
+        }
+        Ok(())
+    }
+
+    fn stats(&self, key: EndpointKey) -> EndpointStats {
+        let Ok(stats) = self.stats.lock() else {
+            return EndpointStats::default();
+        };
+        let Ok(per_cpu) = stats.get(&key, 0) else {
+            return EndpointStats::default();
+        };
+        per_cpu.iter().fold(EndpointStats::default(), |mut acc, s| {
+            acc.packets += s.packets;
+            acc.bytes += s.bytes;
+            acc.syns_assigned += s.syns_assigned;
+            acc.assign_failures += s.assign_failures;
+            acc.rsts_shielded += s.rsts_shielded;
+            acc
+        })
+    }
+}

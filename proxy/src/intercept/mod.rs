@@ -1,0 +1,67 @@
+//! Kernel-side interception, behind the small [`Interception`] trait so the
+//! control plane and relay can be tested in-process without root.
+//!
+//! [`ebpf::EbpfInterception`] is the real one: it loads the embedded eBPF
+//! object, attaches `intercept` and `rst_shield` with tcx (links die with the
+//! agent, so a crashed agent leaves no program steering traffic to a dead
+//! listener), and [`routing`] installs the local-delivery policy route.
+pub mod ebpf;
+pub mod routing;
+
+use shepherd_common::{EndpointKey, EndpointStats};
+use std::sync::Mutex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InterceptError {
+    #[error("the eBPF object is not embedded in this build; run `cargo xtask build-ebpf` and rebuild shepherd")]
+    NoObject,
+    #[error("loading the eBPF object failed: {0}")]
+    Load(String),
+    #[error("program {program} could not be loaded or attached to {iface}: {detail}")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        detail: String,
+    },
+    #[error("interface {0:?} does not exist in this network namespace; check --intercept-iface/--shield-iface")]
+    NoSuchInterface(String),
+    #[error("map {map}: {detail}")]
+    Map { map: &'static str, detail: String },
+    #[error("policy routing ({step}): {detail}")]
+    Routing { step: &'static str, detail: String },
+}
+
+/// What the control plane needs from the kernel side.
+pub trait Interception: Send + Sync {
+    /// Creates or updates an endpoint's entry with `EP_*` flags.
+    fn set_endpoint(&self, key: EndpointKey, flags: u32) -> Result<(), InterceptError>;
+    /// Deletes an endpoint's entry and counters.
+    fn remove_endpoint(&self, key: EndpointKey) -> Result<(), InterceptError>;
+    /// Counters of an endpoint (zero if unknown).
+    fn stats(&self, key: EndpointKey) -> EndpointStats;
+}
+
+/// An in-memory stand-in used by unit tests (no kernel involved): records the
+/// flags each endpoint was given.
+#[derive(Default)]
+pub struct RecordingInterception {
+    pub entries: Mutex<std::collections::HashMap<(u32, u16), u32>>,
+}
+
+impl Interception for RecordingInterception {
+    fn set_endpoint(&self, key: EndpointKey, flags: u32) -> Result<(), InterceptError> {
+        if let Ok(mut e) = self.entries.lock() {
+            e.insert((key.addr, key.port), flags);
+        }
+        Ok(())
+    }
+    fn remove_endpoint(&self, key: EndpointKey) -> Result<(), InterceptError> {
+        if let Ok(mut e) = self.entries.lock() {
+            e.remove(&(key.addr, key.port));
+        }
+        Ok(())
+    }
+    fn stats(&self, _key: EndpointKey) -> EndpointStats {
+        EndpointStats::default()
+    }
+}

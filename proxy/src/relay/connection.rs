@@ -1,0 +1,381 @@
+//! One relayed connection: client socket, backend socket, and the two
+//! directions between them, in a single task.
+//!
+//! Client→pod bytes always pass through the connection's [`HoldBuffer`]. In
+//! `Forwarding` mode the buffer is drained into the backend as fast as it
+//! accepts; in `Holding` mode nothing is written to the backend, client bytes
+//! accumulate up to the caps, and the connection reports itself quiescent once
+//! the backend has acknowledged everything already written. On release the
+//! buffer drains in order — that drain is the replay.
+//!
+//! This task must never drop a client byte, write one twice, or reset the
+//! client: when the backend fails, the client is closed with a FIN after the
+//! bytes the pod sent have been delivered.
+use super::hold_buffer::{Budget, HoldBuffer, READ_CHUNK};
+use crate::endpoint::{ConnInfo, EndpointState, HoldStats, Mode};
+use crate::transport::backend::{unacked_bytes, BackendConnector};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::future::pending;
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// Limits and collaborators shared by all connections.
+#[derive(Clone)]
+pub struct RelayContext {
+    pub connector: Arc<dyn BackendConnector>,
+    pub budget: Arc<Budget>,
+    /// Max client bytes queued per connection while held.
+    pub hold_cap_per_conn: usize,
+    /// How long to keep draining a client we are closing before giving up.
+    pub close_linger: Duration,
+    pub next_id: Arc<AtomicU64>,
+}
+
+/// How far a forwarding connection reads ahead of a slow backend.
+const FORWARD_READ_AHEAD: usize = 4 * READ_CHUNK;
+/// How often a held connection re-checks its backend's unacknowledged bytes.
+const QUIESCE_POLL: Duration = Duration::from_millis(2);
+
+enum Event {
+    ModeChanged,
+    ClientRead(io::Result<usize>),
+    BackendWrote(io::Result<usize>),
+    BackendRead(io::Result<usize>),
+    ClientWrote(io::Result<usize>),
+    Tick,
+}
+
+struct Backend {
+    r: OwnedReadHalf,
+    w: OwnedWriteHalf,
+}
+
+/// Relays one accepted client connection until both directions are done.
+pub async fn relay(
+    client: TcpStream,
+    peer: SocketAddr,
+    orig_dst: SocketAddrV4,
+    endpoint: Arc<EndpointState>,
+    ctx: RelayContext,
+) {
+    let info = Arc::new(ConnInfo {
+        id: ctx.next_id.fetch_add(1, Ordering::Relaxed),
+        client: peer,
+        orig_dst,
+        opened: SystemTime::now(),
+        backend_local: Default::default(),
+        bytes_up: AtomicU64::new(0),
+        bytes_down: AtomicU64::new(0),
+        queued: Default::default(),
+        quiesced_epoch: AtomicU64::new(0),
+    });
+    let _guard = endpoint.register(info.clone());
+    let mut conn = Conn::new(client, info, &endpoint, ctx);
+    let outcome = conn.run().await;
+    match &outcome {
+        Ok(()) => tracing::debug!(%peer, %orig_dst, "connection finished"),
+        Err(reason) => tracing::info!(%peer, %orig_dst, %reason, "connection ended"),
+    }
+    conn.release_budget();
+}
+
+struct Conn {
+    info: Arc<ConnInfo>,
+    ctx: RelayContext,
+    mode_rx: tokio::sync::watch::Receiver<Mode>,
+    mode: Mode,
+    client_r: OwnedReadHalf,
+    client_w: OwnedWriteHalf,
+    backend: Option<Backend>,
+    up: HoldBuffer,
+    down: Bytes,
+    down_spare: BytesMut,
+    client_eof: bool,
+    backend_shut: bool,
+    backend_eof: bool,
+    client_shut: bool,
+    /// Bytes at the front of `up` that belong to the hold that just ended.
+    replay_left: usize,
+    replay_stats: Option<Arc<HoldStats>>,
+}
+
+impl Conn {
+    fn new(
+        client: TcpStream,
+        info: Arc<ConnInfo>,
+        endpoint: &EndpointState,
+        ctx: RelayContext,
+    ) -> Self {
+        let (client_r, client_w) = client.into_split();
+        let mut mode_rx = endpoint.subscribe();
+        let mode = mode_rx.borrow_and_update().clone();
+        if let Mode::Holding(h) = &mode {
+            // Accepted during a hold: queued; it connects after release and has
+            // nothing in flight towards the pod, so it is quiescent already.
+            h.connections_queued.fetch_add(1, Ordering::Relaxed);
+            info.quiesced_epoch.store(h.epoch, Ordering::Release);
+        }
+        Self {
+            info,
+            ctx,
+            mode_rx,
+            mode,
+            client_r,
+            client_w,
+            backend: None,
+            up: HoldBuffer::new(),
+            down: Bytes::new(),
+            down_spare: BytesMut::new(),
+            client_eof: false,
+            backend_shut: false,
+            backend_eof: false,
+            client_shut: false,
+            replay_left: 0,
+            replay_stats: None,
+        }
+    }
+
+    fn holding(&self) -> Option<Arc<HoldStats>> {
+        self.mode.hold().cloned()
+    }
+
+    async fn run(&mut self) -> Result<(), String> {
+        loop {
+            let hold = self.holding();
+            if hold.is_none() && self.backend.is_none() && !self.backend_eof {
+                if let Err(e) = self.connect_backend().await {
+                    let reason = format!("backend {} unreachable: {e}", self.info.orig_dst);
+                    self.fail_backend(&reason).await;
+                    return Err(reason);
+                }
+            }
+            if hold.is_none()
+                && self.backend.is_some()
+                && self.up.is_empty()
+                && self.client_eof
+                && !self.backend_shut
+            {
+                // The client's FIN follows all its bytes to the pod.
+                if let Some(b) = self.backend.as_mut() {
+                    let _ = b.w.shutdown().await;
+                }
+                self.backend_shut = true;
+            }
+            if self.backend_eof && self.down.is_empty() && !self.client_shut {
+                // The pod's FIN follows all its bytes to the client.
+                let _ = self.client_w.shutdown().await;
+                self.client_shut = true;
+            }
+            if self.client_eof && self.backend_shut && self.backend_eof && self.client_shut {
+                return Ok(());
+            }
+            let mut tick = false;
+            if let Some(h) = &hold {
+                if self.info.quiesced_epoch.load(Ordering::Acquire) != h.epoch {
+                    let unacked = match &self.backend {
+                        Some(b) => unacked_bytes(b.w.as_ref()).unwrap_or(0),
+                        None => 0,
+                    };
+                    if unacked == 0 {
+                        self.info.quiesced_epoch.store(h.epoch, Ordering::Release);
+                    } else {
+                        tick = true;
+                    }
+                }
+            }
+
+            let cap = if hold.is_some() {
+                self.ctx.hold_cap_per_conn
+            } else {
+                FORWARD_READ_AHEAD.min(self.ctx.hold_cap_per_conn)
+            };
+            let room = cap
+                .saturating_sub(self.up.len())
+                .min(self.ctx.budget.available());
+            let read_client = !self.client_eof && room > 0;
+            // Blocked only by the node-wide budget: wake up when it frees.
+            let budget_blocked = !self.client_eof && self.up.len() < cap && room == 0;
+            let front = if hold.is_none() {
+                self.up.front()
+            } else {
+                None
+            };
+            let read_backend = !self.backend_eof && self.down.is_empty();
+            if self.down_spare.capacity() < 4096 {
+                self.down_spare.reserve(READ_CHUNK);
+            }
+            let target = self.up.read_target(room.max(1));
+            let limit = target.limit;
+            let mut client_dst = target.buf.limit(limit);
+            let budget = self.ctx.budget.clone();
+            let (backend_w, backend_r) = match self.backend.as_mut() {
+                Some(b) => (Some(&mut b.w), Some(&mut b.r)),
+                None => (None, None),
+            };
+
+            let event = tokio::select! {
+                biased;
+                r = self.mode_rx.changed() => match r {
+                    Ok(()) => Event::ModeChanged,
+                    // The endpoint state is gone (agent shutting down).
+                    Err(_) => return Err("endpoint removed".into()),
+                },
+                r = write_opt(backend_w, front) => Event::BackendWrote(r),
+                r = write_some(&mut self.client_w, &self.down), if !self.down.is_empty() => Event::ClientWrote(r),
+                r = read_opt(backend_r, &mut self.down_spare), if read_backend => Event::BackendRead(r),
+                r = self.client_r.read_buf(&mut client_dst), if read_client => Event::ClientRead(r),
+                _ = tokio::time::sleep(QUIESCE_POLL), if tick => Event::Tick,
+                _ = wait_budget(&budget), if budget_blocked => Event::Tick,
+            };
+            self.handle(event).await?;
+        }
+    }
+
+    async fn handle(&mut self, event: Event) -> Result<(), String> {
+        match event {
+            Event::Tick => {}
+            Event::ModeChanged => {
+                let new = self.mode_rx.borrow_and_update().clone();
+                match (&self.mode, &new) {
+                    (Mode::Forwarding { .. }, Mode::Holding(h)) => {
+                        h.connections_held.fetch_add(1, Ordering::Relaxed);
+                        // Bytes queued but not yet written are held too.
+                        h.bytes_held
+                            .fetch_add(self.up.len() as u64, Ordering::Relaxed);
+                    }
+                    (Mode::Holding(_), Mode::Forwarding { after }) => {
+                        self.replay_left = self.up.len();
+                        self.replay_stats = after.clone();
+                    }
+                    _ => {}
+                }
+                self.mode = new;
+            }
+            Event::ClientRead(Ok(0)) => self.client_eof = true,
+            Event::ClientRead(Ok(_)) => {
+                let n = self.up.commit();
+                self.ctx.budget.take(n);
+                self.info.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+                self.info.queued.store(self.up.len(), Ordering::Relaxed);
+                if let Some(h) = self.mode.hold() {
+                    h.bytes_held.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+            Event::ClientRead(Err(e)) => {
+                // The client reset or vanished: nobody is left to deliver to.
+                return Err(format!("client read failed: {e}"));
+            }
+            Event::BackendWrote(Ok(n)) => {
+                self.up.consume(n);
+                self.ctx.budget.give_back(n);
+                self.info.queued.store(self.up.len(), Ordering::Relaxed);
+                if self.replay_left > 0 {
+                    let r = n.min(self.replay_left);
+                    self.replay_left -= r;
+                    if let Some(h) = &self.replay_stats {
+                        h.bytes_replayed.fetch_add(r as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+            Event::BackendWrote(Err(e)) => {
+                let reason = format!("write to backend {} failed: {e}", self.info.orig_dst);
+                self.fail_backend(&reason).await;
+                return Err(reason);
+            }
+            Event::BackendRead(Ok(0)) => self.backend_eof = true,
+            Event::BackendRead(Ok(n)) => {
+                self.down = self.down_spare.split_to(n).freeze();
+                self.info.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Event::BackendRead(Err(e)) => {
+                let reason = format!("read from backend {} failed: {e}", self.info.orig_dst);
+                self.fail_backend(&reason).await;
+                return Err(reason);
+            }
+            Event::ClientWrote(Ok(n)) => self.down.advance(n),
+            Event::ClientWrote(Err(e)) => return Err(format!("client write failed: {e}")),
+        }
+        Ok(())
+    }
+
+    async fn connect_backend(&mut self) -> io::Result<()> {
+        let stream = self.ctx.connector.connect(self.info.orig_dst).await?;
+        if let Ok(mut l) = self.info.backend_local.lock() {
+            *l = stream.local_addr().ok();
+        }
+        let (r, w) = stream.into_split();
+        self.backend = Some(Backend { r, w });
+        Ok(())
+    }
+
+    /// The backend is gone: deliver what the pod already sent, then close the
+    /// client with a FIN (never a RST), and record why.
+    async fn fail_backend(&mut self, reason: &str) {
+        tracing::warn!(client = %self.info.client, %reason, "closing client connection cleanly");
+        // Attribute the close to the hold in progress, or the one that just ended.
+        let hold = match &self.mode {
+            Mode::Holding(h) => Some(h),
+            Mode::Forwarding { after } => after.as_ref(),
+        };
+        if let Some(h) = hold {
+            h.record_close(reason);
+        }
+        self.backend = None;
+        let linger = self.ctx.close_linger;
+        let down = std::mem::take(&mut self.down);
+        let _ = tokio::time::timeout(linger, async {
+            if !down.is_empty() {
+                let _ = self.client_w.write_all(&down).await;
+            }
+            let _ = self.client_w.shutdown().await;
+            // Read until the client's FIN so closing does not turn unread bytes
+            // into a RST.
+            let mut sink = vec![0u8; READ_CHUNK];
+            if !self.client_eof {
+                while let Ok(n) = self.client_r.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
+    }
+
+    fn release_budget(&mut self) {
+        let n = self.up.len();
+        self.up.consume(n);
+        self.ctx.budget.give_back(n);
+        self.info.queued.store(0, Ordering::Relaxed);
+    }
+}
+
+async fn write_opt(w: Option<&mut OwnedWriteHalf>, front: Option<Bytes>) -> io::Result<usize> {
+    match (w, front) {
+        (Some(w), Some(f)) => w.write(&f).await,
+        _ => pending().await,
+    }
+}
+
+async fn write_some(w: &mut OwnedWriteHalf, buf: &Bytes) -> io::Result<usize> {
+    w.write(buf).await
+}
+
+async fn read_opt(r: Option<&mut OwnedReadHalf>, buf: &mut BytesMut) -> io::Result<usize> {
+    match r {
+        Some(r) => r.read_buf(buf).await,
+        None => pending().await,
+    }
+}
+
+async fn wait_budget(budget: &Budget) {
+    // `notify_waiters` only wakes registered waiters; the timeout covers a
+    // wake-up that raced with registration.
+    let _ = tokio::time::timeout(Duration::from_millis(20), budget.wait_freed()).await;
+}

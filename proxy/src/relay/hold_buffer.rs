@@ -1,0 +1,248 @@
+//! The client→pod byte queue of one connection, and the node-wide budget that
+//! caps all such queues together.
+//!
+//! In steady state the queue holds at most the chunk being written; while the
+//! endpoint is held it is the hold buffer. Invariant: bytes leave the queue
+//! only from the front, in the order they entered, and each byte leaves
+//! exactly once (`consume` is the only way out). The queue never drops bytes:
+//! when a cap is reached the relay simply stops reading from the client, so
+//! the client's TCP window closes (back-pressure, never a reset).
+use bytes::{Buf, Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// How much one read may add to the queue.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// Ordered client→pod bytes of one connection.
+#[derive(Debug, Default)]
+pub struct HoldBuffer {
+    chunks: VecDeque<Bytes>,
+    len: usize,
+    /// Where the next read lands. Reads are split off into `chunks`, so small
+    /// reads share one allocation instead of each pinning a whole chunk.
+    spare: BytesMut,
+}
+
+impl HoldBuffer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes queued.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The buffer the next read should fill, with room for at most `limit`
+    /// bytes (so a read never overshoots a cap). `limit` must be > 0.
+    pub fn read_target(&mut self, limit: usize) -> ReadTarget<'_> {
+        let limit = limit.clamp(1, READ_CHUNK);
+        if self.spare.capacity() - self.spare.len() < limit.min(4096) {
+            self.spare.reserve(READ_CHUNK);
+        }
+        ReadTarget {
+            buf: &mut self.spare,
+            limit,
+        }
+    }
+
+    /// Moves what the last read put into the spare buffer onto the queue.
+    pub fn commit(&mut self) -> usize {
+        let n = self.spare.len();
+        if n > 0 {
+            self.chunks.push_back(self.spare.split_to(n).freeze());
+            self.len += n;
+        }
+        n
+    }
+
+    /// Appends bytes (used by tests and by callers that already own a chunk).
+    pub fn push(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.len += bytes.len();
+            self.chunks.push_back(bytes);
+        }
+    }
+
+    /// The oldest queued bytes (a cheap reference-counted handle).
+    pub fn front(&self) -> Option<Bytes> {
+        self.chunks.front().cloned()
+    }
+
+    /// Removes `n` bytes from the front: they have been written.
+    pub fn consume(&mut self, mut n: usize) {
+        debug_assert!(n <= self.len);
+        n = n.min(self.len);
+        self.len -= n;
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            if front.len() <= n {
+                n -= front.len();
+                self.chunks.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+}
+
+/// A read destination limited to `limit` more bytes.
+pub struct ReadTarget<'a> {
+    pub buf: &'a mut BytesMut,
+    pub limit: usize,
+}
+
+/// Node-wide cap on bytes queued in all [`HoldBuffer`]s.
+#[derive(Debug)]
+pub struct Budget {
+    capacity: usize,
+    used: AtomicUsize,
+    freed: Notify,
+}
+
+impl Budget {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            capacity,
+            used: AtomicUsize::new(0),
+            freed: Notify::new(),
+        })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes that may still be taken now.
+    pub fn available(&self) -> usize {
+        self.capacity.saturating_sub(self.used())
+    }
+
+    /// Accounts `n` bytes read into a queue. Callers read at most
+    /// `available()` bytes, so overshoot is bounded by concurrent readers.
+    pub fn take(&self, n: usize) {
+        self.used.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Returns `n` bytes written out of a queue and wakes blocked readers.
+    pub fn give_back(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let prev = self.used.fetch_sub(n, Ordering::Relaxed);
+        debug_assert!(prev >= n);
+        self.freed.notify_waiters();
+    }
+
+    /// Resolves after the next `give_back`.
+    pub async fn wait_freed(&self) {
+        self.freed.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(buf: &mut HoldBuffer, write_size: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(front) = buf.front() {
+            let n = front.len().min(write_size);
+            out.extend_from_slice(&front[..n]);
+            buf.consume(n);
+        }
+        out
+    }
+
+    #[test]
+    fn bytes_leave_in_order_exactly_once() {
+        let mut buf = HoldBuffer::new();
+        let mut expected = Vec::new();
+        for i in 0..1000u32 {
+            let chunk: Vec<u8> = (0..(i % 97 + 1)).map(|j| (i + j) as u8).collect();
+            expected.extend_from_slice(&chunk);
+            let t = buf.read_target(chunk.len());
+            t.buf.extend_from_slice(&chunk);
+            assert_eq!(buf.commit(), chunk.len());
+        }
+        assert_eq!(buf.len(), expected.len());
+        // Odd write sizes split chunks; the concatenation must be unchanged.
+        assert_eq!(drain(&mut buf, 13), expected);
+        assert!(buf.is_empty());
+        assert_eq!(buf.len(), 0);
+    }
+
+    #[test]
+    fn partial_consume_keeps_the_rest() {
+        let mut buf = HoldBuffer::new();
+        buf.push(Bytes::from_static(b"hello "));
+        buf.push(Bytes::from_static(b"world"));
+        buf.consume(3);
+        assert_eq!(buf.len(), 8);
+        assert_eq!(buf.front().as_deref(), Some(&b"lo "[..]));
+        buf.consume(3);
+        assert_eq!(drain(&mut buf, 100), b"world");
+    }
+
+    #[test]
+    fn read_target_never_exceeds_limit_or_chunk() {
+        let mut buf = HoldBuffer::new();
+        assert_eq!(buf.read_target(10).limit, 10);
+        assert_eq!(buf.read_target(10 * READ_CHUNK).limit, READ_CHUNK);
+        assert_eq!(buf.read_target(0).limit, 1);
+    }
+
+    #[test]
+    fn small_reads_share_allocations() {
+        let mut buf = HoldBuffer::new();
+        for _ in 0..1000 {
+            let t = buf.read_target(8);
+            t.buf.extend_from_slice(&[1u8; 8]);
+            buf.commit();
+        }
+        // 8000 bytes must not have pinned 1000 separate 64 KiB chunks: the
+        // spare buffer is reused, so its capacity stays one chunk's worth.
+        assert!(buf.spare.capacity() <= READ_CHUNK);
+        assert_eq!(buf.len(), 8000);
+    }
+
+    #[test]
+    fn budget_accounts_and_saturates() {
+        let b = Budget::new(100);
+        b.take(60);
+        assert_eq!(b.available(), 40);
+        b.take(50);
+        assert_eq!(b.available(), 0);
+        b.give_back(110);
+        assert_eq!(b.available(), 100);
+        assert_eq!(b.capacity(), 100);
+    }
+
+    #[tokio::test]
+    async fn give_back_wakes_waiters() {
+        let b = Budget::new(10);
+        b.take(10);
+        let b2 = b.clone();
+        let waiter = tokio::spawn(async move { b2.wait_freed().await });
+        tokio::task::yield_now().await;
+        b.give_back(5);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("waiter woken")
+            .expect("join");
+    }
+}

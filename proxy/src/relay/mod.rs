@@ -1,0 +1,41 @@
+//! Relaying client connections to their pods: the accept loop hands each
+//! connection to [`connection::relay`], which moves bytes both ways and obeys
+//! its endpoint's hold/forward mode.
+pub mod connection;
+pub mod hold_buffer;
+
+use crate::control::Control;
+use crate::transport::orig_dst::OrigDst;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// Accepts intercepted connections until the listener fails.
+pub async fn accept_loop(listener: TcpListener, control: Arc<Control>, orig_dst: Arc<dyn OrigDst>) {
+    loop {
+        let (client, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let dst = match orig_dst.orig_dst(&client) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "no original destination; closing");
+                continue;
+            }
+        };
+        let Some(endpoint) = control.endpoint_for(dst) else {
+            // Raced with `endpoint rm`: nothing to relay to. Closing is the
+            // only honest answer; the SYN was assigned before the removal.
+            tracing::warn!(%peer, %dst, "connection to an unmanaged destination; closing");
+            continue;
+        };
+        let _ = client.set_nodelay(true);
+        let ctx = control.relay_context();
+        tokio::spawn(connection::relay(client, peer, dst, endpoint, ctx));
+    }
+}

@@ -1,0 +1,5 @@
+//! Sockets: the transparent listener SYNs are assigned to, the original
+//! destination of an accepted connection, and backend connections to pods.
+pub mod backend;
+pub mod listener;
+pub mod orig_dst;

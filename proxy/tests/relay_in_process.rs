@@ -1,0 +1,320 @@
+//! The relay, hold buffer and migration control driven in-process over
+//! loopback, with no kernel interception (a recording stand-in replaces the
+//! eBPF maps and a fixed original destination replaces getsockname). The
+//! privileged tests in `tests/` cover the real kernel path.
+use shepherd::api::types::HoldRequest;
+use shepherd::control::{Control, ControlConfig};
+use shepherd::endpoint::EndpointAddr;
+use shepherd::intercept::RecordingInterception;
+use shepherd::migration::{Phase, ReleaseMode};
+use shepherd::relay::connection::RelayContext;
+use shepherd::relay::hold_buffer::Budget;
+use shepherd::transport::backend::MarkedConnector;
+use shepherd::transport::listener::plain_listener;
+use shepherd::transport::orig_dst::Fixed;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Rig {
+    control: Arc<Control>,
+    proxy: SocketAddr,
+    endpoint: EndpointAddr,
+    /// Bytes the backend has received so far (all connections).
+    backend_seen: Arc<AtomicUsize>,
+}
+
+/// An echo backend that counts what it receives.
+async fn echo_backend() -> (SocketAddrV4, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let addr = match l.local_addr().expect("addr") {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => unreachable!("bound v4"),
+    };
+    let seen = Arc::new(AtomicUsize::new(0));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            seen.fetch_add(n, Ordering::SeqCst);
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+async fn rig(per_conn_cap: usize, total_cap: usize, deadline: Duration) -> Rig {
+    let (backend, backend_seen) = echo_backend().await;
+    let relay = RelayContext {
+        connector: Arc::new(MarkedConnector {
+            timeout: Duration::from_secs(2),
+            mark: false,
+        }),
+        budget: Budget::new(total_cap),
+        hold_cap_per_conn: per_conn_cap,
+        close_linger: Duration::from_secs(2),
+        next_id: Arc::new(AtomicU64::new(1)),
+    };
+    let control = Control::new(
+        ControlConfig {
+            default_deadline: deadline,
+            quiesce_timeout: Duration::from_secs(2),
+        },
+        Arc::new(RecordingInterception::default()),
+        relay,
+    );
+    let endpoint = EndpointAddr(backend);
+    control.add_endpoints(&[endpoint]).expect("add endpoint");
+    let listener = plain_listener().expect("listener");
+    let proxy = listener.local_addr().expect("addr");
+    tokio::spawn(shepherd::relay::accept_loop(
+        listener,
+        control.clone(),
+        Arc::new(Fixed(backend)),
+    ));
+    Rig {
+        control,
+        proxy,
+        endpoint,
+        backend_seen,
+    }
+}
+
+fn hold_req(ep: EndpointAddr) -> HoldRequest {
+    HoldRequest {
+        endpoints: vec![ep],
+        deadline_ms: None,
+        quiesce_timeout_ms: None,
+    }
+}
+
+async fn read_exact_timeout(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf))
+        .await
+        .expect("echo arrived in time")
+        .expect("read echo");
+    buf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_state_relays_both_ways() {
+    let r = rig(1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let mut c = TcpStream::connect(r.proxy).await.expect("connect");
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    let (mut rd, mut wr) = c.split();
+    let (echo, _) = tokio::join!(
+        async {
+            let mut out = vec![0u8; data.len()];
+            rd.read_exact(&mut out).await.expect("read echo");
+            out
+        },
+        async { wr.write_all(&data).await.expect("write") }
+    );
+    assert!(echo == data, "echo differs from what was sent");
+    c.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest)
+        .await
+        .expect("eof after half-close");
+    assert!(rest.is_empty());
+    let conns = r.control.connections();
+    assert!(conns.len() <= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_bytes_are_replayed_in_order_exactly_once() {
+    let r = rig(1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let mut c = TcpStream::connect(r.proxy).await.expect("connect");
+    c.write_all(b"before;").await.expect("write");
+    assert_eq!(read_exact_timeout(&mut c, 7).await, b"before;");
+
+    let st = r
+        .control
+        .hold("m1", &hold_req(r.endpoint))
+        .await
+        .expect("hold");
+    assert_eq!(st.state, Phase::Holding);
+    assert!(st.quiescent, "nothing in flight, so quiescent: {st:?}");
+    assert_eq!(st.connections, 1);
+    let seen_at_hold = r.backend_seen.load(Ordering::SeqCst);
+
+    let mut held = Vec::new();
+    for i in 0..100 {
+        let msg = format!("held-{i};");
+        held.extend_from_slice(msg.as_bytes());
+        c.write_all(msg.as_bytes())
+            .await
+            .expect("write during hold");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        r.backend_seen.load(Ordering::SeqCst),
+        seen_at_hold,
+        "nothing may reach the pod during a hold"
+    );
+    let st = r.control.status("m1").expect("status");
+    assert_eq!(st.bytes_held, held.len() as u64);
+
+    let st = r
+        .control
+        .release("m1", ReleaseMode::Resume, None)
+        .expect("release");
+    assert_eq!(st.state, Phase::Released);
+    assert_eq!(read_exact_timeout(&mut c, held.len()).await, held);
+    // Idempotent repeat, and the contradicting call is a conflict.
+    assert_eq!(
+        r.control
+            .release("m1", ReleaseMode::Resume, None)
+            .expect("again")
+            .state,
+        Phase::Released
+    );
+    assert!(r.control.abort("m1", None).is_err());
+    let st = r.control.status("m1").expect("status");
+    assert_eq!(st.bytes_replayed, st.bytes_held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_opened_during_hold_is_queued_then_served() {
+    let r = rig(1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    r.control
+        .hold("m2", &hold_req(r.endpoint))
+        .await
+        .expect("hold");
+    let mut c = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(r.proxy))
+        .await
+        .expect("connect is immediate during a hold")
+        .expect("connect");
+    c.write_all(b"ping").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        r.backend_seen.load(Ordering::SeqCst),
+        0,
+        "queued connection must not reach the pod"
+    );
+    assert_eq!(
+        r.control.status("m2").expect("status").connections_queued,
+        1
+    );
+    r.control
+        .release("m2", ReleaseMode::Resume, None)
+        .expect("release");
+    assert_eq!(read_exact_timeout(&mut c, 4).await, b"ping");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_connection_cap_applies_back_pressure_without_loss() {
+    let cap = 256 * 1024;
+    let r = rig(cap, 8 << 20, Duration::from_secs(30)).await;
+    let c = TcpStream::connect(r.proxy).await.expect("connect");
+    r.control
+        .hold("m3", &hold_req(r.endpoint))
+        .await
+        .expect("hold");
+    let total = 8 << 20;
+    let data: Arc<Vec<u8>> = Arc::new((0..total).map(|i| (i % 253) as u8).collect());
+    let (mut rd, mut wr) = c.into_split();
+    let d2 = data.clone();
+    let writer = tokio::spawn(async move {
+        wr.write_all(&d2).await.expect("write");
+        wr.shutdown().await.expect("fin");
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let conns = r.control.connections();
+    assert_eq!(conns.len(), 1);
+    assert!(
+        conns[0].queued <= cap,
+        "queued {} > cap {cap}",
+        conns[0].queued
+    );
+    assert!(
+        !writer.is_finished(),
+        "the client must be blocked by the closed window"
+    );
+    r.control
+        .release("m3", ReleaseMode::Resume, None)
+        .expect("release");
+    let mut echo = Vec::with_capacity(total);
+    tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut echo))
+        .await
+        .expect("all echoed in time")
+        .expect("read");
+    writer.await.expect("writer");
+    assert!(
+        echo == *data,
+        "echo differs (len {} vs {})",
+        echo.len(),
+        data.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_aborts_and_resumes() {
+    let r = rig(1 << 20, 8 << 20, Duration::from_millis(300)).await;
+    let mut c = TcpStream::connect(r.proxy).await.expect("connect");
+    c.write_all(b"a").await.expect("write");
+    assert_eq!(read_exact_timeout(&mut c, 1).await, b"a");
+    r.control
+        .hold("m4", &hold_req(r.endpoint))
+        .await
+        .expect("hold");
+    c.write_all(b"bc").await.expect("write");
+    // No release: the deadline aborts and the bytes flow to the original backend.
+    assert_eq!(read_exact_timeout(&mut c, 2).await, b"bc");
+    let st = r.control.status("m4").expect("status");
+    assert_eq!(st.state, Phase::Aborted);
+    assert_eq!(st.reason.as_deref(), Some("deadline"));
+    assert!(r.control.release("m4", ReleaseMode::Resume, None).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_rejected_and_change_nothing() {
+    let r = rig(1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let unknown: EndpointAddr = "10.9.9.9:1".parse().expect("addr");
+    assert!(r.control.hold("m5", &hold_req(unknown)).await.is_err());
+    assert!(
+        r.control.status("m5").is_err(),
+        "a failed hold leaves no migration"
+    );
+    assert!(r
+        .control
+        .release("nope", ReleaseMode::Resume, None)
+        .is_err());
+    assert!(r
+        .control
+        .hold("bad id!", &hold_req(r.endpoint))
+        .await
+        .is_err());
+    r.control
+        .hold("m6", &hold_req(r.endpoint))
+        .await
+        .expect("hold");
+    assert!(
+        r.control.hold("m7", &hold_req(r.endpoint)).await.is_err(),
+        "one hold per endpoint"
+    );
+    assert!(
+        r.control.remove_endpoint(&r.endpoint).is_err(),
+        "held endpoints cannot be removed"
+    );
+    r.control.abort("m6", None).expect("abort");
+}
