@@ -1,0 +1,70 @@
+//! `cargo xtask ci`: the project's whole test command, as CI runs it.
+//!
+//! setup → fmt check → build-ebpf → clippy (userspace and eBPF) → unit tests
+//! → privileged integration tests (root; single-threaded, real namespaces).
+use crate::util::{run, workspace_root};
+use crate::{build_ebpf, setup};
+use anyhow::{bail, Result};
+use std::process::Command;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Skip `cargo xtask setup` (for quick local iterations).
+    #[arg(long)]
+    no_setup: bool,
+    /// Only run privileged tests whose name contains this filter.
+    #[arg(long)]
+    filter: Option<String>,
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new("cargo");
+    c.args(args).current_dir(workspace_root());
+    c
+}
+
+pub fn run(o: &Options) -> Result<()> {
+    let t0 = Instant::now();
+    let step = |name: &str| eprintln!("\n=== ci: {name} ({:.0?} elapsed)", t0.elapsed());
+    if !o.no_setup {
+        step("setup");
+        setup::run(&setup::Options::default())?;
+    }
+    step("fmt");
+    run(&mut cargo(&["fmt", "--all", "--check"]))?;
+    build_ebpf::fmt_check()?;
+    step("build-ebpf");
+    build_ebpf::build(true)?;
+    step("clippy");
+    run(&mut cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    build_ebpf::clippy()?;
+    step("unit tests");
+    run(&mut cargo(&["test", "--workspace", "--exclude", "shepherd-tests"]))?;
+    step("privileged integration tests");
+    let root = nix_is_root();
+    if !root && std::env::var("SHEPHERD_SKIP_PRIVILEGED").as_deref() != Ok("1") {
+        bail!("the integration tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run `cargo xtask ci` as root, or set SHEPHERD_SKIP_PRIVILEGED=1 to skip them");
+    }
+    run(&mut cargo(&["build", "--release", "-p", "shepherd"]))?;
+    let bin = workspace_root().join("target/release/shepherd");
+    let mut t = cargo(&["test", "--release", "-p", "shepherd-tests", "--"]);
+    if let Some(f) = &o.filter {
+        t.arg(f);
+    }
+    t.args(["--test-threads=1"]).env("SHEPHERD_BIN", &bin);
+    run(&mut t)?;
+    eprintln!("\n=== ci: all green in {:.0?}", t0.elapsed());
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
