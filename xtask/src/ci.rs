@@ -2,7 +2,7 @@
 //!
 //! setup → fmt check → build-ebpf → clippy (userspace and eBPF) → unit tests
 //! → privileged integration tests (root; single-threaded, real namespaces).
-use crate::util::{run, workspace_root};
+use crate::util::{self, workspace_root};
 use crate::{build_ebpf, setup};
 use anyhow::{bail, Result};
 use std::process::Command;
@@ -32,28 +32,40 @@ pub fn run(o: &Options) -> Result<()> {
         setup::run(&setup::Options::default())?;
     }
     step("fmt");
-    run(&mut cargo(&["fmt", "--all", "--check"]))?;
+    util::run(&mut cargo(&["fmt", "--all", "--check"]))?;
     build_ebpf::fmt_check()?;
     step("build-ebpf");
     build_ebpf::build(true)?;
     step("clippy");
-    run(&mut cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    util::run(&mut cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     build_ebpf::clippy()?;
     step("unit tests");
-    run(&mut cargo(&["test", "--workspace", "--exclude", "shepherd-tests"]))?;
+    util::run(&mut cargo(&[
+        "test",
+        "--workspace",
+        "--exclude",
+        "shepherd-tests",
+    ]))?;
     step("privileged integration tests");
     let root = nix_is_root();
     if !root && std::env::var("SHEPHERD_SKIP_PRIVILEGED").as_deref() != Ok("1") {
         bail!("the integration tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run `cargo xtask ci` as root, or set SHEPHERD_SKIP_PRIVILEGED=1 to skip them");
     }
-    run(&mut cargo(&["build", "--release", "-p", "shepherd"]))?;
+    util::run(&mut cargo(&["build", "--release", "-p", "shepherd"]))?;
     let bin = workspace_root().join("target/release/shepherd");
     let mut t = cargo(&["test", "--release", "-p", "shepherd-tests", "--"]);
     if let Some(f) = &o.filter {
         t.arg(f);
     }
     t.args(["--test-threads=1"]).env("SHEPHERD_BIN", &bin);
-    run(&mut t)?;
+    util::run(&mut t)?;
     eprintln!("\n=== ci: all green in {:.0?}", t0.elapsed());
     Ok(())
 }

@@ -1,0 +1,46 @@
+//! Privileged test harness for Shepherd.
+//!
+//! The integration tests under `tests/tests/` run as root on a real topology of
+//! network namespaces joined by veths (see DESIGN.md, "Testing" and "Pod
+//! wiring"). This library holds the pieces they share; every resource it makes
+//! (namespace, process, capture thread, agent) is owned by an RAII guard that
+//! removes exactly that resource when dropped, also when a test panics.
+//!
+//! - [`privilege`]: skip or fail clearly when not root ([`privileged!`]).
+//! - [`names`]: unique, short per-test prefixes for namespace names.
+//! - [`netns`]: the [`netns::Netns`] guard, and entering a namespace from the
+//!   current thread to create sockets there.
+//! - [`link`]: veth, address, route and sysctl builders (thin `ip` wrappers).
+//! - [`topology`]: ready-made topologies built from those, e.g.
+//!   [`topology::SingleNode`].
+//! - [`process`]: the [`process::Workload`] guard for pod processes started so
+//!   that CRIU can dump them, and [`process::wait_tcp_ready`].
+//! - [`capture`]: an AF_PACKET capture that counts TCP segments and RSTs.
+//! - [`stream`]: client-side measurements (ordered counter stream, bulk echo,
+//!   request/response timing).
+//! - [`agent`]: the [`agent::Agent`] guard for the `shepherd` binary, its CLI
+//!   and its HTTP API over the Unix socket.
+//!
+//! The echo workload is the binary `shepherd-echo` of this crate; integration
+//! tests get its path with [`echo_bin!`].
+
+pub mod agent;
+pub mod capture;
+pub mod link;
+pub mod names;
+pub mod netns;
+pub mod privilege;
+pub mod process;
+pub mod stream;
+pub mod topology;
+
+/// Path of this crate's `shepherd-echo` binary, as a `PathBuf`.
+///
+/// Only usable from this crate's integration tests (`tests/tests/*.rs`), where
+/// Cargo sets `CARGO_BIN_EXE_shepherd-echo` and builds the binary first.
+#[macro_export]
+macro_rules! echo_bin {
+    () => {
+        ::std::path::PathBuf::from(env!("CARGO_BIN_EXE_shepherd-echo"))
+    };
+}

@@ -1,0 +1,549 @@
+//! The data path end to end on a real topology (client, node, pod network
+//! namespaces; the agent inside the node namespace; real eBPF on real veths):
+//! intercept → relay → hold → replay. Every scenario counts RSTs on the wire at
+//! the client's interface and checks every byte.
+
+use serde_json::Value;
+use shepherd_tests::agent::Agent;
+use shepherd_tests::capture::{Capture, CaptureReport};
+use shepherd_tests::names::unique_prefix;
+use shepherd_tests::process::{wait_tcp_ready, Workload};
+use shepherd_tests::stream::{bulk_echo, request_response, CounterStream};
+use shepherd_tests::topology::SingleNode;
+use shepherd_tests::{echo_bin, privileged};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PORT: u16 = 7000;
+/// A port the pod serves that is never registered.
+const UNMANAGED_PORT: u16 = 7001;
+const TICK: Duration = Duration::from_millis(10);
+
+/// One scenario's world. Fields drop in declaration order: capture and agent
+/// first, then the workload, then the namespaces.
+struct World {
+    capture: Option<Capture>,
+    agent: Agent,
+    echo: Workload,
+    dir: tempfile::TempDir,
+    t: SingleNode,
+}
+
+impl World {
+    fn new(tag: &str, agent_args: &[&str]) -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = SingleNode::new(&unique_prefix(tag));
+        let echo = start_echo(&t, dir.path());
+        let capture = Some(Capture::start(&t.client, t.client_if()));
+        let mut args = vec![
+            "--intercept-iface",
+            t.node_client_if(),
+            "--shield-iface",
+            t.node_pod_if(),
+        ];
+        args.extend_from_slice(agent_args);
+        let agent = Agent::start(&t.node, &args);
+        World {
+            capture,
+            agent,
+            echo,
+            dir,
+            t,
+        }
+    }
+
+    fn ep(&self) -> SocketAddrV4 {
+        self.t.pod_addr(PORT)
+    }
+
+    fn register(&self) {
+        let ep = self.ep().to_string();
+        let v = self.agent.cli_json(&["endpoint", "add", &ep]);
+        assert_eq!(v["endpoints"][0]["endpoint"], ep.as_str(), "{v}");
+    }
+
+    /// Stops the capture and asserts that no RST crossed the client's interface.
+    fn assert_no_rst(&mut self) -> CaptureReport {
+        let report = self.capture.take().expect("capture running").stop();
+        assert!(report.error.is_none(), "capture failed: {:?}", report.error);
+        assert!(report.tcp_packets > 0, "the capture saw no TCP at all");
+        assert_eq!(report.rsts, 0, "RSTs on the wire: {:#?}", report.rst_lines);
+        report
+    }
+
+    fn peers(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("peers.log")).unwrap_or_default()
+    }
+
+    fn status(&self, id: &str) -> Value {
+        self.agent.cli_json(&["migrate", "status", "--id", id])
+    }
+}
+
+fn start_echo(t: &SingleNode, dir: &Path) -> Workload {
+    let managed = t.pod_addr(PORT).to_string();
+    let unmanaged = t.pod_addr(UNMANAGED_PORT).to_string();
+    let peer_log = dir.join("peers.log");
+    let w = Workload::spawn_in(
+        &t.pod,
+        &echo_bin!(),
+        [
+            "--listen",
+            &managed,
+            "--listen",
+            &unmanaged,
+            "--peer-log",
+            peer_log.to_str().expect("utf-8 path"),
+        ],
+        &dir.join("echo.log"),
+    );
+    for port in [PORT, UNMANAGED_PORT] {
+        if let Err(e) = wait_tcp_ready(
+            &t.client,
+            SocketAddr::V4(t.pod_addr(port)),
+            Duration::from_secs(10),
+        ) {
+            panic!("{e}; echo log:\n{}", w.log());
+        }
+    }
+    w
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+/// 1. Steady state: 8 concurrent clients × 32 MiB each way, every byte
+///    checked; the proxy reports the right client and original destination;
+///    the pod sees the node as its peer (so the path really was proxied); and
+///    a stopped agent leaves no policy rule behind.
+#[test]
+fn steady_state_relays_every_byte() {
+    privileged!();
+    let mut w = World::new("ss", &[]);
+    w.register();
+    // The readiness probes connected directly before registration.
+    let probes = w.peers().len();
+    let watcher = CounterStream::start(&w.t.client, w.ep(), Duration::from_millis(50));
+    std::thread::sleep(Duration::from_millis(200));
+    let conns = w.agent.cli_json(&["conn", "ls"]);
+    let c = &conns["connections"][0];
+    assert_eq!(
+        c["client"],
+        watcher.local_addr().to_string().as_str(),
+        "{conns}"
+    );
+    assert_eq!(c["endpoint"], w.ep().to_string().as_str(), "{conns}");
+    assert!(
+        c["backend_local"]
+            .as_str()
+            .is_some_and(|b| b.starts_with(&format!("{}:", w.t.node_ip))),
+        "backend must leave from the node's address: {conns}"
+    );
+
+    let (client, ep) = (&w.t.client, w.ep());
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8u64)
+            .map(|i| scope.spawn(move || bulk_echo(client, ep, 32 << 20, i)))
+            .collect();
+        for h in handles {
+            let r = h.join().expect("bulk thread");
+            r.assert_ok();
+            assert_eq!(r.received, 32 << 20);
+        }
+    });
+    watcher.stop().assert_ok();
+    let peers = w.peers().split_off(probes);
+    assert!(
+        peers.contains(&format!("peer={}:", w.t.node_ip)),
+        "pod should see the node as peer:\n{peers}"
+    );
+    assert!(
+        !peers.contains(&format!("peer={}:", w.t.client_ip)),
+        "a managed connection bypassed the proxy:\n{peers}"
+    );
+    let eps = w.agent.cli_json(&["endpoint", "ls"]);
+    assert!(u(&eps["endpoints"][0], "syns_assigned") >= 9, "{eps}");
+    w.assert_no_rst();
+
+    // Shutdown removes the policy rule and route the agent installed.
+    let node = w.t.node.name().to_string();
+    let World { agent, .. } = w;
+    drop(agent);
+    let rules = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["-n", &node, "rule"])
+            .output()
+            .expect("ip rule")
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        !rules.contains("0x53480001"),
+        "fwmark rule left behind:\n{rules}"
+    );
+}
+
+/// 2. Hold 2 s (the pod frozen with SIGSTOP meanwhile) while clients stream a
+///    counter every 10 ms; release: every value exactly once and in order, no
+///    RST, longest pause ≤ hold + 200 ms.
+#[test]
+fn hold_and_release_delivers_exactly_once() {
+    privileged!();
+    let mut w = World::new("hr", &[]);
+    w.register();
+    let streams: Vec<CounterStream> = (0..4)
+        .map(|_| CounterStream::start(&w.t.client, w.ep(), TICK))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let ep = w.ep().to_string();
+    let t_hold = Instant::now();
+    let held = w.agent.cli_json(&["migrate", "hold", "--id", "m-hr", &ep]);
+    assert_eq!(held["state"], "holding", "{held}");
+    assert_eq!(held["quiescent"], true, "{held}");
+    assert_eq!(u(&held, "connections"), 4, "{held}");
+    w.echo.signal(libc::SIGSTOP).expect("freeze the pod");
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(t_hold.elapsed()));
+    w.echo.signal(libc::SIGCONT).expect("thaw the pod");
+    let released = w.agent.cli_json(&["migrate", "release", "--id", "m-hr"]);
+    let hold_len = t_hold.elapsed();
+    assert_eq!(released["state"], "released", "{released}");
+    std::thread::sleep(Duration::from_millis(500));
+
+    for s in streams {
+        let r = s.stop();
+        r.assert_ok();
+        assert!(r.sent > 200, "stream too short: {}", r.sent);
+        assert!(
+            r.max_gap <= hold_len + Duration::from_millis(200),
+            "max gap {:?} > hold {hold_len:?} + 200 ms",
+            r.max_gap
+        );
+        assert!(
+            r.max_gap >= Duration::from_millis(1500),
+            "max gap {:?}: the hold did not hold",
+            r.max_gap
+        );
+    }
+    let st = w.status("m-hr");
+    assert!(u(&st, "bytes_held") > 0, "{st}");
+    assert_eq!(u(&st, "bytes_replayed"), u(&st, "bytes_held"), "{st}");
+    w.assert_no_rst();
+}
+
+/// 3. A connection opened during a hold connects at once and its first request
+///    is answered right after the release.
+#[test]
+fn connection_opened_during_hold_is_served_after_release() {
+    privileged!();
+    let mut w = World::new("nc", &[]);
+    w.register();
+    let ep = w.ep().to_string();
+    let held = w.agent.cli_json(&["migrate", "hold", "--id", "m-nc", &ep]);
+    assert_eq!(held["state"], "holding", "{held}");
+    let (client, dst) = (&w.t.client, w.ep());
+    let t0 = Instant::now();
+    let (t_release, (connect, response)) = std::thread::scope(|scope| {
+        let rr =
+            scope.spawn(move || request_response(client, dst, b"first request during the hold"));
+        std::thread::sleep(Duration::from_millis(1500));
+        let t_release = t0.elapsed();
+        let released = w.agent.cli_json(&["migrate", "release", "--id", "m-nc"]);
+        assert_eq!(released["state"], "released");
+        (
+            t_release,
+            rr.join()
+                .expect("thread")
+                .expect("request/response through the hold"),
+        )
+    });
+    assert!(
+        connect < Duration::from_millis(500),
+        "connect took {connect:?} during a hold"
+    );
+    let answered = connect + response;
+    assert!(
+        answered + Duration::from_millis(50) >= t_release,
+        "answered at {answered:?}, before the release at {t_release:?}"
+    );
+    assert!(
+        answered <= t_release + Duration::from_millis(500),
+        "answered at {answered:?}, long after the release at {t_release:?}"
+    );
+    assert_eq!(u(&w.status("m-nc"), "connections_queued"), 1);
+    w.assert_no_rst();
+}
+
+/// 4. Back-pressure: one client pushes 512 MiB during a hold with a 16 MiB cap;
+///    the agent's RSS stays below cap + 64 MiB; after the release every byte
+///    arrives.
+#[test]
+fn hold_buffer_cap_applies_back_pressure() {
+    privileged!();
+    const CAP: u64 = 16 << 20;
+    let mut w = World::new(
+        "bp",
+        &[
+            "--hold-buffer-per-conn",
+            "16MiB",
+            "--hold-buffer-total",
+            "16MiB",
+        ],
+    );
+    w.register();
+    let baseline = w.agent.rss_bytes();
+    let ep = w.ep().to_string();
+    w.agent.cli_json(&["migrate", "hold", "--id", "m-bp", &ep]);
+    let (client, dst) = (&w.t.client, w.ep());
+    let mut peak = 0;
+    let r = std::thread::scope(|scope| {
+        let pusher = scope.spawn(move || bulk_echo(client, dst, 512 << 20, 7));
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            peak = peak.max(w.agent.rss_bytes());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let st = w.status("m-bp");
+        assert!(
+            u(&st, "bytes_held") >= CAP / 2,
+            "the hold buffer never filled: {st}"
+        );
+        assert!(u(&st, "bytes_held") <= CAP, "held more than the cap: {st}");
+        assert!(
+            !pusher.is_finished(),
+            "the client should be blocked by its closed window"
+        );
+        w.agent.cli_json(&["migrate", "release", "--id", "m-bp"]);
+        while !pusher.is_finished() {
+            peak = peak.max(w.agent.rss_bytes());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pusher.join().expect("pusher")
+    });
+    r.assert_ok();
+    assert_eq!(r.received, 512 << 20);
+    eprintln!(
+        "agent RSS: baseline {} MiB, peak {} MiB",
+        baseline >> 20,
+        peak >> 20
+    );
+    assert!(
+        peak < CAP + (64 << 20),
+        "agent RSS peaked at {} MiB",
+        peak >> 20
+    );
+    w.assert_no_rst();
+}
+
+/// 5. A hold whose release never comes aborts at its deadline; the stream
+///    resumes towards the original pod and the status says why.
+#[test]
+fn hold_without_release_aborts_at_deadline() {
+    privileged!();
+    let mut w = World::new("dl", &[]);
+    w.register();
+    let s = CounterStream::start(&w.t.client, w.ep(), TICK);
+    std::thread::sleep(Duration::from_millis(300));
+    let ep = w.ep().to_string();
+    let held = w
+        .agent
+        .cli_json(&["migrate", "hold", "--id", "m-dl", "--deadline", "1s", &ep]);
+    assert_eq!(u(&held, "deadline_ms"), 1000);
+    std::thread::sleep(Duration::from_millis(2000));
+    let st = w.status("m-dl");
+    assert_eq!(st["state"], "aborted", "{st}");
+    assert_eq!(st["reason"], "deadline", "{st}");
+    let human = w.agent.cli(&["migrate", "status", "--id", "m-dl"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("aborted: deadline"));
+    std::thread::sleep(Duration::from_millis(300));
+    let r = s.stop();
+    r.assert_ok();
+    assert!(
+        r.max_gap >= Duration::from_millis(800),
+        "gap {:?}: the hold did not hold",
+        r.max_gap
+    );
+    assert!(
+        r.max_gap <= Duration::from_millis(1500),
+        "gap {:?}: the abort was late",
+        r.max_gap
+    );
+    // Releasing an aborted migration is a conflict that says so.
+    let out = w.agent.cli(&["migrate", "release", "--id", "m-dl"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("aborted (deadline)"));
+    w.assert_no_rst();
+}
+
+/// 6. Bad input gets a clear error and the agent keeps serving.
+#[test]
+fn bad_input_is_rejected_clearly() {
+    privileged!();
+    let mut w = World::new("bi", &[]);
+    w.register();
+    let s = CounterStream::start(&w.t.client, w.ep(), TICK);
+
+    let fails = |args: &[&str], needle: &str| {
+        let out = w.agent.cli(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(
+            err.contains(needle),
+            "{args:?}: stderr {err:?} lacks {needle:?}"
+        );
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: error should be one line: {err}"
+        );
+    };
+    fails(
+        &["migrate", "status", "--id", "never-made"],
+        "no migration with id",
+    );
+    fails(
+        &["migrate", "release", "--id", "never-held"],
+        "no migration with id",
+    );
+    fails(
+        &["migrate", "abort", "--id", "never-held"],
+        "no migration with id",
+    );
+    fails(
+        &["migrate", "hold", "--id", "m-bi", "10.77.2.99:80"],
+        "shepherd endpoint add",
+    );
+    fails(
+        &["migrate", "release", "--id", "x", "--mode", "teleport"],
+        "unknown",
+    );
+    fails(&["endpoint", "rm", "10.77.2.99:80"], "not registered");
+
+    let (code, body) = w
+        .agent
+        .http("PUT", "/v1/migrations/m-bi/hold", Some("{not json"));
+    assert_eq!(code, 400, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("error body is JSON");
+    assert_eq!(v["error"], "malformed_body");
+    assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()));
+
+    let (code, body) = w.agent.http(
+        "PUT",
+        "/v1/migrations/m-bi/hold",
+        Some(r#"{"endpoints":["nope"]}"#),
+    );
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = w.agent.http(
+        "PUT",
+        "/v1/migrations/bad%20id/hold",
+        Some(&format!(r#"{{"endpoints":["{}"]}}"#, w.ep())),
+    );
+    assert_eq!(code, 422, "{body}");
+    let (code, body) = w.agent.http("GET", "/v1/nothing-here", None);
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        serde_json::from_str::<Value>(&body).is_ok(),
+        "404 body must be JSON: {body}"
+    );
+
+    let huge = format!(
+        r#"{{"endpoints":["{}"], "pad":"{}"}}"#,
+        w.ep(),
+        "x".repeat(1 << 20)
+    );
+    match w
+        .agent
+        .try_http("PUT", "/v1/migrations/m-huge/hold", Some(&huge))
+    {
+        Ok((code, body)) => assert_eq!(code, 413, "{body}"),
+        // The agent may answer and close before reading the whole body.
+        Err(e) => eprintln!("huge body: connection closed early ({e}), as allowed"),
+    }
+    assert_eq!(
+        w.agent.http("GET", "/v1/migrations/m-huge", None).0,
+        404,
+        "the huge request must not have created a migration"
+    );
+
+    // A second agent in the same node (same socket, or another one) refuses to start.
+    for sock in [
+        w.agent.socket().to_path_buf(),
+        w.dir.path().join("other.sock"),
+    ] {
+        let out = Command::new("timeout")
+            .args(["10", "ip", "netns", "exec", w.t.node.name()])
+            .arg(shepherd_tests::agent::shepherd_bin())
+            .arg("--api-socket")
+            .arg(&sock)
+            .args(["run", "--intercept-iface", w.t.node_client_if()])
+            .stdin(Stdio::null())
+            .output()
+            .expect("start a second agent");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a second agent started: {err}");
+        assert!(err.contains("already"), "unclear second-agent error: {err}");
+    }
+
+    // Still serving: health, the API and the data path.
+    assert_eq!(w.agent.http("GET", "/healthz", None).0, 200);
+    assert!(w.agent.is_alive());
+    let ep = w.ep().to_string();
+    let held = w.agent.cli_json(&["migrate", "hold", "--id", "m-bi2", &ep]);
+    assert_eq!(held["state"], "holding");
+    fails(
+        &["migrate", "hold", "--id", "m-bi3", &ep],
+        "already held by migration m-bi2",
+    );
+    fails(&["endpoint", "rm", &ep], "held by migration m-bi2");
+    w.agent.cli_json(&["migrate", "release", "--id", "m-bi2"]);
+    std::thread::sleep(Duration::from_millis(300));
+    s.stop().assert_ok();
+    let metrics = w.agent.http("GET", "/metrics", None).1;
+    assert!(
+        metrics.contains("shepherd_connections_total{endpoint="),
+        "{metrics}"
+    );
+    w.assert_no_rst();
+}
+
+/// 7. Traffic to unregistered addresses crosses the node untouched, and a
+///    connection that existed before its endpoint was registered keeps working.
+#[test]
+fn unregistered_traffic_is_not_intercepted() {
+    privileged!();
+    let mut w = World::new("un", &[]);
+    let early = CounterStream::start(&w.t.client, w.ep(), TICK);
+    std::thread::sleep(Duration::from_millis(200));
+    w.register();
+    let unmanaged = w.t.pod_addr(UNMANAGED_PORT);
+    let r = bulk_echo(&w.t.client, unmanaged, 4 << 20, 3);
+    r.assert_ok();
+    std::thread::sleep(Duration::from_millis(300));
+    let early = early.stop();
+    early.assert_ok();
+    let peers = w.peers();
+    let direct = format!("peer={} local={unmanaged}", r.local_addr);
+    assert!(
+        peers.contains(&direct),
+        "unmanaged connection should reach the pod directly ({direct}):\n{peers}"
+    );
+    assert!(
+        peers.contains(&format!("peer={} ", early.local_addr)),
+        "the pre-existing connection should stay direct:\n{peers}"
+    );
+    let eps = w.agent.cli_json(&["endpoint", "ls"]);
+    assert_eq!(u(&eps["endpoints"][0], "syns_assigned"), 0, "{eps}");
+    assert_eq!(u(&eps["endpoints"][0], "connections"), 0, "{eps}");
+    assert_eq!(
+        w.agent.cli_json(&["conn", "ls"])["connections"]
+            .as_array()
+            .map(Vec::len),
+        Some(0)
+    );
+    w.assert_no_rst();
+}

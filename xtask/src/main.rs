@@ -1,0 +1,36 @@
+//! Developer tasks. `cargo xtask <task>`; every task is idempotent.
+mod build_ebpf;
+mod ci;
+mod demo;
+mod setup;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Shepherd developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install everything a fresh machine needs (idempotent; fast when done).
+    Setup(setup::Options),
+    /// Build the eBPF object that the `shepherd` binary embeds.
+    BuildEbpf(build_ebpf::Options),
+    /// setup, fmt check, clippy, unit tests, privileged integration tests.
+    Ci(ci::Options),
+    /// A hold/release demonstration on a real namespace topology.
+    Demo(demo::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup(o) => setup::run(&o),
+        Task::BuildEbpf(o) => build_ebpf::run(&o),
+        Task::Ci(o) => ci::run(&o),
+        Task::Demo(o) => demo::run(&o),
+    }
+}
