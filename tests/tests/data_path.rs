@@ -547,3 +547,133 @@ fn unregistered_traffic_is_not_intercepted() {
     );
     w.assert_no_rst();
 }
+
+/// A watched interface that disappears (a pod's veth after a migration) does
+/// not stop the agent; it keeps serving the API and the remaining interfaces.
+#[test]
+fn agent_survives_a_vanishing_interface() {
+    privileged!();
+    let mut w = World::new("vi", &[]);
+    w.register();
+    // Delete the pod's veth (both ends go): the shield's tcx link goes with it.
+    w.t.node.ip(&["link", "del", w.t.node_pod_if()]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        w.agent.is_alive(),
+        "agent died when its interface vanished:\n{}",
+        w.agent.log()
+    );
+    assert_eq!(w.agent.http("GET", "/healthz", None).0, 200);
+    let eps = w.agent.cli_json(&["endpoint", "ls"]);
+    assert_eq!(eps["endpoints"][0]["state"], "active", "{eps}");
+    let ep = w.ep().to_string();
+    w.agent.cli_json(&["migrate", "hold", "--id", "m-vi", &ep]);
+    w.agent.cli_json(&["migrate", "abort", "--id", "m-vi"]);
+    // No client traffic crossed the (now gone) pod link; the capture only saw probes.
+    let report = w.capture.take().expect("capture").stop();
+    assert_eq!(report.rsts, 0, "{:#?}", report.rst_lines);
+}
+
+/// `hold` reports, rather than hides, a backend that does not acknowledge
+/// what was written to it (here: a pod frozen with full buffers); the release
+/// still delivers every byte.
+#[test]
+fn hold_reports_a_backend_that_does_not_quiesce() {
+    privileged!();
+    let mut w = World::new("nq", &[]);
+    w.register();
+    let ep = w.ep().to_string();
+    let (client, dst) = (&w.t.client, w.ep());
+    let r = std::thread::scope(|scope| {
+        // Freeze the pod first, then push more than its and our socket
+        // buffers hold: the proxy's backend socket keeps unacknowledged bytes.
+        w.echo.signal(libc::SIGSTOP).expect("freeze");
+        let pusher = scope.spawn(move || bulk_echo(client, dst, 96 << 20, 11));
+        std::thread::sleep(Duration::from_millis(1500));
+        let out = w.agent.cli(&[
+            "migrate",
+            "hold",
+            "--id",
+            "m-nq",
+            "--quiesce-timeout",
+            "500ms",
+            "--json",
+            &ep,
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "expected exit 3 (not quiescent): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("unacknowledged"));
+        let st: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        assert_eq!(st["state"], "holding", "{st}");
+        assert_eq!(st["quiescent"], false, "{st}");
+        w.echo.signal(libc::SIGCONT).expect("thaw");
+        w.agent.cli_json(&["migrate", "release", "--id", "m-nq"]);
+        pusher.join().expect("pusher")
+    });
+    r.assert_ok();
+    w.assert_no_rst();
+}
+
+/// A registered endpoint nobody listens on: the client's connection is closed
+/// cleanly (FIN, no RST) and the agent says why in its log.
+#[test]
+fn unreachable_backend_closes_the_client_cleanly() {
+    privileged!();
+    let mut w = World::new("ub", &[]);
+    let dead = w.t.pod_addr(7009).to_string();
+    w.agent.cli_json(&["endpoint", "add", &dead]);
+    let out = request_response(&w.t.client, w.t.pod_addr(7009), b"anyone there?");
+    let err = out.expect_err("nobody listens, so no echo");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::UnexpectedEof,
+        "expected a clean close, got {err}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        w.agent.log().contains("unreachable"),
+        "agent log should say why:\n{}",
+        w.agent.log()
+    );
+    // The pod's kernel refuses the proxy's backend socket, on the node's
+    // side; nothing of that may reach the client's wire.
+    w.assert_no_rst();
+}
+
+/// The pod dies during a hold and no release comes: the deadline aborts, the
+/// backend is found gone, and the client is closed cleanly with the reason in
+/// the status.
+#[test]
+fn deadline_abort_with_the_pod_gone_closes_cleanly_and_says_why() {
+    privileged!();
+    let mut w = World::new("pg", &[]);
+    w.register();
+    let s = CounterStream::start(&w.t.client, w.ep(), TICK);
+    std::thread::sleep(Duration::from_millis(300));
+    let ep = w.ep().to_string();
+    w.agent
+        .cli_json(&["migrate", "hold", "--id", "m-pg", "--deadline", "1s", &ep]);
+    w.echo.signal(libc::SIGKILL).expect("kill the pod");
+    std::thread::sleep(Duration::from_millis(2500));
+    let st = w.status("m-pg");
+    assert_eq!(st["state"], "aborted", "{st}");
+    let reason = st["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.starts_with("deadline"), "{st}");
+    assert!(reason.contains("closed cleanly"), "{st}");
+    assert_eq!(u(&st, "connections_closed"), 1, "{st}");
+    let r = s.stop();
+    assert!(r.eof, "the client should see a clean end of stream: {r:?}");
+    assert!(
+        r.io_errors.is_empty(),
+        "the client saw errors (a reset?): {:?}",
+        r.io_errors
+    );
+    assert!(r.in_order, "{r:?}");
+    // The pod's kernel refuses the proxy's backend socket, on the node's
+    // side; nothing of that may reach the client's wire.
+    w.assert_no_rst();
+}
