@@ -16,6 +16,7 @@
 //! - [`process`]: the [`process::Workload`] guard for pod processes started so
 //!   that CRIU can dump them, and [`process::wait_tcp_ready`].
 //! - [`capture`]: an AF_PACKET capture that counts TCP segments and RSTs.
+//! - [`inject`]: crafted packets (a RST with a chosen source).
 //! - [`stream`]: client-side measurements (ordered counter stream, bulk echo,
 //!   request/response timing).
 //! - [`agent`]: the [`agent::Agent`] guard for the `shepherd` binary, its CLI
@@ -26,6 +27,7 @@
 
 pub mod agent;
 pub mod capture;
+pub mod inject;
 pub mod link;
 pub mod names;
 pub mod netns;

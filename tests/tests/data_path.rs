@@ -677,3 +677,79 @@ fn deadline_abort_with_the_pod_gone_closes_cleanly_and_says_why() {
     // side; nothing of that may reach the client's wire.
     w.assert_no_rst();
 }
+
+/// While an endpoint is held, RSTs from the pod's address are dropped by
+/// `rst_shield` and counted; outside a hold they pass (and a stray,
+/// out-of-window one is harmless to the connection anyway).
+#[test]
+fn rst_shield_drops_pod_resets_during_a_hold() {
+    privileged!();
+    let mut w = World::new("rs", &[]);
+    w.register();
+    let s = CounterStream::start(&w.t.client, w.ep(), TICK);
+    std::thread::sleep(Duration::from_millis(200));
+    let conns = w.agent.cli_json(&["conn", "ls"]);
+    let backend: SocketAddrV4 = conns["connections"][0]["backend_local"]
+        .as_str()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or_else(|| panic!("no backend socket: {conns}"));
+    let ep = w.ep().to_string();
+    w.agent.cli_json(&["migrate", "hold", "--id", "m-rs", &ep]);
+    for seq in [1, 2, 3] {
+        shepherd_tests::inject::send_rst(&w.t.pod, w.ep(), backend, seq).expect("send RST");
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let st = w.status("m-rs");
+    assert_eq!(u(&st, "rsts_shielded"), 3, "{st}");
+    w.agent.cli_json(&["migrate", "release", "--id", "m-rs"]);
+    shepherd_tests::inject::send_rst(&w.t.pod, w.ep(), backend, 4).expect("send RST");
+    std::thread::sleep(Duration::from_millis(300));
+    let eps = w.agent.cli_json(&["endpoint", "ls"]);
+    assert_eq!(
+        u(&eps["endpoints"][0], "rsts_shielded"),
+        3,
+        "not held: not shielded: {eps}"
+    );
+    s.stop().assert_ok();
+    w.assert_no_rst();
+}
+
+/// `SHEPHERD_SOCKET` selects the agent like `--api-socket` does, and
+/// `--api-socket` is accepted after the subcommand too.
+#[test]
+fn socket_can_be_given_by_env_or_after_the_subcommand() {
+    privileged!();
+    let w = World::new("so", &[]);
+    let bin = shepherd_tests::agent::shepherd_bin();
+    let by_env = Command::new(&bin)
+        .args(["endpoint", "ls", "--json"])
+        .env("SHEPHERD_SOCKET", w.agent.socket())
+        .output()
+        .expect("run cli");
+    assert!(
+        by_env.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_env.stderr)
+    );
+    let after = Command::new(&bin)
+        .args(["endpoint", "ls", "--api-socket"])
+        .arg(w.agent.socket())
+        .output()
+        .expect("run cli");
+    assert!(
+        after.status.success(),
+        "{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+    let nowhere = Command::new(&bin)
+        .args([
+            "endpoint",
+            "ls",
+            "--api-socket",
+            "/nonexistent/shepherd.sock",
+        ])
+        .output()
+        .expect("run cli");
+    assert!(!nowhere.status.success());
+    assert!(String::from_utf8_lossy(&nowhere.stderr).contains("cannot reach the shepherd agent"));
+}
