@@ -11,7 +11,7 @@ use crate::migration::{self, Phase, ReleaseMode, Request, Step};
 use crate::relay::connection::RelayContext;
 use shepherd_common::{EP_INTERCEPT, EP_SHIELD};
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -352,29 +352,36 @@ impl Control {
                 .is_some_and(|m| m.phase == Phase::Holding && m.stats.epoch == epoch);
             if due {
                 tracing::warn!(migration = %id, ?deadline, "hold deadline passed without a release; aborting");
-                let _ = control.finish(&id, Request::Abort, Some("deadline".into()), None);
+                let _ = control.finish(&id, Request::Abort, Some("deadline".into()), None, None);
             }
         });
     }
 
+    /// Ends a hold: held bytes are replayed to the pod, in order.
+    /// `resume`: into the same backend sockets (the pod's connections were
+    /// restored). `reconnect`: into new backend connections, to `to` if the
+    /// pod came back at a new address.
     pub fn release(
         &self,
         id: &str,
         mode: ReleaseMode,
         to: Option<&str>,
     ) -> Result<MigrationStatus, ControlError> {
-        if mode != ReleaseMode::Resume {
+        let to: Option<Ipv4Addr> = to
+            .map(|t| {
+                t.parse().map_err(|_| {
+                    ControlError::Invalid(format!(
+                        "invalid address {t:?} for --to: expected an IPv4 address"
+                    ))
+                })
+            })
+            .transpose()?;
+        if to.is_some() && mode == ReleaseMode::Resume {
             return Err(ControlError::Unsupported(
-                "release mode \"reconnect\" is not available in this version; use --mode resume"
-                    .into(),
+                "resuming restored connections at a new address needs address translation, which is not available in this version; use --mode reconnect --to NEW_IP".into(),
             ));
         }
-        if let Some(to) = to {
-            return Err(ControlError::Unsupported(format!(
-                "release to a new address ({to}) is not available in this version"
-            )));
-        }
-        self.finish(id, Request::Release, None, Some(mode))
+        self.finish(id, Request::Release, None, Some(mode), to)
     }
 
     pub fn abort(&self, id: &str, reason: Option<String>) -> Result<MigrationStatus, ControlError> {
@@ -382,6 +389,7 @@ impl Control {
             id,
             Request::Abort,
             Some(reason.unwrap_or_else(|| "requested".into())),
+            None,
             None,
         )
     }
@@ -394,6 +402,7 @@ impl Control {
         request: Request,
         reason: Option<String>,
         mode: Option<ReleaseMode>,
+        to: Option<Ipv4Addr>,
     ) -> Result<MigrationStatus, ControlError> {
         let eps = lock(&self.endpoints);
         let mut migs = lock(&self.migrations);
@@ -407,8 +416,12 @@ impl Control {
             Step::Go(phase) => {
                 for addr in &m.endpoints {
                     if let Some(state) = eps.get(addr) {
+                        if let Some(ip) = to {
+                            state.set_backend(SocketAddrV4::new(ip, addr.0.port()));
+                        }
                         state.set_mode(Mode::Forwarding {
                             after: Some(m.stats.clone()),
+                            reconnect: mode == Some(ReleaseMode::Reconnect),
                         });
                         if let Err(e) = self.intercept.set_endpoint(addr.key(), EP_INTERCEPT) {
                             tracing::warn!(endpoint = %addr, error = %e, "could not lift the RST shield");

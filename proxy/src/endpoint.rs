@@ -95,8 +95,13 @@ impl HoldStats {
 #[derive(Clone, Debug)]
 pub enum Mode {
     /// Relay both ways. `after` is the hold that just ended, if any: bytes it
-    /// queued are counted as replayed when they are written.
-    Forwarding { after: Option<Arc<HoldStats>> },
+    /// queued are counted as replayed when they are written. `reconnect`: that
+    /// hold ended in `reconnect` mode, so connections drop their old backend
+    /// socket and open a new one to the endpoint's current backend address.
+    Forwarding {
+        after: Option<Arc<HoldStats>>,
+        reconnect: bool,
+    },
     /// Queue client bytes; write nothing to the pod.
     Holding(Arc<HoldStats>),
 }
@@ -130,6 +135,9 @@ pub struct ConnInfo {
 /// Live state of one managed endpoint.
 pub struct EndpointState {
     pub addr: EndpointAddr,
+    /// Where backend connections go: the endpoint itself, until a migration
+    /// moves the pod to a new address.
+    backend: Mutex<SocketAddrV4>,
     mode: watch::Sender<Mode>,
     conns: Mutex<HashMap<u64, Arc<ConnInfo>>>,
     /// Removed by the user but still carrying connections: new SYNs pass
@@ -149,15 +157,29 @@ impl fmt::Debug for EndpointState {
 
 impl EndpointState {
     pub fn new(addr: EndpointAddr, intercept: Arc<dyn Interception>) -> Arc<Self> {
-        let (mode, _) = watch::channel(Mode::Forwarding { after: None });
+        let (mode, _) = watch::channel(Mode::Forwarding {
+            after: None,
+            reconnect: false,
+        });
         Arc::new(Self {
             addr,
+            backend: Mutex::new(addr.0),
             mode,
             conns: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             intercept,
             connections_total: AtomicU64::new(0),
         })
+    }
+
+    pub fn backend(&self) -> SocketAddrV4 {
+        self.backend.lock().map(|b| *b).unwrap_or(self.addr.0)
+    }
+
+    pub fn set_backend(&self, to: SocketAddrV4) {
+        if let Ok(mut b) = self.backend.lock() {
+            *b = to;
+        }
     }
 
     pub fn mode(&self) -> Mode {

@@ -318,3 +318,37 @@ async fn bad_requests_are_rejected_and_change_nothing() {
     );
     r.control.abort("m6", None).expect("abort");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_mode_replays_held_bytes_on_a_new_backend_connection() {
+    let r = rig(1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let mut c = TcpStream::connect(r.proxy).await.expect("connect");
+    c.write_all(b"consumed;").await.expect("write");
+    assert_eq!(read_exact_timeout(&mut c, 9).await, b"consumed;");
+    let first_backend = r.control.connections()[0].backend_local.clone();
+    r.control
+        .hold("m8", &hold_req(r.endpoint))
+        .await
+        .expect("hold");
+    c.write_all(b"held-1;held-2;")
+        .await
+        .expect("write during hold");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let st = r
+        .control
+        .release("m8", ReleaseMode::Reconnect, Some("127.0.0.1"))
+        .expect("release");
+    assert_eq!(st.mode, Some(ReleaseMode::Reconnect));
+    // Only the held bytes are replayed; what the pod got before the hold is not.
+    assert_eq!(read_exact_timeout(&mut c, 14).await, b"held-1;held-2;");
+    let now = r.control.connections()[0].backend_local.clone();
+    assert_ne!(now, first_backend, "a new backend connection was expected");
+    assert!(r
+        .control
+        .release("m9", ReleaseMode::Resume, Some("10.0.0.1"))
+        .is_err());
+    assert!(r
+        .control
+        .release("m8", ReleaseMode::Reconnect, Some("not-an-ip"))
+        .is_err());
+}

@@ -76,7 +76,7 @@ pub async fn relay(
         quiesced_epoch: AtomicU64::new(0),
     });
     let _guard = endpoint.register(info.clone());
-    let mut conn = Conn::new(client, info, &endpoint, ctx);
+    let mut conn = Conn::new(client, info, endpoint, ctx);
     let outcome = conn.run().await;
     match &outcome {
         Ok(()) => tracing::debug!(%peer, %orig_dst, "connection finished"),
@@ -87,6 +87,7 @@ pub async fn relay(
 
 struct Conn {
     info: Arc<ConnInfo>,
+    endpoint: Arc<EndpointState>,
     ctx: RelayContext,
     mode_rx: tokio::sync::watch::Receiver<Mode>,
     mode: Mode,
@@ -109,7 +110,7 @@ impl Conn {
     fn new(
         client: TcpStream,
         info: Arc<ConnInfo>,
-        endpoint: &EndpointState,
+        endpoint: Arc<EndpointState>,
         ctx: RelayContext,
     ) -> Self {
         let (client_r, client_w) = client.into_split();
@@ -123,6 +124,7 @@ impl Conn {
         }
         Self {
             info,
+            endpoint,
             ctx,
             mode_rx,
             mode,
@@ -150,7 +152,7 @@ impl Conn {
             let hold = self.holding();
             if hold.is_none() && self.backend.is_none() && !self.backend_eof {
                 if let Err(e) = self.connect_backend().await {
-                    let reason = format!("backend {} unreachable: {e}", self.info.orig_dst);
+                    let reason = format!("backend {} unreachable: {e}", self.endpoint.backend());
                     self.fail_backend(&reason).await;
                     return Err(reason);
                 }
@@ -249,9 +251,17 @@ impl Conn {
                         h.bytes_held
                             .fetch_add(self.up.len() as u64, Ordering::Relaxed);
                     }
-                    (Mode::Holding(_), Mode::Forwarding { after }) => {
+                    (Mode::Holding(_), Mode::Forwarding { after, reconnect }) => {
                         self.replay_left = self.up.len();
                         self.replay_stats = after.clone();
+                        if *reconnect && self.backend.is_some() {
+                            // The pod came back without this connection: what
+                            // it acknowledged before the hold is consumed; the
+                            // held bytes go to a fresh connection.
+                            self.backend = None;
+                            self.backend_eof = false;
+                            self.backend_shut = false;
+                        }
                     }
                     _ => {}
                 }
@@ -305,7 +315,7 @@ impl Conn {
     }
 
     async fn connect_backend(&mut self) -> io::Result<()> {
-        let stream = self.ctx.connector.connect(self.info.orig_dst).await?;
+        let stream = self.ctx.connector.connect(self.endpoint.backend()).await?;
         if let Ok(mut l) = self.info.backend_local.lock() {
             *l = stream.local_addr().ok();
         }
@@ -321,7 +331,7 @@ impl Conn {
         // Attribute the close to the hold in progress, or the one that just ended.
         let hold = match &self.mode {
             Mode::Holding(h) => Some(h),
-            Mode::Forwarding { after } => after.as_ref(),
+            Mode::Forwarding { after, .. } => after.as_ref(),
         };
         if let Some(h) = hold {
             h.record_close(reason);
