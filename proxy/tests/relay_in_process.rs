@@ -352,3 +352,80 @@ async fn reconnect_mode_replays_held_bytes_on_a_new_backend_connection() {
         .release("m8", ReleaseMode::Reconnect, Some("not-an-ip"))
         .is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_translates_held_flows_and_incoming_shields_and_translates() {
+    use shepherd::api::types::IncomingRequest;
+    let r = rig(1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let mut c = TcpStream::connect(r.proxy).await.expect("connect");
+    c.write_all(b"x").await.expect("write");
+    assert_eq!(read_exact_timeout(&mut c, 1).await, b"x");
+    r.control
+        .hold("m10", &hold_req(r.endpoint))
+        .await
+        .expect("hold");
+    let st = r.control.status("m10").expect("status");
+    assert_eq!(st.backend_flows.len(), 1, "{st:?}");
+    let new_ip: std::net::Ipv4Addr = "127.0.0.1".parse().expect("ip");
+    // Same address: nothing to translate, but the target is recorded.
+    let st = r.control.target("m10", new_ip).expect("target");
+    assert_eq!(st.target, Some(new_ip));
+    assert!(
+        r.control
+            .target("m10", "127.0.0.2".parse().expect("ip"))
+            .is_err(),
+        "target cannot change"
+    );
+    r.control
+        .release("m10", ReleaseMode::Resume, Some("127.0.0.1"))
+        .expect("release");
+    c.write_all(b"y").await.expect("write");
+    assert_eq!(read_exact_timeout(&mut c, 1).await, b"y");
+
+    let req = IncomingRequest {
+        endpoints: vec!["10.1.0.5:80".parse().expect("ep")],
+        to: Some("10.1.0.6".parse().expect("ip")),
+        flows: st
+            .backend_flows
+            .iter()
+            .map(|f| shepherd::api::types::BackendFlow {
+                node: f.node,
+                pod_port: 80,
+            })
+            .collect(),
+        deadline_ms: None,
+    };
+    let inc = r.control.incoming("m11", &req).expect("incoming");
+    assert_eq!(inc.state, "shielding");
+    assert_eq!(
+        r.control.incoming("m11", &req).expect("idempotent").state,
+        "shielding"
+    );
+    let mut other = req.clone();
+    other.to = Some("10.1.0.7".parse().expect("ip"));
+    assert!(
+        r.control.incoming("m11", &other).is_err(),
+        "a different request under the same id conflicts"
+    );
+    let mut bad = req.clone();
+    bad.to = None;
+    assert!(
+        r.control.incoming("m12", &bad).is_err(),
+        "flows need a new address"
+    );
+    assert_eq!(
+        r.control
+            .complete_incoming("m11", None)
+            .expect("complete")
+            .state,
+        "completed"
+    );
+    assert_eq!(
+        r.control
+            .complete_incoming("m11", None)
+            .expect("again")
+            .state,
+        "completed"
+    );
+    assert!(r.control.incoming_status("nope").is_err());
+}

@@ -20,9 +20,27 @@ pub const MAP_STATS: &str = "SHEPHERD_STATS";
 /// the listening socket. Written by userspace at start-up; read by `intercept`.
 pub const MAP_LISTENER: &str = "SHEPHERD_LISTENER";
 
+/// Map: migrated backend flows whose pod address changed. Key [`FlowKey`],
+/// value [`Translation`]. Written by userspace (origin: `migrate target` or
+/// `release --to`; destination: `migrate incoming`); read by `translate_*`.
+pub const MAP_TRANSLATE: &str = "SHEPHERD_TRANSLATE";
+
 /// Program names in the object file.
 pub const PROG_INTERCEPT: &str = "intercept";
 pub const PROG_RST_SHIELD: &str = "rst_shield";
+/// Origin, egress on client-facing interfaces: old pod address → new.
+pub const PROG_TRANSLATE_ORIGIN_OUT: &str = "translate_origin_out";
+/// Origin, ingress on client-facing interfaces: new pod address → old.
+pub const PROG_TRANSLATE_ORIGIN_IN: &str = "translate_origin_in";
+/// Destination, ingress on pod-facing interfaces: old pod address → new.
+pub const PROG_TRANSLATE_DEST_IN: &str = "translate_dest_in";
+/// Destination, egress on pod-facing interfaces: new pod address → old.
+pub const PROG_TRANSLATE_DEST_OUT: &str = "translate_dest_out";
+
+/// [`Translation::role`]: this node holds the proxy (the origin).
+pub const ROLE_ORIGIN: u32 = 1;
+/// [`Translation::role`]: this node hosts the restored pod (the destination).
+pub const ROLE_DEST: u32 = 2;
 
 /// The single key of [`MAP_LISTENER`].
 pub const LISTENER_KEY: u32 = 0;
@@ -104,15 +122,52 @@ pub struct EndpointStats {
     pub assign_failures: u64,
     /// RSTs from the endpoint dropped by `rst_shield`.
     pub rsts_shielded: u64,
+    /// Packets of migrated flows whose address `translate_*` rewrote.
+    pub translated: u64,
+}
+
+/// A proxy→pod backend flow, identified from the node's side: the proxy's
+/// (node) address and port, and the pod's port. All in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub node_addr: u32,
+    pub node_port: u16,
+    pub pod_port: u16,
+}
+
+impl FlowKey {
+    pub const fn new(node: [u8; 4], node_port: u16, pod_port: u16) -> Self {
+        Self {
+            node_addr: u32::from_ne_bytes(node),
+            node_port: u16::from_ne_bytes(node_port.to_be_bytes()),
+            pod_port: u16::from_ne_bytes(pod_port.to_be_bytes()),
+        }
+    }
+}
+
+/// The pod's address before and after the migration (network byte order),
+/// and which side of the migration this node is on: the origin rewrites on
+/// its client-facing interfaces, the destination on its pod-facing ones.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    pub old_addr: u32,
+    pub new_addr: u32,
+    /// `ROLE_ORIGIN` or `ROLE_DEST`.
+    pub role: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all three are `#[repr(C)]`, made only of integers, with explicit
+    // SAFETY: all five are `#[repr(C)]`, made only of integers, with explicit
     // padding, so every bit pattern is valid and there are no implicit holes.
     unsafe impl aya::Pod for super::EndpointKey {}
     unsafe impl aya::Pod for super::EndpointConfig {}
     unsafe impl aya::Pod for super::EndpointStats {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Translation {}
 }
 
 #[cfg(test)]
@@ -126,8 +181,14 @@ mod tests {
         assert_eq!(offset_of!(EndpointKey, addr), 0);
         assert_eq!(offset_of!(EndpointKey, port), 4);
         assert_eq!(size_of::<EndpointConfig>(), 8);
-        assert_eq!(size_of::<EndpointStats>(), 40);
+        assert_eq!(size_of::<EndpointStats>(), 48);
         assert_eq!(offset_of!(EndpointStats, rsts_shielded), 32);
+        assert_eq!(offset_of!(EndpointStats, translated), 40);
+        assert_eq!(size_of::<FlowKey>(), 8);
+        assert_eq!(offset_of!(FlowKey, node_port), 4);
+        assert_eq!(offset_of!(FlowKey, pod_port), 6);
+        assert_eq!(size_of::<Translation>(), 16);
+        assert_eq!(offset_of!(Translation, role), 8);
     }
 
     #[test]

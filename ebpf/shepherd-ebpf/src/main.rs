@@ -8,12 +8,19 @@
 //! - `rst_shield` (ingress on pod-facing host interfaces): while an endpoint is
 //!   held, RSTs whose source is that endpoint are dropped and counted.
 //!
+//! - `translate_origin_{out,in}` / `translate_dest_{in,out}`: for exactly the migrated backend
+//!   flows listed in `SHEPHERD_TRANSLATE`, rewrite the pod's old address to its
+//!   new one (or back) and fix the IP and TCP checksums, so restored sockets
+//!   still bound to the old address keep talking to the proxy while the wire
+//!   between the nodes carries only the new address.
+//!
 //! These programs must never drop or rewrite a packet they are not sure about:
 //! on any doubt they return `TC_ACT_UNSPEC` and the packet goes on unchanged.
 #![no_std]
 #![no_main]
 
 mod parse;
+mod translate;
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -25,8 +32,8 @@ use aya_ebpf::{
 };
 use parse::{Segment, TCP_ACK, TCP_RST, TCP_SYN};
 use shepherd_common::{
-    EndpointConfig, EndpointKey, EndpointStats, BACKEND_MARK, EP_INTERCEPT, EP_SHIELD,
-    INTERCEPT_MARK, LISTENER_KEY,
+    EndpointConfig, EndpointKey, EndpointStats, FlowKey, Translation, BACKEND_MARK, EP_INTERCEPT,
+    EP_SHIELD, INTERCEPT_MARK, LISTENER_KEY, ROLE_DEST, ROLE_ORIGIN,
 };
 
 /// Key: managed endpoint (pod ip, port). Value: its flags. Written by userspace.
@@ -43,6 +50,11 @@ static STATS: PerCpuHashMap<EndpointKey, EndpointStats> = PerCpuHashMap::with_ma
 #[map(name = "SHEPHERD_LISTENER")]
 static LISTENER: SockHash<u32> = SockHash::with_max_entries(1, 0);
 
+/// Key: migrated backend flow. Value: old and new pod address. Written by
+/// userspace.
+#[map(name = "SHEPHERD_TRANSLATE")]
+static TRANSLATE: HashMap<FlowKey, Translation> = HashMap::with_max_entries(65536, 0);
+
 const TCP_LISTEN: u32 = 10;
 const TCP_TIME_WAIT: u32 = 6;
 /// `BPF_F_CURRENT_NETNS`: look sockets up in the netns of the skb's device.
@@ -56,6 +68,26 @@ pub fn intercept(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn rst_shield(ctx: TcContext) -> i32 {
     try_rst_shield(&ctx).unwrap_or(TC_ACT_UNSPEC)
+}
+
+#[classifier]
+pub fn translate_origin_out(ctx: TcContext) -> i32 {
+    translate::rewrite(&ctx, translate::Direction::ToNew, ROLE_ORIGIN).unwrap_or(TC_ACT_UNSPEC)
+}
+
+#[classifier]
+pub fn translate_origin_in(ctx: TcContext) -> i32 {
+    translate::rewrite(&ctx, translate::Direction::ToOld, ROLE_ORIGIN).unwrap_or(TC_ACT_UNSPEC)
+}
+
+#[classifier]
+pub fn translate_dest_in(ctx: TcContext) -> i32 {
+    translate::rewrite(&ctx, translate::Direction::ToNew, ROLE_DEST).unwrap_or(TC_ACT_UNSPEC)
+}
+
+#[classifier]
+pub fn translate_dest_out(ctx: TcContext) -> i32 {
+    translate::rewrite(&ctx, translate::Direction::ToOld, ROLE_DEST).unwrap_or(TC_ACT_UNSPEC)
 }
 
 fn try_intercept(ctx: &TcContext) -> Result<i32, i32> {
@@ -177,6 +209,14 @@ fn assign_to_listener(ctx: &TcContext) -> Result<(), i64> {
         return Err(ret);
     }
     Ok(())
+}
+
+/// Adds to an endpoint's counters (no-op for unknown endpoints).
+fn count_translated(key: &EndpointKey) {
+    if let Some(stats) = STATS.get_ptr_mut(key) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        unsafe { (*stats).translated += 1 };
+    }
 }
 
 fn count(key: &EndpointKey, len: u32, syn_assigned: bool, assign_failed: bool) {

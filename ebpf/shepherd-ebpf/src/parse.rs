@@ -9,7 +9,7 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const IPPROTO_TCP: u8 = 6;
 
@@ -20,6 +20,8 @@ pub struct Segment {
     pub sport: u16,
     pub dport: u16,
     pub flags: u8,
+    /// Offset of the TCP header in the frame.
+    pub l4_off: usize,
 }
 
 impl Segment {
@@ -57,6 +59,7 @@ impl Segment {
             sport,
             dport,
             flags,
+            l4_off: l4,
         })
     }
 }

@@ -8,7 +8,11 @@
 //! - `GET /v1/migrations`, `GET /v1/migrations/{id}`,
 //!   `PUT /v1/migrations/{id}/hold` `{endpoints, deadline_ms?, quiesce_timeout_ms?}`,
 //!   `POST /v1/migrations/{id}/release` `{mode?, to?}`,
-//!   `POST /v1/migrations/{id}/abort` `{reason?}`
+//!   `POST /v1/migrations/{id}/abort` `{reason?}`,
+//!   `PUT /v1/migrations/{id}/target` `{to}` (origin: the pod's new address)
+//! - destination side: `PUT /v1/migrations/{id}/incoming`
+//!   `{endpoints, to?, flows?, deadline_ms?}`, `GET /v1/migrations/{id}/incoming`,
+//!   `POST /v1/migrations/{id}/incoming/complete`
 //!
 //! Bodies are read with a hard size limit and parsed here, so malformed or
 //! oversized input gets a JSON error rather than a framework default.
@@ -48,6 +52,15 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/migrations/{id}/hold", put(hold))
         .route("/v1/migrations/{id}/release", post(release))
         .route("/v1/migrations/{id}/abort", post(abort))
+        .route("/v1/migrations/{id}/target", put(target))
+        .route(
+            "/v1/migrations/{id}/incoming",
+            put(incoming).get(incoming_status),
+        )
+        .route(
+            "/v1/migrations/{id}/incoming/complete",
+            post(complete_incoming),
+        )
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -166,4 +179,38 @@ async fn abort(
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let req: AbortRequest = json_body(body, true).await?;
     Ok(Json(c.abort(&id, req.reason)?))
+}
+
+async fn target(
+    State(c): Ctl,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<MigrationStatus>, ApiError> {
+    let req: TargetRequest = json_body(body, false).await?;
+    Ok(Json(c.target(&id, req.to)?))
+}
+
+async fn incoming(
+    State(c): Ctl,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<IncomingStatus>, ApiError> {
+    let req: IncomingRequest = json_body(body, false).await?;
+    Ok(Json(c.incoming(&id, &req)?))
+}
+
+async fn incoming_status(
+    State(c): Ctl,
+    Path(id): Path<String>,
+) -> Result<Json<IncomingStatus>, ApiError> {
+    Ok(Json(c.incoming_status(&id)?))
+}
+
+async fn complete_incoming(
+    State(c): Ctl,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<IncomingStatus>, ApiError> {
+    let req: AbortRequest = json_body(body, true).await?;
+    Ok(Json(c.complete_incoming(&id, req.reason)?))
 }

@@ -3,6 +3,7 @@
 use crate::endpoint::EndpointAddr;
 use crate::migration::{Phase, ReleaseMode};
 use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +24,10 @@ pub struct EndpointInfo {
     pub syns_assigned: u64,
     pub assign_failures: u64,
     pub rsts_shielded: u64,
+    pub packets_translated: u64,
+    /// Where backend connections go (differs from `endpoint` after a
+    /// migration to a new address).
+    pub backend: SocketAddrV4,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,6 +64,52 @@ pub struct AbortRequest {
     pub reason: Option<String>,
 }
 
+/// A proxy→pod backend flow as the destination must know it to translate:
+/// the proxy's (node) address and port, and the pod's port.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendFlow {
+    pub node: SocketAddrV4,
+    pub pod_port: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetRequest {
+    /// The pod's new address.
+    pub to: Ipv4Addr,
+}
+
+/// Sent to the destination agent before the restore.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingRequest {
+    /// The migrated endpoints, at their old (original) address.
+    pub endpoints: Vec<EndpointAddr>,
+    /// The pod's new address, if it changes.
+    #[serde(default)]
+    pub to: Option<Ipv4Addr>,
+    /// Backend flows to translate (from the origin's `backend_flows`).
+    #[serde(default)]
+    pub flows: Vec<BackendFlow>,
+    /// Lift the shield by itself after this long.
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IncomingStatus {
+    pub id: String,
+    /// "shielding" until `complete` (or the deadline), then "completed".
+    pub state: String,
+    pub reason: Option<String>,
+    pub endpoints: Vec<EndpointAddr>,
+    pub to: Option<Ipv4Addr>,
+    pub flows: Vec<BackendFlow>,
+    pub rsts_shielded: u64,
+    pub packets_translated: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MigrationStatus {
     pub id: String,
@@ -83,6 +134,13 @@ pub struct MigrationStatus {
     pub rsts_shielded: u64,
     /// Unix time (ms) the hold began.
     pub started_unix_ms: u64,
+    /// The pod's new address, if the controller gave one.
+    pub target: Option<Ipv4Addr>,
+    /// The held connections' backend flows: what the destination agent must
+    /// translate when the pod's address changes.
+    pub backend_flows: Vec<BackendFlow>,
+    /// Packets of this migration's flows rewritten by this node.
+    pub packets_translated: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

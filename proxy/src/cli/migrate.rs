@@ -3,7 +3,7 @@ use super::client::Api;
 use super::output;
 use clap::Subcommand;
 use serde_json::json;
-use shepherd::api::types::{MigrationList, MigrationStatus};
+use shepherd::api::types::{IncomingStatus, MigrationList, MigrationStatus};
 use shepherd::endpoint::EndpointAddr;
 use shepherd::units::parse_duration;
 use std::process::ExitCode;
@@ -46,6 +46,38 @@ pub enum MigrateCmd {
     Status {
         #[arg(long)]
         id: Option<String>,
+    },
+    /// Origin: say where the pod lands; if its address changes, start
+    /// translating the held backend flows. Call before the restore.
+    Target {
+        #[arg(long)]
+        id: String,
+        #[arg(long, value_name = "IP")]
+        to: std::net::Ipv4Addr,
+    },
+    /// Destination: prepare for a pod about to be restored here (shield its
+    /// endpoints; translate its flows if its address changes).
+    Incoming {
+        #[arg(long)]
+        id: String,
+        /// The pod's endpoints at their original address.
+        #[arg(required = true, value_name = "IP:PORT")]
+        endpoints: Vec<EndpointAddr>,
+        /// The pod's new address, if it changes.
+        #[arg(long, value_name = "IP")]
+        to: Option<std::net::Ipv4Addr>,
+        /// The origin's `migrate status --json` output (file, or - for stdin):
+        /// its backend_flows are the flows to translate.
+        #[arg(long, value_name = "FILE")]
+        flows_from: Option<String>,
+        /// Lift the shield by itself after this long.
+        #[arg(long, value_parser = parse_duration)]
+        deadline: Option<Duration>,
+    },
+    /// Destination: the restore is done; lift the shield.
+    Complete {
+        #[arg(long)]
+        id: String,
     },
 }
 
@@ -91,6 +123,43 @@ pub fn run(cmd: MigrateCmd, api: &Api, json: bool) -> anyhow::Result<ExitCode> {
         )?,
         MigrateCmd::Status { id: Some(id) } => {
             api.call("GET", &format!("/v1/migrations/{}", enc(&id)), None)?
+        }
+        MigrateCmd::Target { id, to } => api.call(
+            "PUT",
+            &format!("/v1/migrations/{}/target", enc(&id)),
+            Some(&json!({ "to": to })),
+        )?,
+        MigrateCmd::Incoming {
+            id,
+            endpoints,
+            to,
+            flows_from,
+            deadline,
+        } => {
+            let flows = match flows_from {
+                Some(src) => read_flows(&src)?,
+                None => serde_json::Value::Array(vec![]),
+            };
+            let body = json!({
+                "endpoints": endpoints,
+                "to": to,
+                "flows": flows,
+                "deadline_ms": deadline.map(|d| d.as_millis() as u64),
+            });
+            let s: IncomingStatus = api.call(
+                "PUT",
+                &format!("/v1/migrations/{}/incoming", enc(&id)),
+                Some(&body),
+            )?;
+            return print_incoming(&s, json);
+        }
+        MigrateCmd::Complete { id } => {
+            let s: IncomingStatus = api.call(
+                "POST",
+                &format!("/v1/migrations/{}/incoming/complete", enc(&id)),
+                None,
+            )?;
+            return print_incoming(&s, json);
         }
         MigrateCmd::Status { id: None } => {
             let list: MigrationList = api.call("GET", "/v1/migrations", None)?;
@@ -176,5 +245,58 @@ fn print(s: &MigrationStatus, json: bool) -> anyhow::Result<()> {
         s.hold_duration_ms, s.deadline_ms
     );
     println!("rsts shielded:  {}", s.rsts_shielded);
+    if let Some(t) = s.target {
+        println!(
+            "target:         {t} ({} flows, {} packets translated)",
+            s.backend_flows.len(),
+            s.packets_translated
+        );
+    }
     Ok(())
+}
+
+/// The `backend_flows` of an origin's status JSON, from a file or stdin.
+fn read_flows(src: &str) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context;
+    let text = if src == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).context("reading stdin")?;
+        t
+    } else {
+        std::fs::read_to_string(src).with_context(|| format!("reading {src}"))?
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+        format!("{src} is not JSON: pass the origin's `shepherd migrate status --id ID --json`")
+    })?;
+    match v.get("backend_flows") {
+        Some(f @ serde_json::Value::Array(_)) => Ok(f.clone()),
+        _ => anyhow::bail!("{src} has no backend_flows: pass the origin's `shepherd migrate status --id ID --json`"),
+    }
+}
+
+fn print_incoming(s: &IncomingStatus, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        output::json(s)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let eps: Vec<String> = s.endpoints.iter().map(|e| e.to_string()).collect();
+    println!("incoming:       {}", s.id);
+    println!(
+        "state:          {}{}",
+        s.state,
+        s.reason
+            .as_ref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
+    );
+    println!("endpoints:      {}", eps.join(" "));
+    println!(
+        "new address:    {}",
+        s.to.map(|t| t.to_string())
+            .unwrap_or_else(|| "(unchanged)".into())
+    );
+    println!("flows:          {}", s.flows.len());
+    println!("rsts shielded:  {}", s.rsts_shielded);
+    println!("translated:     {} packets", s.packets_translated);
+    Ok(ExitCode::SUCCESS)
 }

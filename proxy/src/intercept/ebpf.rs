@@ -8,8 +8,10 @@ use aya::maps::{HashMap, MapData, PerCpuHashMap, SockHash};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::Ebpf;
 use shepherd_common::{
-    EndpointConfig, EndpointKey, EndpointStats, LISTENER_KEY, MAP_ENDPOINTS, MAP_LISTENER,
-    MAP_STATS, PROG_INTERCEPT, PROG_RST_SHIELD,
+    EndpointConfig, EndpointKey, EndpointStats, FlowKey, Translation, LISTENER_KEY, MAP_ENDPOINTS,
+    MAP_LISTENER, MAP_STATS, MAP_TRANSLATE, PROG_INTERCEPT, PROG_RST_SHIELD,
+    PROG_TRANSLATE_DEST_IN, PROG_TRANSLATE_DEST_OUT, PROG_TRANSLATE_ORIGIN_IN,
+    PROG_TRANSLATE_ORIGIN_OUT,
 };
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
@@ -20,6 +22,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sh
 pub struct EbpfInterception {
     endpoints: Mutex<HashMap<MapData, EndpointKey, EndpointConfig>>,
     stats: Mutex<PerCpuHashMap<MapData, EndpointKey, EndpointStats>>,
+    translate: Mutex<HashMap<MapData, FlowKey, Translation>>,
     _listener: SockHash<MapData, u32>,
     /// Keeps programs and their links alive.
     _ebpf: Ebpf,
@@ -50,8 +53,23 @@ impl EbpfInterception {
             }
         }
         let mut ebpf = Ebpf::load(OBJECT).map_err(|e| InterceptError::Load(e.to_string()))?;
-        attach(&mut ebpf, PROG_INTERCEPT, intercept_ifaces)?;
-        attach(&mut ebpf, PROG_RST_SHIELD, shield_ifaces)?;
+        use TcAttachType::{Egress, Ingress};
+        attach(&mut ebpf, PROG_INTERCEPT, intercept_ifaces, Ingress)?;
+        attach(
+            &mut ebpf,
+            PROG_TRANSLATE_ORIGIN_IN,
+            intercept_ifaces,
+            Ingress,
+        )?;
+        attach(
+            &mut ebpf,
+            PROG_TRANSLATE_ORIGIN_OUT,
+            intercept_ifaces,
+            Egress,
+        )?;
+        attach(&mut ebpf, PROG_RST_SHIELD, shield_ifaces, Ingress)?;
+        attach(&mut ebpf, PROG_TRANSLATE_DEST_IN, shield_ifaces, Ingress)?;
+        attach(&mut ebpf, PROG_TRANSLATE_DEST_OUT, shield_ifaces, Egress)?;
 
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(InterceptError::Map {
@@ -63,6 +81,8 @@ impl EbpfInterception {
             HashMap::try_from(take(&mut ebpf, MAP_ENDPOINTS)?).map_err(map_err(MAP_ENDPOINTS))?;
         let stats =
             PerCpuHashMap::try_from(take(&mut ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?;
+        let translate =
+            HashMap::try_from(take(&mut ebpf, MAP_TRANSLATE)?).map_err(map_err(MAP_TRANSLATE))?;
         let mut sockhash: SockHash<MapData, u32> =
             SockHash::try_from(take(&mut ebpf, MAP_LISTENER)?).map_err(map_err(MAP_LISTENER))?;
         sockhash
@@ -71,13 +91,19 @@ impl EbpfInterception {
         Ok(Self {
             endpoints: Mutex::new(endpoints),
             stats: Mutex::new(stats),
+            translate: Mutex::new(translate),
             _listener: sockhash,
             _ebpf: ebpf,
         })
     }
 }
 
-fn attach(ebpf: &mut Ebpf, name: &'static str, ifaces: &[String]) -> Result<(), InterceptError> {
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    ifaces: &[String],
+    direction: TcAttachType,
+) -> Result<(), InterceptError> {
     let fail = |iface: &str, detail: String| InterceptError::Attach {
         program: name,
         iface: iface.to_string(),
@@ -90,9 +116,9 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, ifaces: &[String]) -> Result<(), 
         .map_err(|e: aya::programs::ProgramError| fail("-", e.to_string()))?;
     prog.load().map_err(|e| fail("-", format!("{e:?}")))?;
     for iface in ifaces {
-        prog.attach(iface, TcAttachType::Ingress)
+        prog.attach(iface, direction)
             .map_err(|e| fail(iface, e.to_string()))?;
-        tracing::info!(program = name, iface = %iface, "attached (tcx ingress)");
+        tracing::info!(program = name, iface = %iface, ?direction, "attached (tcx)");
     }
     Ok(())
 }
@@ -155,7 +181,26 @@ impl Interception for EbpfInterception {
             acc.syns_assigned += s.syns_assigned;
             acc.assign_failures += s.assign_failures;
             acc.rsts_shielded += s.rsts_shielded;
+            acc.translated += s.translated;
             acc
         })
+    }
+
+    fn set_translation(&self, flow: FlowKey, t: Translation) -> Result<(), InterceptError> {
+        let mut m = self.translate.lock().map_err(|_| InterceptError::Map {
+            map: MAP_TRANSLATE,
+            detail: "lock poisoned".into(),
+        })?;
+        m.insert(flow, t, 0).map_err(map_err(MAP_TRANSLATE))
+    }
+
+    fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError> {
+        if let Ok(mut m) = self.translate.lock() {
+            match m.remove(&flow) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(MAP_TRANSLATE)(e)),
+            }
+        }
+        Ok(())
     }
 }

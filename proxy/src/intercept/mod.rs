@@ -4,11 +4,14 @@
 //! [`ebpf::EbpfInterception`] is the real one: it loads the embedded eBPF
 //! object, attaches `intercept` and `rst_shield` with tcx (links die with the
 //! agent, so a crashed agent leaves no program steering traffic to a dead
-//! listener), and [`routing`] installs the local-delivery policy route.
+//! listener), and [`routing`] installs the local-delivery policy route. The
+//! `translate_*` programs are attached too (origin side on the client-facing
+//! interfaces, destination side on the pod-facing ones); they act only on the
+//! flows a migration lists.
 pub mod ebpf;
 pub mod routing;
 
-use shepherd_common::{EndpointKey, EndpointStats};
+use shepherd_common::{EndpointKey, EndpointStats, FlowKey, Translation};
 use std::sync::Mutex;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,10 @@ pub trait Interception: Send + Sync {
     fn remove_endpoint(&self, key: EndpointKey) -> Result<(), InterceptError>;
     /// Counters of an endpoint (zero if unknown).
     fn stats(&self, key: EndpointKey) -> EndpointStats;
+    /// Starts rewriting a migrated backend flow's pod address.
+    fn set_translation(&self, flow: FlowKey, t: Translation) -> Result<(), InterceptError>;
+    /// Stops rewriting a flow (no-op if it was not translated).
+    fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError>;
 }
 
 /// An in-memory stand-in used by unit tests (no kernel involved): records the
@@ -46,6 +53,7 @@ pub trait Interception: Send + Sync {
 #[derive(Default)]
 pub struct RecordingInterception {
     pub entries: Mutex<std::collections::HashMap<(u32, u16), u32>>,
+    pub translations: Mutex<std::collections::HashMap<(u32, u16, u16), Translation>>,
 }
 
 impl Interception for RecordingInterception {
@@ -63,5 +71,17 @@ impl Interception for RecordingInterception {
     }
     fn stats(&self, _key: EndpointKey) -> EndpointStats {
         EndpointStats::default()
+    }
+    fn set_translation(&self, flow: FlowKey, t: Translation) -> Result<(), InterceptError> {
+        if let Ok(mut m) = self.translations.lock() {
+            m.insert((flow.node_addr, flow.node_port, flow.pod_port), t);
+        }
+        Ok(())
+    }
+    fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError> {
+        if let Ok(mut m) = self.translations.lock() {
+            m.remove(&(flow.node_addr, flow.node_port, flow.pod_port));
+        }
+        Ok(())
     }
 }

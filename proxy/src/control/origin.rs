@@ -1,209 +1,18 @@
-//! The control plane: managed endpoints and migrations. Every operation the
-//! API (and so the CLI) offers is implemented once, here.
-//!
-//! Locking: `endpoints` then `migrations`, never the other way round; no lock
-//! is held across an await.
-use crate::api::types::{ConnectionInfo, EndpointInfo, HoldRequest, MigrationStatus};
-use crate::endpoint::{EndpointAddr, EndpointState, HoldStats, Mode};
+//! The origin side of a migration: hold, release (resume or reconnect, at the
+//! same or a new address), abort, and their status. The origin is the node
+//! whose proxy holds the clients' connections.
+use super::{lock, unix_ms, Control, Migration};
+use crate::api::types::{BackendFlow, HoldRequest, MigrationStatus};
+use crate::endpoint::{EndpointState, HoldStats, Mode};
 use crate::error::ControlError;
-use crate::intercept::Interception;
 use crate::migration::{self, Phase, ReleaseMode, Request, Step};
-use crate::relay::connection::RelayContext;
-use shepherd_common::{EP_INTERCEPT, EP_SHIELD};
-use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// Tunables of the control plane.
-#[derive(Clone, Debug)]
-pub struct ControlConfig {
-    pub default_deadline: Duration,
-    pub quiesce_timeout: Duration,
-}
-
-struct Migration {
-    id: String,
-    endpoints: Vec<EndpointAddr>,
-    phase: Phase,
-    reason: Option<String>,
-    mode: Option<ReleaseMode>,
-    stats: Arc<HoldStats>,
-    started: Instant,
-    started_wall: SystemTime,
-    ended: Option<Instant>,
-    deadline: Duration,
-    quiesce: Option<Result<Duration, Duration>>,
-    /// RSTs shielded per endpoint when the hold began.
-    rsts_at_start: u64,
-}
-
-pub struct Control {
-    config: ControlConfig,
-    intercept: Arc<dyn Interception>,
-    relay: RelayContext,
-    endpoints: Mutex<BTreeMap<EndpointAddr, Arc<EndpointState>>>,
-    migrations: Mutex<HashMap<String, Migration>>,
-    next_epoch: AtomicU64,
-    pub aborts_total: AtomicU64,
-    hold_seconds_total: Mutex<f64>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves plain data behind;
-    // carry on with it rather than take the whole agent down.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use shepherd_common::{FlowKey, Translation, EP_INTERCEPT, EP_SHIELD, ROLE_ORIGIN};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 impl Control {
-    pub fn new(
-        config: ControlConfig,
-        intercept: Arc<dyn Interception>,
-        relay: RelayContext,
-    ) -> Arc<Self> {
-        Arc::new(Self {
-            config,
-            intercept,
-            relay,
-            endpoints: Mutex::new(BTreeMap::new()),
-            migrations: Mutex::new(HashMap::new()),
-            next_epoch: AtomicU64::new(1),
-            aborts_total: AtomicU64::new(0),
-            hold_seconds_total: Mutex::new(0.0),
-        })
-    }
-
-    pub fn relay_context(&self) -> RelayContext {
-        self.relay.clone()
-    }
-
-    /// The live state of the endpoint a connection was addressed to.
-    pub fn endpoint_for(&self, dst: SocketAddrV4) -> Option<Arc<EndpointState>> {
-        lock(&self.endpoints).get(&EndpointAddr(dst)).cloned()
-    }
-
-    // ---- endpoints -------------------------------------------------------
-
-    /// Registers endpoints (idempotent; re-adding a draining one revives it).
-    pub fn add_endpoints(&self, addrs: &[EndpointAddr]) -> Result<Vec<EndpointInfo>, ControlError> {
-        if addrs.is_empty() {
-            return Err(ControlError::Invalid("no endpoints given".into()));
-        }
-        let mut eps = lock(&self.endpoints);
-        for addr in addrs {
-            let state = eps
-                .entry(*addr)
-                .or_insert_with(|| EndpointState::new(*addr, self.intercept.clone()))
-                .clone();
-            state.set_draining(false);
-            let flags = match state.mode() {
-                Mode::Holding(_) => EP_INTERCEPT | EP_SHIELD,
-                Mode::Forwarding { .. } => EP_INTERCEPT,
-            };
-            if let Err(e) = self.intercept.set_endpoint(addr.key(), flags) {
-                eps.remove(addr);
-                return Err(e.into());
-            }
-            tracing::info!(endpoint = %addr, "endpoint registered");
-        }
-        drop(eps);
-        Ok(addrs.iter().filter_map(|a| self.endpoint_info(a)).collect())
-    }
-
-    /// Unregisters an endpoint. Its existing connections keep flowing (the
-    /// kernel entry stays, marked draining, until the last one closes); new
-    /// connections go to the pod directly.
-    pub fn remove_endpoint(&self, addr: &EndpointAddr) -> Result<(), ControlError> {
-        let mut eps = lock(&self.endpoints);
-        let Some(state) = eps.get(addr).cloned() else {
-            return Err(ControlError::UnknownEndpoint(*addr));
-        };
-        if let Mode::Holding(_) = state.mode() {
-            let id = self.migration_holding(addr).unwrap_or_default();
-            return Err(ControlError::Conflict(format!(
-                "endpoint {addr} is held by migration {id}; release or abort it first"
-            )));
-        }
-        eps.remove(addr);
-        drop(eps);
-        state.set_draining(true);
-        self.intercept.set_endpoint(addr.key(), 0)?;
-        if !state.reap_if_drained() {
-            tracing::info!(endpoint = %addr, connections = state.connection_count(), "endpoint draining");
-        }
-        tracing::info!(endpoint = %addr, "endpoint unregistered");
-        Ok(())
-    }
-
-    pub fn list_endpoints(&self) -> Vec<EndpointInfo> {
-        let addrs: Vec<EndpointAddr> = lock(&self.endpoints).keys().copied().collect();
-        addrs.iter().filter_map(|a| self.endpoint_info(a)).collect()
-    }
-
-    fn endpoint_info(&self, addr: &EndpointAddr) -> Option<EndpointInfo> {
-        let state = lock(&self.endpoints).get(addr).cloned()?;
-        let k = self.intercept.stats(addr.key());
-        let migration = self.migration_holding(addr);
-        let held = matches!(state.mode(), Mode::Holding(_));
-        Some(EndpointInfo {
-            endpoint: *addr,
-            state: if state.is_draining() {
-                "draining"
-            } else if held {
-                "held"
-            } else {
-                "active"
-            }
-            .into(),
-            migration,
-            connections: state.connection_count(),
-            connections_total: state.connections_total.load(Ordering::Relaxed),
-            packets_intercepted: k.packets,
-            bytes_intercepted: k.bytes,
-            syns_assigned: k.syns_assigned,
-            assign_failures: k.assign_failures,
-            rsts_shielded: k.rsts_shielded,
-        })
-    }
-
-    fn migration_holding(&self, addr: &EndpointAddr) -> Option<String> {
-        lock(&self.migrations)
-            .values()
-            .find(|m| m.phase == Phase::Holding && m.endpoints.contains(addr))
-            .map(|m| m.id.clone())
-    }
-
-    pub fn connections(&self) -> Vec<ConnectionInfo> {
-        let states: Vec<Arc<EndpointState>> = lock(&self.endpoints).values().cloned().collect();
-        let mut out: Vec<ConnectionInfo> = states
-            .iter()
-            .flat_map(|s| s.connections())
-            .map(|c| ConnectionInfo {
-                id: c.id,
-                client: c.client.to_string(),
-                endpoint: c.orig_dst.to_string(),
-                backend_local: c
-                    .backend_local
-                    .lock()
-                    .ok()
-                    .and_then(|l| l.map(|a| a.to_string())),
-                bytes_up: c.bytes_up.load(Ordering::Relaxed),
-                bytes_down: c.bytes_down.load(Ordering::Relaxed),
-                queued: c.queued.load(Ordering::Relaxed),
-                opened_unix_ms: unix_ms(c.opened),
-            })
-            .collect();
-        out.sort_by_key(|c| c.id);
-        out
-    }
-
     // ---- migrations ------------------------------------------------------
 
     /// Holds the endpoints and waits until every held connection's backend
@@ -295,6 +104,9 @@ impl Control {
                         deadline,
                         quiesce: None,
                         rsts_at_start,
+                        target: None,
+                        states: states.clone(),
+                        translated: Vec::new(),
                     },
                 );
                 tracing::info!(migration = id, endpoints = ?wanted, ?deadline, "hold");
@@ -376,10 +188,9 @@ impl Control {
                 })
             })
             .transpose()?;
-        if to.is_some() && mode == ReleaseMode::Resume {
-            return Err(ControlError::Unsupported(
-                "resuming restored connections at a new address needs address translation, which is not available in this version; use --mode reconnect --to NEW_IP".into(),
-            ));
+        if let (Some(ip), ReleaseMode::Resume) = (to, mode) {
+            // The restored sockets keep their old address: translate.
+            self.target(id, ip)?;
         }
         self.finish(id, Request::Release, None, Some(mode), to)
     }
@@ -504,119 +315,83 @@ impl Control {
             deadline_ms: m.deadline.as_millis() as u64,
             rsts_shielded: rsts_now.saturating_sub(m.rsts_at_start),
             started_unix_ms: unix_ms(m.started_wall),
+            target: m.target,
+            backend_flows: backend_flows(&m.states),
+            packets_translated: m
+                .endpoints
+                .iter()
+                .map(|a| self.intercept.stats(a.key()).translated)
+                .sum(),
         }
     }
 
-    // ---- metrics ---------------------------------------------------------
-
-    /// Prometheus text exposition.
-    pub fn metrics(&self) -> String {
-        use std::fmt::Write;
-        let eps = self.list_endpoints();
-        let migs = self.list_migrations();
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in rows {
-                let _ = writeln!(out, "{name}{labels} {v}");
+    /// Records where the pod lands and, if its address changes, starts
+    /// translating the held connections' backend flows (origin side), so the
+    /// restored sockets, still bound to the old address, keep reaching us.
+    /// Call it before the restore; `release --to` calls it too.
+    pub fn target(&self, id: &str, to: Ipv4Addr) -> Result<MigrationStatus, ControlError> {
+        let mut migs = lock(&self.migrations);
+        let m = migs
+            .get_mut(id)
+            .ok_or_else(|| ControlError::UnknownMigration(id.to_string()))?;
+        match m.target {
+            Some(t) if t == to => return Ok(self.status_of(m)),
+            Some(t) => {
+                return Err(ControlError::Conflict(format!(
+                    "migration {id} already targets {t}; it cannot be changed to {to}"
+                )))
             }
-        };
-        let per_ep = |f: &dyn Fn(&EndpointInfo) -> f64| -> Vec<(String, f64)> {
-            eps.iter()
-                .map(|e| (format!("{{endpoint=\"{}\"}}", e.endpoint), f(e)))
-                .collect()
-        };
-        metric(
-            "shepherd_endpoints",
-            "gauge",
-            "Managed endpoints.",
-            vec![(String::new(), eps.len() as f64)],
-        );
-        metric(
-            "shepherd_connections",
-            "gauge",
-            "Open relayed connections.",
-            per_ep(&|e| e.connections as f64),
-        );
-        metric(
-            "shepherd_connections_total",
-            "counter",
-            "Relayed connections accepted.",
-            per_ep(&|e| e.connections_total as f64),
-        );
-        metric(
-            "shepherd_intercepted_packets_total",
-            "counter",
-            "Packets steered to the proxy by eBPF.",
-            per_ep(&|e| e.packets_intercepted as f64),
-        );
-        metric(
-            "shepherd_intercepted_bytes_total",
-            "counter",
-            "Bytes steered to the proxy by eBPF.",
-            per_ep(&|e| e.bytes_intercepted as f64),
-        );
-        metric(
-            "shepherd_rsts_shielded_total",
-            "counter",
-            "RSTs from held endpoints dropped by eBPF.",
-            per_ep(&|e| e.rsts_shielded as f64),
-        );
-        metric(
-            "shepherd_hold_buffer_bytes",
-            "gauge",
-            "Client bytes queued in hold buffers.",
-            vec![(String::new(), self.relay.budget.used() as f64)],
-        );
-        metric(
-            "shepherd_hold_buffer_capacity_bytes",
-            "gauge",
-            "Node-wide hold buffer cap.",
-            vec![(String::new(), self.relay.budget.capacity() as f64)],
-        );
-        let count = |p: Phase| migs.iter().filter(|m| m.state == p).count() as f64;
-        metric(
-            "shepherd_migrations",
-            "gauge",
-            "Migrations known to this agent, by state.",
-            [Phase::Holding, Phase::Released, Phase::Aborted]
-                .into_iter()
-                .map(|p| (format!("{{state=\"{p}\"}}"), count(p)))
-                .collect(),
-        );
-        metric(
-            "shepherd_aborts_total",
-            "counter",
-            "Migrations aborted (requested or deadline).",
-            vec![(
-                String::new(),
-                self.aborts_total.load(Ordering::Relaxed) as f64,
-            )],
-        );
-        metric(
-            "shepherd_bytes_held_total",
-            "counter",
-            "Client bytes held across all migrations.",
-            vec![(
-                String::new(),
-                migs.iter().map(|m| m.bytes_held as f64).sum(),
-            )],
-        );
-        metric(
-            "shepherd_bytes_replayed_total",
-            "counter",
-            "Held bytes replayed to pods.",
-            vec![(
-                String::new(),
-                migs.iter().map(|m| m.bytes_replayed as f64).sum(),
-            )],
-        );
-        metric(
-            "shepherd_hold_seconds_total",
-            "counter",
-            "Total time endpoints spent held (ended holds).",
-            vec![(String::new(), *lock(&self.hold_seconds_total))],
-        );
-        out
+            None => {}
+        }
+        if m.phase != Phase::Holding {
+            return Err(ControlError::Conflict(format!(
+                "migration {id} is already {}; a target can only be set while holding",
+                m.phase
+            )));
+        }
+        for flow in backend_flows(&m.states) {
+            let old = m
+                .endpoints
+                .iter()
+                .find(|e| e.0.port() == flow.pod_port)
+                .map(|e| *e.0.ip());
+            let Some(old) = old.filter(|o| *o != to) else {
+                continue;
+            };
+            let key = FlowKey::new(flow.node.ip().octets(), flow.node.port(), flow.pod_port);
+            self.intercept.set_translation(
+                key,
+                Translation {
+                    old_addr: u32::from_ne_bytes(old.octets()),
+                    new_addr: u32::from_ne_bytes(to.octets()),
+                    role: ROLE_ORIGIN,
+                    _pad: 0,
+                },
+            )?;
+            m.translated.push(key);
+        }
+        m.target = Some(to);
+        tracing::info!(migration = id, %to, flows = m.translated.len(), "target set; translating backend flows");
+        Ok(self.status_of(m))
     }
+}
+
+/// The backend flows of the connections of these endpoints.
+fn backend_flows(states: &[Arc<EndpointState>]) -> Vec<BackendFlow> {
+    let mut flows: Vec<BackendFlow> = states
+        .iter()
+        .flat_map(|s| s.connections())
+        .filter_map(|c| {
+            let local = c.backend_local.lock().ok().and_then(|l| *l)?;
+            match local {
+                SocketAddr::V4(node) => Some(BackendFlow {
+                    node,
+                    pod_port: c.orig_dst.port(),
+                }),
+                SocketAddr::V6(_) => None,
+            }
+        })
+        .collect();
+    flows.sort_by_key(|f| (f.node, f.pod_port));
+    flows
 }

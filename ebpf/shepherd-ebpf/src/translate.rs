@@ -1,0 +1,94 @@
+//! Address translation of migrated backend flows.
+//!
+//! A flow is known by its node side (address, port) and the pod's port. A
+//! packet belongs to it in either orientation: node→pod (the pod address is
+//! the destination) or pod→node (the pod address is the source). Only when
+//! the pod-side address is the one we translate *from* is anything changed.
+use crate::parse::{Segment, ETH_HLEN};
+use crate::{count_translated, TRANSLATE};
+use aya_ebpf::{
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC},
+    programs::TcContext,
+};
+use shepherd_common::{EndpointKey, FlowKey};
+
+pub enum Direction {
+    ToNew,
+    ToOld,
+}
+
+const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+const IP_SRC_OFF: usize = ETH_HLEN + 12;
+const IP_DST_OFF: usize = ETH_HLEN + 16;
+
+#[inline(always)]
+pub fn rewrite(ctx: &TcContext, dir: Direction, role: u32) -> Result<i32, i32> {
+    let seg = Segment::parse(ctx)?;
+    // node → pod: the destination is the pod.
+    let to_pod = FlowKey {
+        node_addr: seg.saddr,
+        node_port: seg.sport,
+        pod_port: seg.dport,
+    };
+    // SAFETY: plain data copied out.
+    if let Some(t) = unsafe { TRANSLATE.get(to_pod) }
+        .copied()
+        .filter(|t| t.role == role)
+    {
+        let (from, to) = match dir {
+            Direction::ToNew => (t.old_addr, t.new_addr),
+            Direction::ToOld => (t.new_addr, t.old_addr),
+        };
+        if seg.daddr == from {
+            store_addr(ctx, IP_DST_OFF, seg.l4_off, from, to)?;
+            count_translated(&EndpointKey {
+                addr: t.old_addr,
+                port: seg.dport,
+                _pad: 0,
+            });
+        }
+        return Ok(TC_ACT_UNSPEC);
+    }
+    // pod → node: the source is the pod.
+    let from_pod = FlowKey {
+        node_addr: seg.daddr,
+        node_port: seg.dport,
+        pod_port: seg.sport,
+    };
+    // SAFETY: plain data copied out.
+    if let Some(t) = unsafe { TRANSLATE.get(from_pod) }
+        .copied()
+        .filter(|t| t.role == role)
+    {
+        let (from, to) = match dir {
+            Direction::ToNew => (t.old_addr, t.new_addr),
+            Direction::ToOld => (t.new_addr, t.old_addr),
+        };
+        if seg.saddr == from {
+            store_addr(ctx, IP_SRC_OFF, seg.l4_off, from, to)?;
+            count_translated(&EndpointKey {
+                addr: t.old_addr,
+                port: seg.sport,
+                _pad: 0,
+            });
+        }
+    }
+    Ok(TC_ACT_UNSPEC)
+}
+
+/// Replaces an IPv4 address at `off`, fixing the IP header checksum and the
+/// TCP checksum (whose pseudo-header covers the addresses).
+#[inline(always)]
+fn store_addr(ctx: &TcContext, off: usize, l4_off: usize, from: u32, to: u32) -> Result<(), i32> {
+    ctx.l4_csum_replace(
+        l4_off + 16,
+        u64::from(from),
+        u64::from(to),
+        u64::from(BPF_F_PSEUDO_HDR) | 4,
+    )
+    .map_err(|_| -1)?;
+    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(from), u64::from(to), 4)
+        .map_err(|_| -1)?;
+    ctx.store(off, &to, 0).map_err(|_| -1)?;
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! The destination side of a migration: the node where the pod is restored.
+//!
+//! Before the restore the controller tells this agent what is coming
+//! (`incoming`): it shields the pod's endpoints (RSTs from them are dropped on
+//! the pod-facing interfaces, so a route that races ahead of the restore
+//! cannot reset a client) and, when the pod's address changes, translates the
+//! migrated backend flows between the old address (which the restored sockets
+//! still use, kept on the pod's `lo`) and the new one (the only one on the
+//! wire). `complete` lifts the shield; the translations stay for the life of
+//! this agent, since the flows they serve outlive the migration.
+use super::{lock, Control};
+use crate::api::types::{BackendFlow, IncomingRequest, IncomingStatus};
+use crate::endpoint::EndpointAddr;
+use crate::error::ControlError;
+use crate::migration;
+use shepherd_common::{EndpointKey, FlowKey, Translation, EP_INTERCEPT, EP_SHIELD, ROLE_DEST};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(super) struct Incoming {
+    id: String,
+    endpoints: Vec<EndpointAddr>,
+    to: Option<Ipv4Addr>,
+    flows: Vec<BackendFlow>,
+    completed: bool,
+    reason: Option<String>,
+    /// Kernel entries shielded: the endpoints at their old and new address.
+    shielded: Vec<EndpointKey>,
+    /// Counters kept when the shield is lifted (entries may be removed).
+    final_rsts: u64,
+    final_translated: u64,
+}
+
+impl Control {
+    /// Prepares this node for a pod that is about to be restored here.
+    /// Idempotent for the same request; a different one under the same id is
+    /// a conflict.
+    pub fn incoming(
+        self: &Arc<Self>,
+        id: &str,
+        req: &IncomingRequest,
+    ) -> Result<IncomingStatus, ControlError> {
+        migration::validate_id(id).map_err(ControlError::Invalid)?;
+        if req.endpoints.is_empty() {
+            return Err(ControlError::Invalid(
+                "incoming needs at least one endpoint".into(),
+            ));
+        }
+        if !req.flows.is_empty() && req.to.is_none() {
+            return Err(ControlError::Invalid(
+                "flows are only translated when the pod's address changes: give \"to\"".into(),
+            ));
+        }
+        let mut endpoints = req.endpoints.clone();
+        endpoints.sort();
+        endpoints.dedup();
+        let mut flows = req.flows.clone();
+        flows.sort_by_key(|f| (f.node, f.pod_port));
+        flows.dedup();
+        for f in &flows {
+            if !endpoints.iter().any(|e| e.0.port() == f.pod_port) {
+                return Err(ControlError::Invalid(format!(
+                    "flow {} > pod port {} matches none of the endpoints",
+                    f.node, f.pod_port
+                )));
+            }
+        }
+        let registered: Vec<EndpointAddr> = lock(&self.endpoints).keys().copied().collect();
+        let mut incoming = lock(&self.incoming);
+        if let Some(existing) = incoming.get(id) {
+            if existing.endpoints == endpoints && existing.to == req.to && existing.flows == flows {
+                return Ok(self.incoming_status_of(existing));
+            }
+            return Err(ControlError::Conflict(format!(
+                "incoming migration {id} was prepared with different endpoints, address or flows; use a new id"
+            )));
+        }
+        let mut shielded = Vec::new();
+        for e in &endpoints {
+            let mut addrs = vec![e.0];
+            if let Some(to) = req.to {
+                addrs.push(SocketAddrV4::new(to, e.0.port()));
+            }
+            for a in addrs {
+                let ep = EndpointAddr(a);
+                let flags = if registered.contains(&ep) {
+                    EP_INTERCEPT | EP_SHIELD
+                } else {
+                    EP_SHIELD
+                };
+                self.intercept.set_endpoint(ep.key(), flags)?;
+                shielded.push(ep.key());
+            }
+        }
+        if let Some(to) = req.to {
+            for f in &flows {
+                let Some(old) = endpoints
+                    .iter()
+                    .find(|e| e.0.port() == f.pod_port)
+                    .map(|e| *e.0.ip())
+                else {
+                    continue;
+                };
+                self.intercept.set_translation(
+                    FlowKey::new(f.node.ip().octets(), f.node.port(), f.pod_port),
+                    Translation {
+                        old_addr: u32::from_ne_bytes(old.octets()),
+                        new_addr: u32::from_ne_bytes(to.octets()),
+                        role: ROLE_DEST,
+                        _pad: 0,
+                    },
+                )?;
+            }
+        }
+        let rec = Incoming {
+            id: id.to_string(),
+            endpoints,
+            to: req.to,
+            flows,
+            completed: false,
+            reason: None,
+            shielded,
+            final_rsts: 0,
+            final_translated: 0,
+        };
+        tracing::info!(migration = id, endpoints = ?rec.endpoints, to = ?rec.to, flows = rec.flows.len(), "incoming: shielding and translating");
+        let status = self.incoming_status_of(&rec);
+        incoming.insert(id.to_string(), rec);
+        drop(incoming);
+        if let Some(ms) = req.deadline_ms.filter(|ms| *ms > 0) {
+            let control = Arc::downgrade(self);
+            let id = id.to_string();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if let Some(control) = control.upgrade() {
+                    let _ = control.complete_incoming(&id, Some("deadline".into()));
+                }
+            });
+        }
+        Ok(status)
+    }
+
+    /// Lifts the shield of an incoming migration (idempotent).
+    pub fn complete_incoming(
+        &self,
+        id: &str,
+        reason: Option<String>,
+    ) -> Result<IncomingStatus, ControlError> {
+        let registered: Vec<EndpointAddr> = lock(&self.endpoints).keys().copied().collect();
+        let mut incoming = lock(&self.incoming);
+        let rec = incoming
+            .get_mut(id)
+            .ok_or_else(|| ControlError::UnknownMigration(id.to_string()))?;
+        if rec.completed {
+            return Ok(self.incoming_status_of(rec));
+        }
+        let (rsts, translated) = self.incoming_counters(rec);
+        rec.final_rsts = rsts;
+        rec.final_translated = translated;
+        for key in &rec.shielded {
+            let ep = EndpointAddr(SocketAddrV4::new(key.octets().into(), key.port()));
+            let result = if registered.contains(&ep) {
+                self.intercept.set_endpoint(*key, EP_INTERCEPT)
+            } else {
+                self.intercept.remove_endpoint(*key)
+            };
+            if let Err(e) = result {
+                tracing::warn!(endpoint = %ep, error = %e, "could not lift the shield");
+            }
+        }
+        rec.completed = true;
+        rec.reason = reason;
+        tracing::info!(migration = id, reason = ?rec.reason, "incoming: shield lifted");
+        Ok(self.incoming_status_of(rec))
+    }
+
+    pub fn incoming_status(&self, id: &str) -> Result<IncomingStatus, ControlError> {
+        let incoming = lock(&self.incoming);
+        let rec = incoming
+            .get(id)
+            .ok_or_else(|| ControlError::UnknownMigration(id.to_string()))?;
+        Ok(self.incoming_status_of(rec))
+    }
+
+    fn incoming_counters(&self, rec: &Incoming) -> (u64, u64) {
+        rec.shielded.iter().fold((0, 0), |(r, t), k| {
+            let s = self.intercept.stats(*k);
+            (r + s.rsts_shielded, t + s.translated)
+        })
+    }
+
+    fn incoming_status_of(&self, rec: &Incoming) -> IncomingStatus {
+        let (rsts, translated) = if rec.completed {
+            (rec.final_rsts, rec.final_translated)
+        } else {
+            self.incoming_counters(rec)
+        };
+        IncomingStatus {
+            id: rec.id.clone(),
+            state: if rec.completed {
+                "completed"
+            } else {
+                "shielding"
+            }
+            .into(),
+            reason: rec.reason.clone(),
+            endpoints: rec.endpoints.clone(),
+            to: rec.to,
+            flows: rec.flows.clone(),
+            rsts_shielded: rsts,
+            packets_translated: translated,
+        }
+    }
+}

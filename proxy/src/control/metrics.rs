@@ -1,0 +1,120 @@
+//! Prometheus text exposition of the agent's counters.
+use super::{lock, Control};
+use crate::api::types::EndpointInfo;
+use crate::migration::Phase;
+use std::sync::atomic::Ordering;
+
+impl Control {
+    // ---- metrics ---------------------------------------------------------
+
+    /// Prometheus text exposition.
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let eps = self.list_endpoints();
+        let migs = self.list_migrations();
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        let per_ep = |f: &dyn Fn(&EndpointInfo) -> f64| -> Vec<(String, f64)> {
+            eps.iter()
+                .map(|e| (format!("{{endpoint=\"{}\"}}", e.endpoint), f(e)))
+                .collect()
+        };
+        metric(
+            "shepherd_endpoints",
+            "gauge",
+            "Managed endpoints.",
+            vec![(String::new(), eps.len() as f64)],
+        );
+        metric(
+            "shepherd_connections",
+            "gauge",
+            "Open relayed connections.",
+            per_ep(&|e| e.connections as f64),
+        );
+        metric(
+            "shepherd_connections_total",
+            "counter",
+            "Relayed connections accepted.",
+            per_ep(&|e| e.connections_total as f64),
+        );
+        metric(
+            "shepherd_intercepted_packets_total",
+            "counter",
+            "Packets steered to the proxy by eBPF.",
+            per_ep(&|e| e.packets_intercepted as f64),
+        );
+        metric(
+            "shepherd_intercepted_bytes_total",
+            "counter",
+            "Bytes steered to the proxy by eBPF.",
+            per_ep(&|e| e.bytes_intercepted as f64),
+        );
+        metric(
+            "shepherd_rsts_shielded_total",
+            "counter",
+            "RSTs from held endpoints dropped by eBPF.",
+            per_ep(&|e| e.rsts_shielded as f64),
+        );
+        metric(
+            "shepherd_hold_buffer_bytes",
+            "gauge",
+            "Client bytes queued in hold buffers.",
+            vec![(String::new(), self.relay.budget.used() as f64)],
+        );
+        metric(
+            "shepherd_hold_buffer_capacity_bytes",
+            "gauge",
+            "Node-wide hold buffer cap.",
+            vec![(String::new(), self.relay.budget.capacity() as f64)],
+        );
+        let count = |p: Phase| migs.iter().filter(|m| m.state == p).count() as f64;
+        metric(
+            "shepherd_migrations",
+            "gauge",
+            "Migrations known to this agent, by state.",
+            [Phase::Holding, Phase::Released, Phase::Aborted]
+                .into_iter()
+                .map(|p| (format!("{{state=\"{p}\"}}"), count(p)))
+                .collect(),
+        );
+        metric(
+            "shepherd_aborts_total",
+            "counter",
+            "Migrations aborted (requested or deadline).",
+            vec![(
+                String::new(),
+                self.aborts_total.load(Ordering::Relaxed) as f64,
+            )],
+        );
+        metric(
+            "shepherd_bytes_held_total",
+            "counter",
+            "Client bytes held across all migrations.",
+            vec![(
+                String::new(),
+                migs.iter().map(|m| m.bytes_held as f64).sum(),
+            )],
+        );
+        metric(
+            "shepherd_bytes_replayed_total",
+            "counter",
+            "Held bytes replayed to pods.",
+            vec![(
+                String::new(),
+                migs.iter().map(|m| m.bytes_replayed as f64).sum(),
+            )],
+        );
+        metric(
+            "shepherd_hold_seconds_total",
+            "counter",
+            "Total time endpoints spent held (ended holds).",
+            vec![(String::new(), *lock(&self.hold_seconds_total))],
+        );
+        out
+    }
+}

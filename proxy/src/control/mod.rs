@@ -1,0 +1,224 @@
+//! The control plane: managed endpoints and migrations. Every operation the
+//! API (and so the CLI) offers is implemented once, here.
+//!
+//! Submodules: [`origin`] (hold, release, abort on the node holding the
+//! clients), [`destination`] (shield and translate on the node where the pod
+//! lands), [`metrics`].
+//!
+//! Locking: `endpoints`, then `migrations`, then `incoming`, never the other
+//! way round; no lock is held across an await.
+mod destination;
+mod metrics;
+mod origin;
+
+use crate::api::types::{ConnectionInfo, EndpointInfo};
+use crate::endpoint::{EndpointAddr, EndpointState, HoldStats, Mode};
+use crate::error::ControlError;
+use crate::intercept::Interception;
+use crate::migration::{Phase, ReleaseMode};
+use crate::relay::connection::RelayContext;
+use shepherd_common::{EP_INTERCEPT, EP_SHIELD};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Tunables of the control plane.
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    pub default_deadline: Duration,
+    pub quiesce_timeout: Duration,
+}
+
+struct Migration {
+    id: String,
+    endpoints: Vec<EndpointAddr>,
+    phase: Phase,
+    reason: Option<String>,
+    mode: Option<ReleaseMode>,
+    stats: Arc<HoldStats>,
+    started: Instant,
+    started_wall: SystemTime,
+    ended: Option<Instant>,
+    deadline: Duration,
+    quiesce: Option<Result<Duration, Duration>>,
+    /// RSTs shielded per endpoint when the hold began.
+    rsts_at_start: u64,
+    /// The pod's new address, once the controller has said where it lands.
+    target: Option<Ipv4Addr>,
+    /// The held endpoints' live state (so status never needs the endpoints lock).
+    states: Vec<Arc<EndpointState>>,
+    /// Backend flows whose pod address this node translates (origin role).
+    translated: Vec<shepherd_common::FlowKey>,
+}
+
+pub struct Control {
+    config: ControlConfig,
+    intercept: Arc<dyn Interception>,
+    relay: RelayContext,
+    endpoints: Mutex<BTreeMap<EndpointAddr, Arc<EndpointState>>>,
+    migrations: Mutex<HashMap<String, Migration>>,
+    incoming: Mutex<HashMap<String, destination::Incoming>>,
+    next_epoch: AtomicU64,
+    pub aborts_total: AtomicU64,
+    hold_seconds_total: Mutex<f64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind;
+    // carry on with it rather than take the whole agent down.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Control {
+    pub fn new(
+        config: ControlConfig,
+        intercept: Arc<dyn Interception>,
+        relay: RelayContext,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            intercept,
+            relay,
+            endpoints: Mutex::new(BTreeMap::new()),
+            migrations: Mutex::new(HashMap::new()),
+            incoming: Mutex::new(HashMap::new()),
+            next_epoch: AtomicU64::new(1),
+            aborts_total: AtomicU64::new(0),
+            hold_seconds_total: Mutex::new(0.0),
+        })
+    }
+
+    pub fn relay_context(&self) -> RelayContext {
+        self.relay.clone()
+    }
+
+    /// The live state of the endpoint a connection was addressed to.
+    pub fn endpoint_for(&self, dst: SocketAddrV4) -> Option<Arc<EndpointState>> {
+        lock(&self.endpoints).get(&EndpointAddr(dst)).cloned()
+    }
+
+    // ---- endpoints -------------------------------------------------------
+
+    /// Registers endpoints (idempotent; re-adding a draining one revives it).
+    pub fn add_endpoints(&self, addrs: &[EndpointAddr]) -> Result<Vec<EndpointInfo>, ControlError> {
+        if addrs.is_empty() {
+            return Err(ControlError::Invalid("no endpoints given".into()));
+        }
+        let mut eps = lock(&self.endpoints);
+        for addr in addrs {
+            let state = eps
+                .entry(*addr)
+                .or_insert_with(|| EndpointState::new(*addr, self.intercept.clone()))
+                .clone();
+            state.set_draining(false);
+            let flags = match state.mode() {
+                Mode::Holding(_) => EP_INTERCEPT | EP_SHIELD,
+                Mode::Forwarding { .. } => EP_INTERCEPT,
+            };
+            if let Err(e) = self.intercept.set_endpoint(addr.key(), flags) {
+                eps.remove(addr);
+                return Err(e.into());
+            }
+            tracing::info!(endpoint = %addr, "endpoint registered");
+        }
+        drop(eps);
+        Ok(addrs.iter().filter_map(|a| self.endpoint_info(a)).collect())
+    }
+
+    /// Unregisters an endpoint. Its existing connections keep flowing (the
+    /// kernel entry stays, marked draining, until the last one closes); new
+    /// connections go to the pod directly.
+    pub fn remove_endpoint(&self, addr: &EndpointAddr) -> Result<(), ControlError> {
+        let mut eps = lock(&self.endpoints);
+        let Some(state) = eps.get(addr).cloned() else {
+            return Err(ControlError::UnknownEndpoint(*addr));
+        };
+        if let Mode::Holding(_) = state.mode() {
+            let id = self.migration_holding(addr).unwrap_or_default();
+            return Err(ControlError::Conflict(format!(
+                "endpoint {addr} is held by migration {id}; release or abort it first"
+            )));
+        }
+        eps.remove(addr);
+        drop(eps);
+        state.set_draining(true);
+        self.intercept.set_endpoint(addr.key(), 0)?;
+        if !state.reap_if_drained() {
+            tracing::info!(endpoint = %addr, connections = state.connection_count(), "endpoint draining");
+        }
+        tracing::info!(endpoint = %addr, "endpoint unregistered");
+        Ok(())
+    }
+
+    pub fn list_endpoints(&self) -> Vec<EndpointInfo> {
+        let addrs: Vec<EndpointAddr> = lock(&self.endpoints).keys().copied().collect();
+        addrs.iter().filter_map(|a| self.endpoint_info(a)).collect()
+    }
+
+    fn endpoint_info(&self, addr: &EndpointAddr) -> Option<EndpointInfo> {
+        let state = lock(&self.endpoints).get(addr).cloned()?;
+        let k = self.intercept.stats(addr.key());
+        let migration = self.migration_holding(addr);
+        let held = matches!(state.mode(), Mode::Holding(_));
+        Some(EndpointInfo {
+            endpoint: *addr,
+            state: if state.is_draining() {
+                "draining"
+            } else if held {
+                "held"
+            } else {
+                "active"
+            }
+            .into(),
+            migration,
+            connections: state.connection_count(),
+            connections_total: state.connections_total.load(Ordering::Relaxed),
+            packets_intercepted: k.packets,
+            bytes_intercepted: k.bytes,
+            syns_assigned: k.syns_assigned,
+            assign_failures: k.assign_failures,
+            rsts_shielded: k.rsts_shielded,
+            packets_translated: k.translated,
+            backend: state.backend(),
+        })
+    }
+
+    fn migration_holding(&self, addr: &EndpointAddr) -> Option<String> {
+        lock(&self.migrations)
+            .values()
+            .find(|m| m.phase == Phase::Holding && m.endpoints.contains(addr))
+            .map(|m| m.id.clone())
+    }
+
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        let states: Vec<Arc<EndpointState>> = lock(&self.endpoints).values().cloned().collect();
+        let mut out: Vec<ConnectionInfo> = states
+            .iter()
+            .flat_map(|s| s.connections())
+            .map(|c| ConnectionInfo {
+                id: c.id,
+                client: c.client.to_string(),
+                endpoint: c.orig_dst.to_string(),
+                backend_local: c
+                    .backend_local
+                    .lock()
+                    .ok()
+                    .and_then(|l| l.map(|a| a.to_string())),
+                bytes_up: c.bytes_up.load(Ordering::Relaxed),
+                bytes_down: c.bytes_down.load(Ordering::Relaxed),
+                queued: c.queued.load(Ordering::Relaxed),
+                opened_unix_ms: unix_ms(c.opened),
+            })
+            .collect();
+        out.sort_by_key(|c| c.id);
+        out
+    }
+}
