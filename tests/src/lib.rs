@@ -11,10 +11,14 @@
 //! - [`netns`]: the [`netns::Netns`] guard, and entering a namespace from the
 //!   current thread to create sockets there.
 //! - [`link`]: veth, address, route and sysctl builders (thin `ip` wrappers).
-//! - [`topology`]: ready-made topologies built from those, e.g.
-//!   [`topology::SingleNode`].
+//! - [`topology`]: ready-made topologies built from those:
+//!   [`topology::SingleNode`] (client, node, pod) and [`topology::TwoNode`]
+//!   (client and two nodes on a bridge, a pod behind each; same or new pod IP).
 //! - [`process`]: the [`process::Workload`] guard for pod processes started so
 //!   that CRIU can dump them, and [`process::wait_tcp_ready`].
+//! - [`criu`]: checkpoint and restore with the real CRIU ≥ 4.2
+//!   ([`criu::dump`], [`criu::restore`]), the [`criu::Images`] guard for image
+//!   directories and the [`criu::RestoredProcess`] guard for restored pods.
 //! - [`capture`]: an AF_PACKET capture that counts TCP segments and RSTs.
 //! - [`inject`]: crafted packets (a RST with a chosen source).
 //! - [`stream`]: client-side measurements (ordered counter stream, bulk echo,
@@ -27,6 +31,7 @@
 
 pub mod agent;
 pub mod capture;
+pub mod criu;
 pub mod inject;
 pub mod link;
 pub mod names;

@@ -12,9 +12,10 @@
 //!
 //! The pod wiring is DESIGN.md's "Pod wiring": the node's own packets to the pod
 //! (shepherd's backend connections) leave from the node's fabric IP. The
-//! builders [`wire_p2p`], [`wire_pod`] and [`node_forwarding`] take namespaces,
-//! interface names and addresses as arguments, so a two-node topology (nodes on
-//! a bridge, the same pod IP behind each node) can reuse them.
+//! builders [`wire_p2p`], [`wire_pod`] (and [`wire_pod_unrouted`]) and
+//! [`node_forwarding`] take namespaces, interface names and addresses as
+//! arguments, so [`TwoNode`] (a client and two nodes on a bridge, a pod behind
+//! each node, same or new pod IP) reuses them; see its docs for its picture.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -57,27 +58,55 @@ pub fn wire_pod(
     pod_ip: Ipv4Addr,
     node_fabric_ip: Ipv4Addr,
 ) {
+    wire_pod_unrouted(node, host_if, pod, pod_ip);
+    ip_route(node, "add", &pod_route(host_if, pod_ip, node_fabric_ip));
+}
+
+/// [`wire_pod`] without the node's route to the pod: the veth, the gateway
+/// address on the host side, and the pod's address and routes. A pod restored
+/// on another node is wired like this, and its node routes it only when the
+/// migration switches routes (see [`TwoNode::switch_routes`]).
+pub fn wire_pod_unrouted(node: &Netns, host_if: &str, pod: &Netns, pod_ip: Ipv4Addr) {
     let gw = POD_GATEWAY.to_string();
-    let pod_ip = pod_ip.to_string();
     veth(node, host_if, pod, POD_IF);
     addr_add_scope_link(node, host_if, &format!("{gw}/32"));
     link_up(node, host_if);
-    route_add(
-        node,
-        &[
-            &format!("{pod_ip}/32"),
-            "dev",
-            host_if,
-            "scope",
-            "link",
-            "src",
-            &node_fabric_ip.to_string(),
-        ],
-    );
     addr_add(pod, POD_IF, &format!("{pod_ip}/32"));
     link_up(pod, POD_IF);
     route_add(pod, &[&gw, "dev", POD_IF, "scope", "link"]);
     route_add(pod, &["default", "via", &gw, "dev", POD_IF]);
+}
+
+/// The node's route to a pod, as `ip route` arguments:
+/// `POD_IP/32 dev HOST_IF scope link src NODE_FABRIC_IP`.
+pub fn pod_route(host_if: &str, pod_ip: Ipv4Addr, node_fabric_ip: Ipv4Addr) -> Vec<String> {
+    [
+        &format!("{pod_ip}/32"),
+        "dev",
+        host_if,
+        "scope",
+        "link",
+        "src",
+        &node_fabric_ip.to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+/// `ip -n NS route VERB ARGS...`; panics with `ip`'s stderr on failure.
+fn ip_route(ns: &Netns, verb: &str, args: &[String]) {
+    let mut argv = vec!["route", verb];
+    argv.extend(args.iter().map(String::as_str));
+    ns.ip(&argv);
+}
+
+/// Deletes the main-table route to exactly `cidr` in `ns` if there is one
+/// (`ip route del` fails when there is none).
+fn route_del_if_present(ns: &Netns, cidr: &str) {
+    if !ns.ip(&["route", "show", "exact", cidr]).trim().is_empty() {
+        ns.ip(&["route", "del", cidr]);
+    }
 }
 
 /// Makes `node` a router: `ip_forward=1`, and `rp_filter=0` on all, default
@@ -157,5 +186,243 @@ impl SingleNode {
     /// `pod_ip:port`.
     pub fn pod_addr(&self, port: u16) -> SocketAddrV4 {
         SocketAddrV4::new(self.pod_ip, port)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// TwoNode
+
+/// Node A's fabric address in [`TwoNode`] (the client's gateway to the pods).
+pub const NODE_A_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 11);
+/// Node B's fabric address in [`TwoNode`].
+pub const NODE_B_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 12);
+/// Pod B's address in [`TwoNode::new_ip`] (a pod restored the Kubernetes way
+/// gets a new IP; its restored sockets keep [`POD_IP`], kept on its `lo`).
+pub const POD_B_NEW_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 20);
+/// The pods' subnet, which the client routes via node A.
+pub const POD_SUBNET: &str = "10.77.2.0/24";
+
+/// A client, two nodes on a bridge, and a pod behind each node: the world of a
+/// live migration from node A to node B.
+///
+/// ```text
+///                    fabric ns: br0 (bridge, ports cli, nodea, nodeb)
+///        ┌─────────────────────────┼─────────────────────────┐
+///  client ns                  nodeA ns                   nodeB ns
+///  eth0 10.77.1.2/24          fab0 10.77.1.11/24         fab0 10.77.1.12/24
+///  10.77.2.0/24               pod0 169.254.1.1/32        pod0 169.254.1.1/32
+///    via 10.77.1.11           10.77.2.10/32 dev pod0     (no pod route until
+///                               src 10.77.1.11            switch_routes)
+///                                  │                          │
+///                             podA ns: eth0 10.77.2.10   podB ns: eth0 POD_B_IP
+///                                                        (new_ip: lo 10.77.2.10)
+/// ```
+///
+/// Namespaces are `{prefix}fab`, `{prefix}cli`, `{prefix}nodea`,
+/// `{prefix}nodeb`, `{prefix}poda` and `{prefix}podb`; dropping the value
+/// deletes them all. Both pods are wired as in DESIGN.md's "Pod wiring" (see
+/// [`wire_pod`]), but only node A routes to its pod at first. All pod traffic
+/// of the client goes to node A, the anchor, for the whole test; the
+/// migration's "switch routes" step ([`switch_routes`](Self::switch_routes))
+/// makes node B route to pod B and node A forward pod B's address to node B.
+///
+/// Both nodes forward, with `rp_filter` off (as in the pods) and ICMP
+/// redirects off: node A forwards client packets out of the interface they
+/// came in on, and a redirect would teach the client to bypass its anchor.
+/// The client ignores redirects too.
+#[derive(Debug)]
+pub struct TwoNode {
+    /// The client namespace (`eth0`).
+    pub client: Netns,
+    /// Node A, the origin and anchor (`fab0`, `pod0`).
+    pub node_a: Netns,
+    /// Node B, the destination (`fab0`, `pod0`).
+    pub node_b: Netns,
+    /// Pod A's namespace, behind node A (`eth0`).
+    pub pod_a: Netns,
+    /// Pod B's namespace, behind node B (`eth0`, and in the new-IP case the
+    /// old IP on `lo`): where CRIU restores the pod.
+    pub pod_b: Netns,
+    /// The fabric namespace holding the bridge `br0`.
+    pub fabric: Netns,
+    /// [`CLIENT_IP`].
+    pub client_ip: Ipv4Addr,
+    /// [`NODE_A_IP`].
+    pub node_a_ip: Ipv4Addr,
+    /// [`NODE_B_IP`].
+    pub node_b_ip: Ipv4Addr,
+    /// [`POD_IP`]: pod A's address, the one clients connect to.
+    pub pod_ip: Ipv4Addr,
+    /// Pod B's address on its `eth0`: [`POD_IP`] for [`TwoNode::new`],
+    /// [`POD_B_NEW_IP`] for [`TwoNode::new_ip`].
+    pub pod_b_ip: Ipv4Addr,
+}
+
+impl TwoNode {
+    /// Builds the topology with the SAME pod IP behind both nodes. Panics
+    /// (deleting what it made) on any failure.
+    pub fn new(prefix: &str) -> TwoNode {
+        TwoNode::build(prefix, POD_IP)
+    }
+
+    /// Builds the topology with pod B on a NEW IP ([`POD_B_NEW_IP`]) and the
+    /// old one ([`POD_IP`]/32) on pod B's `lo`, so CRIU can restore sockets
+    /// bound to it. Panics (deleting what it made) on any failure.
+    pub fn new_ip(prefix: &str) -> TwoNode {
+        TwoNode::build(prefix, POD_B_NEW_IP)
+    }
+
+    fn build(prefix: &str, pod_b_ip: Ipv4Addr) -> TwoNode {
+        // A panic anywhere below drops the guards made so far, deleting them.
+        let fabric = Netns::create(&format!("{prefix}fab"));
+        let client = Netns::create(&format!("{prefix}cli"));
+        let node_a = Netns::create(&format!("{prefix}nodea"));
+        let node_b = Netns::create(&format!("{prefix}nodeb"));
+        let pod_a = Netns::create(&format!("{prefix}poda"));
+        let pod_b = Netns::create(&format!("{prefix}podb"));
+        let t = TwoNode {
+            client,
+            node_a,
+            node_b,
+            pod_a,
+            pod_b,
+            fabric,
+            client_ip: CLIENT_IP,
+            node_a_ip: NODE_A_IP,
+            node_b_ip: NODE_B_IP,
+            pod_ip: POD_IP,
+            pod_b_ip,
+        };
+        let fab_if = t.node_fabric_if();
+        let pod_if = t.node_pod_if();
+
+        t.fabric
+            .ip(&["link", "add", "br0", "type", "bridge", "stp_state", "0"]);
+        link_up(&t.fabric, "br0");
+        for (port, ns, ifname, ip) in [
+            ("cli", &t.client, t.client_if(), CLIENT_IP),
+            ("nodea", &t.node_a, fab_if, NODE_A_IP),
+            ("nodeb", &t.node_b, fab_if, NODE_B_IP),
+        ] {
+            veth(&t.fabric, port, ns, ifname);
+            t.fabric.ip(&["link", "set", port, "master", "br0"]);
+            link_up(&t.fabric, port);
+            addr_add(ns, ifname, &format!("{ip}/{FABRIC_PREFIX_LEN}"));
+            link_up(ns, ifname);
+        }
+        route_add(&t.client, &[POD_SUBNET, "via", &NODE_A_IP.to_string()]);
+        for conf in ["all", t.client_if()] {
+            t.client
+                .sysctl(&format!("net.ipv4.conf.{conf}.accept_redirects"), "0");
+        }
+
+        wire_pod(&t.node_a, pod_if, &t.pod_a, POD_IP, NODE_A_IP);
+        wire_pod_unrouted(&t.node_b, pod_if, &t.pod_b, pod_b_ip);
+        if pod_b_ip != POD_IP {
+            addr_add(&t.pod_b, "lo", &format!("{POD_IP}/32"));
+        }
+        for node in [&t.node_a, &t.node_b] {
+            node_forwarding(node, &[fab_if, pod_if]);
+            for conf in ["all", "default", fab_if, pod_if] {
+                node.sysctl(&format!("net.ipv4.conf.{conf}.send_redirects"), "0");
+            }
+        }
+        for pod in [&t.pod_a, &t.pod_b] {
+            rp_filter_off(pod, &[POD_IF, "lo"]);
+        }
+        t
+    }
+
+    /// Whether pod B has pod A's IP (built with [`TwoNode::new`]).
+    pub fn same_ip(&self) -> bool {
+        self.pod_b_ip == self.pod_ip
+    }
+
+    /// The client's interface: `eth0`.
+    pub fn client_if(&self) -> &'static str {
+        "eth0"
+    }
+
+    /// Each node's interface on the fabric bridge: `fab0`.
+    pub fn node_fabric_if(&self) -> &'static str {
+        "fab0"
+    }
+
+    /// The host side of each node's pod veth: `pod0`.
+    pub fn node_pod_if(&self) -> &'static str {
+        "pod0"
+    }
+
+    /// Each pod's interface: `eth0`.
+    pub fn pod_if(&self) -> &'static str {
+        POD_IF
+    }
+
+    /// `pod_ip:port`: pod A's (the original) address.
+    pub fn pod_addr(&self, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.pod_ip, port)
+    }
+
+    /// `pod_b_ip:port`.
+    pub fn pod_b_addr(&self, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.pod_b_ip, port)
+    }
+
+    /// Node B routes pod B's IP to pod B:
+    /// `POD_B_IP/32 dev pod0 scope link src 10.77.1.12` (idempotent).
+    pub fn route_pod_b_on_node_b(&self) {
+        ip_route(
+            &self.node_b,
+            "replace",
+            &pod_route(self.node_pod_if(), self.pod_b_ip, self.node_b_ip),
+        );
+    }
+
+    /// Node A forwards pod B's IP to node B:
+    /// `POD_B_IP/32 via 10.77.1.12 dev fab0` (idempotent). With the same IP
+    /// this replaces node A's route to pod A, so whatever node A sends to the
+    /// pod IP (forwarded client traffic, or its own backend connections) now
+    /// goes to node B. With a new IP, node A routes the old IP to node B too:
+    /// the proxy's backend sockets still address the old IP, and Shepherd's
+    /// origin-side translation rewrites it to the new one as the packets
+    /// leave on the fabric.
+    pub fn route_node_a_to_node_b(&self) {
+        let mut ips = vec![self.pod_b_ip];
+        if !self.same_ip() {
+            ips.push(self.pod_ip);
+        }
+        for ip in ips {
+            let args = [
+                format!("{ip}/32"),
+                "via".to_owned(),
+                self.node_b_ip.to_string(),
+                "dev".to_owned(),
+                self.node_fabric_if().to_owned(),
+            ];
+            ip_route(&self.node_a, "replace", &args);
+        }
+    }
+
+    /// The migration's "switch routes" step: first
+    /// [`route_pod_b_on_node_b`](Self::route_pod_b_on_node_b), then
+    /// [`route_node_a_to_node_b`](Self::route_node_a_to_node_b), so nothing
+    /// reaches node B before node B can deliver it. Idempotent, and may be called before a restore (e.g.
+    /// to see pod B's netns answer with RST, or a shield drop it).
+    pub fn switch_routes(&self) {
+        self.route_pod_b_on_node_b();
+        self.route_node_a_to_node_b();
+    }
+
+    /// Undoes [`switch_routes`](Self::switch_routes) (an abort path): node A
+    /// routes the pod IP to pod A again and drops any route to a new IP; node
+    /// B drops its route to pod B. Idempotent.
+    pub fn restore_routes(&self) {
+        let pod_a = pod_route(self.node_pod_if(), self.pod_ip, self.node_a_ip);
+        ip_route(&self.node_a, "replace", &pod_a);
+        let pod_b = format!("{}/32", self.pod_b_ip);
+        if !self.same_ip() {
+            route_del_if_present(&self.node_a, &pod_b);
+        }
+        route_del_if_present(&self.node_b, &pod_b);
     }
 }
