@@ -50,6 +50,9 @@ pub struct CaptureReport {
     pub kernel_drops: u64,
     /// A receive error that ended the capture early, if any.
     pub error: Option<String>,
+    /// TCP segments per IPv4 address seen as source or destination (a
+    /// segment counts for both of its addresses).
+    pub tcp_by_addr: std::collections::BTreeMap<std::net::Ipv4Addr, u64>,
 }
 
 /// A running capture; see the module docs.
@@ -239,6 +242,11 @@ pub fn record_frame(report: &mut CaptureReport, frame: &[u8], outgoing: bool) {
         return;
     };
     report.tcp_packets += 1;
+    if let Some(NetSlice::Ipv4(ip)) = &packet.net {
+        for a in [ip.header().source_addr(), ip.header().destination_addr()] {
+            *report.tcp_by_addr.entry(a).or_default() += 1;
+        }
+    }
     if !tcp.rst() {
         return;
     }

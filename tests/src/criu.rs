@@ -708,7 +708,7 @@ fn images_pids(images: &Images) -> Vec<u32> {
         .collect()
 }
 
-fn become_subreaper() -> io::Result<()> {
+pub fn become_subreaper() -> io::Result<()> {
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes no pointers.
     let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     if rc == 0 {

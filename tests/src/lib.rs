@@ -31,6 +31,7 @@
 
 pub mod agent;
 pub mod capture;
+pub mod controller;
 pub mod criu;
 pub mod inject;
 pub mod link;

@@ -1,0 +1,537 @@
+//! Live migration with Shepherd and real CRIU: a pod is dumped in pod A
+//! (behind node A) and restored in pod B (behind node B) by the reference
+//! controller while clients stream through the origin's proxy. Every scenario
+//! checks every byte, counts RSTs on the client's wire, and bounds the
+//! client's longest pause by the freeze.
+
+use serde_json::Value;
+use shepherd_tests::agent::Agent;
+use shepherd_tests::capture::{Capture, CaptureReport};
+use shepherd_tests::controller::{self, Cluster, Plan, ReleaseMode, Report};
+use shepherd_tests::criu::RestoredProcess;
+use shepherd_tests::names::unique_prefix;
+use shepherd_tests::process::{wait_tcp_ready, Workload};
+use shepherd_tests::stream::{request_response, CounterReport, CounterStream};
+use shepherd_tests::topology::TwoNode;
+use shepherd_tests::{echo_bin, privileged};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const PORT: u16 = 7000;
+const PORT2: u16 = 7002;
+const TICK: Duration = Duration::from_millis(10);
+/// Generous bound on pause − hold (precise figures belong to the benchmark).
+const SLACK: Duration = Duration::from_millis(200);
+
+/// Fields drop in order: capture, agents, processes, then the namespaces.
+struct World {
+    capture: Option<Capture>,
+    origin: Agent,
+    dest: Agent,
+    restored: Option<RestoredProcess>,
+    pod: Option<Workload>,
+    _dir: tempfile::TempDir,
+    t: TwoNode,
+}
+
+fn copy_bin(from: &Path, dir: &Path) -> PathBuf {
+    let to = dir.join(from.file_name().expect("file name"));
+    if !to.exists() {
+        std::fs::copy(from, &to).expect("copy the workload binary");
+    }
+    to
+}
+
+impl World {
+    /// Topology (same or new IP), both agents, and an echo pod on `ports`
+    /// (two ports: two processes in one pod, as one process tree).
+    fn new(tag: &str, new_ip: bool, ports: &[u16]) -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = if new_ip {
+            TwoNode::new_ip(&unique_prefix(tag))
+        } else {
+            TwoNode::new(&unique_prefix(tag))
+        };
+        let echo = copy_bin(&echo_bin!(), dir.path());
+        let log = dir.path().join("pod.log");
+        // A pod that changes address must listen on any address, as pods do:
+        // new connections reach it at the new IP; the restored established
+        // sockets keep the old one (kept on the new pod's `lo`).
+        let listen = |p: u16| {
+            if new_ip {
+                SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, p)
+            } else {
+                t.pod_addr(p)
+            }
+        };
+        let pod = match ports {
+            [p] => Workload::spawn_in(&t.pod_a, &echo, ["--listen", &listen(*p).to_string()], &log),
+            [p, q] => {
+                // Two processes, one process tree (so one dump takes both).
+                let script = format!(
+                    "{e} --listen {a} >>{l} 2>&1 & exec {e} --listen {b}",
+                    e = echo.display(),
+                    a = listen(*p),
+                    b = listen(*q),
+                    l = log.display()
+                );
+                Workload::spawn_in(&t.pod_a, Path::new("/bin/sh"), ["-c", &script], &log)
+            }
+            _ => panic!("one or two ports"),
+        };
+        for p in ports {
+            wait_tcp_ready(
+                &t.client,
+                SocketAddr::V4(t.pod_addr(*p)),
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|e| panic!("{e}; pod log:\n{}", pod.log()));
+        }
+        Self::finish(dir, t, pod, ports)
+    }
+
+    fn finish(dir: tempfile::TempDir, t: TwoNode, pod: Workload, ports: &[u16]) -> World {
+        let args = [
+            "--intercept-iface",
+            t.node_fabric_if(),
+            "--shield-iface",
+            t.node_pod_if(),
+        ];
+        let origin = Agent::start(&t.node_a, args);
+        let dest = Agent::start(&t.node_b, args);
+        let eps: Vec<String> = ports.iter().map(|p| t.pod_addr(*p).to_string()).collect();
+        let mut add = vec!["endpoint", "add"];
+        add.extend(eps.iter().map(String::as_str));
+        origin.cli_json(&add);
+        let capture = Some(Capture::start(&t.client, t.client_if()));
+        World {
+            capture,
+            origin,
+            dest,
+            restored: None,
+            pod: Some(pod),
+            _dir: dir,
+            t,
+        }
+    }
+
+    fn plan(&self, id: &str, ports: &[u16]) -> Plan {
+        Plan::new(id, ports.iter().map(|p| self.t.pod_addr(*p)).collect())
+    }
+
+    /// Runs the reference controller; panics with the step that failed.
+    fn migrate(&mut self, plan: &Plan) -> Report {
+        let mut pod = self.pod.take().expect("pod running at A");
+        let pid = pod.pid();
+        let c = Cluster {
+            topo: &self.t,
+            origin: &self.origin,
+            dest: &self.dest,
+        };
+        let result = controller::migrate(
+            &c,
+            plan,
+            pid,
+            &mut || {
+                pod.wait_exit(Duration::from_secs(10));
+            },
+            &|line| eprintln!("[{}] {line}", plan.id),
+        );
+        match result {
+            Ok((restored, report)) => {
+                self.restored = Some(restored);
+                drop(pod);
+                report
+            }
+            Err(e) => panic!("{e}\norigin log:\n{}", self.origin.log()),
+        }
+    }
+
+    fn assert_no_rst(&mut self) -> CaptureReport {
+        let report = self.capture.take().expect("capture running").stop();
+        assert!(report.error.is_none(), "capture failed: {:?}", report.error);
+        assert_eq!(
+            report.rsts, 0,
+            "RSTs on the client's wire: {:#?}",
+            report.rst_lines
+        );
+        report
+    }
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+/// Every value exactly once, in order, and the pause bounded by the hold.
+fn assert_stream(r: &CounterReport, report: &Report) {
+    r.assert_ok();
+    assert!(
+        r.max_gap <= report.hold + SLACK,
+        "client paused {:?}; hold {:?} (freeze {:?})",
+        r.max_gap,
+        report.hold,
+        report.freeze
+    );
+}
+
+/// After the streams ended: everything held was replayed.
+fn assert_replayed(w: &World, report: &Report) {
+    let id = report.origin_status["id"].as_str().expect("migration id");
+    let st = w.origin.cli_json(&["migrate", "status", "--id", id]);
+    assert_eq!(st["state"], "released", "{st}");
+    assert!(u(&st, "bytes_held") > 0, "nothing was held: {st}");
+    assert_eq!(u(&st, "bytes_replayed"), u(&st, "bytes_held"), "{st}");
+}
+
+/// Same IP: the pod is restored behind node B with its address; the origin
+/// keeps the client sockets and its backend sockets continue with the
+/// restored ones.
+#[test]
+fn same_ip_migration_keeps_every_byte() {
+    privileged!();
+    let mut w = World::new("mgs", false, &[PORT]);
+    let streams: Vec<CounterStream> = (0..3)
+        .map(|_| CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let report = w.migrate(&w.plan("mig-same", &[PORT]));
+    std::thread::sleep(Duration::from_millis(500));
+    for s in streams {
+        assert_stream(&s.stop(), &report);
+    }
+    assert_replayed(&w, &report);
+    assert_eq!(u(&report.origin_status, "connections"), 3);
+    // A connection opened after the migration reaches the restored pod.
+    let (_, rr) = request_response(&w.t.client, w.t.pod_addr(PORT), b"after")
+        .expect("new connection after migration");
+    assert!(rr < Duration::from_secs(2));
+    let restored = w.restored.as_ref().expect("restored");
+    assert!(restored.is_alive());
+    w.assert_no_rst();
+    eprintln!(
+        "freeze {:?}, hold {:?}, steps {:?}",
+        report.freeze, report.hold, report.steps
+    );
+}
+
+/// New IP: the pod comes back at a new address (the old one kept on its
+/// `lo`); `translate` on both nodes rewrites exactly the migrated flows.
+#[test]
+fn new_ip_migration_translates_the_migrated_flows() {
+    privileged!();
+    let mut w = World::new("mgn", true, &[PORT]);
+    let s = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
+    std::thread::sleep(Duration::from_millis(500));
+    let fabric = Capture::start(&w.t.node_b, w.t.node_fabric_if());
+    let report = w.migrate(&w.plan("mig-new", &[PORT]));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_stream(&s.stop(), &report);
+    assert_replayed(&w, &report);
+    assert_eq!(
+        report.origin_status["target"],
+        w.t.pod_b_ip.to_string().as_str()
+    );
+    let st = w.origin.cli_json(&["migrate", "status", "--id", "mig-new"]);
+    assert!(
+        u(&st, "packets_translated") > 0,
+        "origin translated nothing: {st}"
+    );
+    let dst = w
+        .dest
+        .http("GET", "/v1/migrations/mig-new/incoming", None)
+        .1;
+    let dst: Value = serde_json::from_str(&dst).expect("incoming status");
+    assert!(
+        u(&dst, "packets_translated") > 0,
+        "destination translated nothing: {dst}"
+    );
+    // New connections go to the new address.
+    request_response(&w.t.client, w.t.pod_addr(PORT), b"after")
+        .expect("new connection after migration");
+    let eps = w.origin.cli_json(&["endpoint", "ls"]);
+    assert_eq!(
+        eps["endpoints"][0]["backend"],
+        w.t.pod_b_addr(PORT).to_string().as_str(),
+        "{eps}"
+    );
+    let wire = fabric.stop();
+    assert_eq!(wire.rsts, 0, "{:#?}", wire.rst_lines);
+    // Between the nodes, the migrated flows carry only the new address.
+    let by_addr = &wire.tcp_by_addr;
+    assert!(
+        by_addr.get(&w.t.pod_b_ip).copied().unwrap_or(0) > 0,
+        "no traffic to the new address on node B's fabric link: {by_addr:?}"
+    );
+    assert_eq!(
+        by_addr.get(&w.t.pod_ip).copied().unwrap_or(0),
+        0,
+        "the old address crossed the fabric: {by_addr:?}"
+    );
+    w.assert_no_rst();
+}
+
+/// A route that races ahead of the restore: node A sends to node B before
+/// the restored sockets exist. Nothing may reset a client.
+#[test]
+fn route_switched_before_restore_resets_nobody() {
+    privileged!();
+    let mut w = World::new("mgr", false, &[PORT]);
+    let s = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut plan = w.plan("mig-route", &[PORT]);
+    plan.routes_before_restore = true;
+    plan.freeze_extra = Duration::from_millis(500);
+    let report = w.migrate(&plan);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_stream(&s.stop(), &report);
+    assert_eq!(
+        report.dest_status["state"], "completed",
+        "{}",
+        report.dest_status
+    );
+    w.assert_no_rst();
+}
+
+/// Reconnect mode: the pod is restored without its TCP connections; the
+/// proxy opens new ones and replays what it held. The client's connection
+/// survives, every value it sent after the hold began is echoed in order.
+#[test]
+fn reconnect_mode_survives_a_restore_without_connections() {
+    privileged!();
+    let mut w = World::new("mgc", false, &[PORT]);
+    let s = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut plan = w.plan("mig-reconnect", &[PORT]);
+    plan.mode = ReleaseMode::Reconnect;
+    let report = w.migrate(&plan);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_stream(&s.stop(), &report);
+    assert_replayed(&w, &report);
+    assert_eq!(report.origin_status["mode"], "reconnect");
+    w.assert_no_rst();
+}
+
+/// A pod with two listening ports in two processes, dumped and restored
+/// together; one migration holds and releases both endpoints atomically.
+#[test]
+fn multi_port_pod_migrates_atomically() {
+    privileged!();
+    let mut w = World::new("mgm", false, &[PORT, PORT2]);
+    let a = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
+    let b = CounterStream::start(&w.t.client, w.t.pod_addr(PORT2), TICK);
+    std::thread::sleep(Duration::from_millis(500));
+    let report = w.migrate(&w.plan("mig-multi", &[PORT, PORT2]));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_stream(&a.stop(), &report);
+    assert_stream(&b.stop(), &report);
+    assert_replayed(&w, &report);
+    assert_eq!(
+        report.origin_status["endpoints"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(u(&report.origin_status, "connections"), 2);
+    let restored = w.restored.as_ref().expect("restored");
+    assert_eq!(
+        controller::process_tree(restored.pid()).len(),
+        2,
+        "both processes restored"
+    );
+    w.assert_no_rst();
+}
+
+/// A failed dump: CRIU rolls back, the controller aborts, the pod keeps
+/// serving where it was and no client notices more than the attempt.
+#[test]
+fn failed_dump_aborts_and_the_pod_keeps_serving() {
+    privileged!();
+    let mut w = World::new("mgf", false, &[PORT]);
+    let s = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut plan = w.plan("mig-fail", &[PORT]);
+    plan.image_limit = Some(64 * 1024);
+    let pod = w.pod.as_mut().expect("pod");
+    let pid = pod.pid();
+    let c = Cluster {
+        topo: &w.t,
+        origin: &w.origin,
+        dest: &w.dest,
+    };
+    let err = controller::migrate(&c, &plan, pid, &mut || {}, &|l| eprintln!("[mig-fail] {l}"))
+        .expect_err("the dump must fail");
+    assert_eq!(err.step, "dump", "{err}");
+    assert!(
+        w.pod.as_ref().is_some_and(Workload::is_alive),
+        "the pod must keep running"
+    );
+    let st = w
+        .origin
+        .cli_json(&["migrate", "status", "--id", "mig-fail"]);
+    assert_eq!(st["state"], "aborted", "{st}");
+    std::thread::sleep(Duration::from_millis(500));
+    let r = s.stop();
+    r.assert_ok();
+    assert!(r.max_gap < Duration::from_secs(2), "{:?}", r.max_gap);
+    request_response(&w.t.client, w.t.pod_addr(PORT), b"still here")
+        .expect("pod still serving at A");
+    w.assert_no_rst();
+}
+
+/// redis-server as the pod, a real client doing SET/GET every 10 ms through
+/// Shepherd across the migration: zero failed commands, and data written
+/// before the migration is readable after it.
+#[test]
+fn redis_survives_migration_with_zero_failed_commands() {
+    privileged!();
+    const REDIS: u16 = 6379;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = TwoNode::new(&unique_prefix("mgd"));
+    let bin = Path::new("/usr/bin/redis-server");
+    assert!(
+        bin.exists(),
+        "redis-server missing: run `cargo xtask setup`"
+    );
+    let redis = Workload::spawn_in(
+        &t.pod_a,
+        bin,
+        [
+            "--bind",
+            &t.pod_ip.to_string(),
+            "--port",
+            &REDIS.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            &dir.path().display().to_string(),
+        ],
+        &dir.path().join("redis.log"),
+    );
+    wait_tcp_ready(
+        &t.client,
+        SocketAddr::V4(t.pod_addr(REDIS)),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}; redis log:\n{}", redis.log()));
+    let mut w = World::finish(dir, t, redis, &[REDIS]);
+    let server = w.t.pod_addr(REDIS);
+    redis_cli(&w.t, server, &["SET", "before-migration", "kept"]);
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (conn, _) =
+        shepherd_tests::stream::connect_in(&w.t.client, server).expect("connect to redis");
+    let (report, (ok, failed, slowest)) = std::thread::scope(|scope| {
+        let stop = &stop;
+        let load = scope.spawn(move || redis_load(conn, stop));
+        std::thread::sleep(Duration::from_millis(500));
+        let plan = w.plan("mig-redis", &[REDIS]);
+        let report = w.migrate(&plan);
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (report, load.join().expect("load thread"))
+    });
+    eprintln!(
+        "redis: {ok} ok, {failed} failed, slowest {slowest:?}, hold {:?}",
+        report.hold
+    );
+    assert_eq!(failed, 0, "failed commands");
+    assert!(ok > 50, "too few commands: {ok}");
+    assert!(
+        slowest <= report.hold + SLACK,
+        "a command took {slowest:?}, hold {:?}",
+        report.hold
+    );
+    assert_eq!(
+        redis_cli(&w.t, server, &["GET", "before-migration"]).trim(),
+        "kept"
+    );
+    assert_replayed(&w, &report);
+    w.assert_no_rst();
+}
+
+/// `redis-cli` from the client namespace; returns its stdout.
+fn redis_cli(t: &TwoNode, server: SocketAddrV4, args: &[&str]) -> String {
+    let out = t.client.exec(
+        &[
+            &[
+                "redis-cli",
+                "-h",
+                &server.ip().to_string(),
+                "-p",
+                &server.port().to_string(),
+            ][..],
+            args,
+        ]
+        .concat(),
+    );
+    assert!(
+        out.status.success(),
+        "redis-cli {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// SET k v then GET k every 10 ms on one connection (RESP by hand) until
+/// `stop`; returns (ok, failed, slowest command).
+fn redis_load(
+    stream: std::net::TcpStream,
+    stop: &std::sync::atomic::AtomicBool,
+) -> (u64, u64, Duration) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    let (mut ok, mut failed, mut slowest) = (0u64, 0u64, Duration::ZERO);
+    let mut i = 0u64;
+    let mut line = String::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let key = format!("k{}", i % 100);
+        let val = i.to_string();
+        let set = format!(
+            "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{val}\r\n",
+            key.len(),
+            val.len()
+        );
+        let get = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+        let t0 = Instant::now();
+        let good = (|| -> std::io::Result<bool> {
+            writer.write_all(set.as_bytes())?;
+            line.clear();
+            reader.read_line(&mut line)?;
+            if line != "+OK\r\n" {
+                return Ok(false);
+            }
+            writer.write_all(get.as_bytes())?;
+            line.clear();
+            reader.read_line(&mut line)?;
+            if line != format!("${}\r\n", val.len()) {
+                return Ok(false);
+            }
+            line.clear();
+            reader.read_line(&mut line)?;
+            Ok(line == format!("{val}\r\n"))
+        })();
+        slowest = slowest.max(t0.elapsed());
+        match good {
+            Ok(true) => ok += 1,
+            _ => {
+                failed += 1;
+                break;
+            }
+        }
+        i += 1;
+        std::thread::sleep(TICK);
+    }
+    (ok, failed, slowest)
+}
