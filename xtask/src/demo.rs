@@ -203,7 +203,6 @@ pub fn run(o: &Options) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn migrate_once(
     echo: &Path,
     dir: &Path,
