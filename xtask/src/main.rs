@@ -1,4 +1,5 @@
 //! Developer tasks. `cargo xtask <task>`; every task is idempotent.
+mod bench;
 mod build_ebpf;
 mod ci;
 mod demo;
@@ -22,8 +23,10 @@ enum Task {
     BuildEbpf(build_ebpf::Options),
     /// setup, fmt check, clippy, unit tests, privileged integration tests.
     Ci(ci::Options),
-    /// A hold/release demonstration on a real namespace topology.
+    /// A real CRIU live migration with and without Shepherd, side by side.
     Demo(demo::Options),
+    /// Benchmarks against the baselines (table, --json, BENCHMARKS.md).
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,5 +35,6 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf(o) => build_ebpf::run(&o),
         Task::Ci(o) => ci::run(&o),
         Task::Demo(o) => demo::run(&o),
+        Task::Bench(o) => bench::run(&o),
     }
 }

@@ -1,0 +1,85 @@
+//! `cargo xtask bench`: Shepherd measured side by side with its baselines in
+//! one run (DESIGN.md "Benchmarks"; issue: migration pause, steady-state
+//! overhead, scale, hold under pressure). These machines are noisy: every
+//! figure is repeated and reported as min/median/max, with the ratio to its
+//! baseline. Benchmarks assert nothing about absolute times; `--quick` runs a
+//! small version of each section so CI keeps the harness from rotting.
+pub mod report;
+pub mod steady;
+
+use crate::util::{self, workspace_root};
+use crate::{build_ebpf, setup};
+use anyhow::{bail, Result};
+use report::Section;
+use std::process::Command;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Small sizes and one repetition: a smoke run of every section (CI).
+    #[arg(long)]
+    pub quick: bool,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Only these sections (migration, steady, scale, pressure); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Write the results to BENCHMARKS.md (the full run does this by default).
+    #[arg(long)]
+    pub write: bool,
+    /// Skip `cargo xtask setup`.
+    #[arg(long)]
+    pub no_setup: bool,
+}
+
+pub fn run(o: &Options) -> Result<()> {
+    if !shepherd_tests::privilege::is_root() {
+        bail!("the benchmarks create network namespaces, load eBPF and run CRIU: run them as root");
+    }
+    if !o.no_setup {
+        setup::run(&setup::Options::default())?;
+    }
+    build_ebpf::build(true)?;
+    util::run(
+        Command::new("cargo")
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "shepherd",
+                "-p",
+                "shepherd-tests",
+                "--bins",
+            ])
+            .current_dir(workspace_root()),
+    )?;
+    // Set before any thread of ours starts (the harness guards read it).
+    std::env::set_var(
+        "SHEPHERD_BIN",
+        workspace_root().join("target/release/shepherd"),
+    );
+    let want = |s: &str| o.only.is_empty() || o.only.iter().any(|x| x == s);
+    let mut sections: Vec<Section> = Vec::new();
+    if want("steady") {
+        sections.push(steady::run(o.quick)?);
+    }
+    let machine = report::Machine::read();
+    if o.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report::to_json(&machine, &sections, o.quick))?
+        );
+    } else {
+        print!("{}", report::to_text(&machine, &sections));
+    }
+    if o.write || (!o.quick && o.only.is_empty()) {
+        report::write_markdown(
+            &workspace_root().join("BENCHMARKS.md"),
+            &machine,
+            &sections,
+            o.quick,
+        )?;
+        eprintln!("bench: wrote BENCHMARKS.md");
+    }
+    Ok(())
+}
