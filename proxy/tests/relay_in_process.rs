@@ -103,6 +103,7 @@ fn hold_req(ep: EndpointAddr) -> HoldRequest {
         endpoints: vec![ep],
         deadline_ms: None,
         quiesce_timeout_ms: None,
+        to: None,
     }
 }
 

@@ -1,18 +1,21 @@
 //! The reference migration controller: how an operator drives Shepherd and
-//! CRIU for one live migration, through the public `shepherd` CLI only.
+//! CRIU for one live migration, through Shepherd's public HTTP API only.
 //!
-//! Sequence (docs/controller-guide.md explains each call):
-//! hold on the origin → (new IP: `target` on the origin) → `incoming` on the
-//! destination → `criu dump --tcp-established` → copy the images → [extra
-//! freeze] → `criu restore` into the pod namespace on node B → switch routes →
-//! `complete` on the destination → `release` on the origin. Every step is
-//! timed. On any failure the controller aborts and leaves the pod running
+//! Sequence (docs/controller-guide.md explains each call), arranged so that
+//! as little as possible happens while clients wait:
+//! shield on the destination (`incoming`, before anything is held) → hold on
+//! the origin (with the new address, if any) → the origin's backend flows to
+//! the destination (`incoming` again, new IP only) → `criu dump
+//! --tcp-established` → copy the images → [extra freeze] → switch routes (safe
+//! before the restore: the destination's shield drops RSTs from the pod's
+//! address) → `criu restore` into the pod namespace on node B → `release` on
+//! the origin → `complete` on the destination. Every step is timed. On any failure the controller aborts and leaves the pod running
 //! where it was: a failed dump is rolled back by CRIU; a failed restore on B
 //! is followed by a restore of the same images on A.
 use crate::agent::Agent;
 use crate::criu::{self, DumpOpts, Images, RestoredProcess, TcpRestore};
 use crate::topology::TwoNode;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
@@ -111,22 +114,16 @@ fn fail(step: &'static str, detail: impl Into<String>) -> ControllerError {
     }
 }
 
-/// Runs the CLI and parses its JSON; `ok_codes` are the exit codes that count
-/// as success.
-fn call(agent: &Agent, args: &[&str], ok_codes: &[i32]) -> Result<Value, String> {
-    let mut argv = args.to_vec();
-    argv.push("--json");
-    let out = agent.cli(&argv);
-    let code = out.status.code().unwrap_or(-1);
-    if !ok_codes.contains(&code) {
-        return Err(format!(
-            "`shepherd {}` exited {code}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+/// One API call; a 2xx answer's JSON, or the agent's error as text.
+fn api(agent: &Agent, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+    let body = body.map(|b| b.to_string());
+    let (code, text) = agent
+        .try_http(method, path, body.as_deref())
+        .map_err(|e| format!("{method} {path}: {e}"))?;
+    if !(200..300).contains(&code) {
+        return Err(format!("{method} {path}: HTTP {code}: {text}"));
     }
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("`shepherd {}`: bad JSON: {e}", args.join(" ")))
+    serde_json::from_str(&text).map_err(|e| format!("{method} {path}: bad JSON ({e}): {text}"))
 }
 
 /// All pids of the process tree rooted at `root` (root first).
@@ -178,7 +175,6 @@ pub fn migrate(
     let mut report = Report::default();
     let t = c.topo;
     let eps: Vec<String> = plan.endpoints.iter().map(|e| e.to_string()).collect();
-    let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
     let new_ip = (!t.same_ip()).then_some(t.pod_b_ip);
     let mode = match plan.mode {
         ReleaseMode::Resume => TcpRestore::Established,
@@ -193,54 +189,65 @@ pub fn migrate(
         progress(&format!("{name}: {} ms", d.as_millis()));
         report.steps.push((name, d));
     };
-    let t_hold = Instant::now();
+    let id = &plan.id;
     let abort = |why: &str| {
         if plan.shepherd {
-            let _ = call(
+            let _ = api(
                 c.origin,
-                &["migrate", "abort", "--id", &plan.id, "--reason", why],
-                &[0],
+                "POST",
+                &format!("/v1/migrations/{id}/abort"),
+                Some(json!({ "reason": why })),
             );
-            let _ = call(c.dest, &["migrate", "complete", "--id", &plan.id], &[0]);
+            let _ = api(
+                c.dest,
+                "POST",
+                &format!("/v1/migrations/{id}/incoming/complete"),
+                None,
+            );
         }
     };
-
+    let incoming_path = format!("/v1/migrations/{id}/incoming");
+    let mut t_hold = Instant::now();
     if plan.shepherd {
         let s = Instant::now();
-        let mut args = vec!["migrate", "hold", "--id", &plan.id];
-        args.extend(&eps);
-        let held = call(c.origin, &args, &[0, 3]).map_err(|e| fail("hold", e))?;
+        api(
+            c.dest,
+            "PUT",
+            &incoming_path,
+            Some(json!({ "endpoints": eps, "to": new_ip, "deadline_ms": 60_000 })),
+        )
+        .map_err(|e| fail("shield destination", e))?;
+        step("shield destination", s, &mut report);
+        t_hold = Instant::now();
+        let held = api(
+            c.origin,
+            "PUT",
+            &format!("/v1/migrations/{id}/hold"),
+            Some(json!({ "endpoints": eps, "to": new_ip })),
+        )
+        .map_err(|e| {
+            abort("hold failed");
+            fail("hold", e)
+        })?;
         if held["quiescent"] != true {
             abort("not quiescent");
             return Err(fail("hold", format!("backends did not quiesce: {held}")));
         }
-        step("hold", s, &mut report);
-        let s = Instant::now();
-        let mut incoming = vec!["migrate", "incoming", "--id", &plan.id, "--deadline", "60s"];
-        incoming.extend(&eps);
-        let to = new_ip.map(|ip| ip.to_string());
-        let flows_file =
-            tempfile::NamedTempFile::new().map_err(|e| fail("prepare", e.to_string()))?;
-        let flows_path = flows_file.path().to_string_lossy().into_owned();
-        if let Some(to) = &to {
-            let st = call(
-                c.origin,
-                &["migrate", "target", "--id", &plan.id, "--to", to],
-                &[0],
+        step("hold", t_hold, &mut report);
+        if new_ip.is_some() {
+            let s = Instant::now();
+            api(
+                c.dest,
+                "PUT",
+                &incoming_path,
+                Some(json!({ "endpoints": eps, "to": new_ip, "flows": held["backend_flows"], "deadline_ms": 60_000 })),
             )
             .map_err(|e| {
-                abort("target failed");
-                fail("target", e)
+                abort("destination not prepared");
+                fail("flows to destination", e)
             })?;
-            std::fs::write(flows_file.path(), st.to_string())
-                .map_err(|e| fail("prepare", e.to_string()))?;
-            incoming.extend(["--to", to, "--flows-from", &flows_path]);
+            step("flows to destination", s, &mut report);
         }
-        call(c.dest, &incoming, &[0]).map_err(|e| {
-            abort("destination not prepared");
-            fail("prepare destination", e)
-        })?;
-        step("prepare destination", s, &mut report);
     }
 
     let images = match plan.image_limit {
@@ -265,7 +272,10 @@ pub fn migrate(
     if !plan.freeze_extra.is_zero() {
         std::thread::sleep(plan.freeze_extra);
     }
-    if plan.routes_before_restore {
+    // With Shepherd the destination's shield makes an early route safe, and it
+    // takes the route change out of the window between restore and release.
+    let routes_early = plan.routes_before_restore || plan.shepherd;
+    if routes_early {
         let s = Instant::now();
         t.switch_routes();
         step("switch routes (before restore)", s, &mut report);
@@ -287,30 +297,31 @@ pub fn migrate(
     };
     report.freeze = t_freeze.elapsed();
     step("restore", s, &mut report);
-    if !plan.routes_before_restore {
+    if !routes_early {
         let s = Instant::now();
         t.switch_routes();
         step("switch routes", s, &mut report);
     }
     if plan.shepherd {
         let s = Instant::now();
-        report.dest_status = call(c.dest, &["migrate", "complete", "--id", &plan.id], &[0])
-            .map_err(|e| fail("complete", e))?;
-        let to = new_ip.map(|ip| ip.to_string());
-        let mut release = vec![
-            "migrate",
-            "release",
-            "--id",
-            &plan.id,
-            "--mode",
-            plan.mode.as_str(),
-        ];
-        if let Some(to) = &to {
-            release.extend(["--to", to]);
-        }
-        report.origin_status = call(c.origin, &release, &[0]).map_err(|e| fail("release", e))?;
+        report.origin_status = api(
+            c.origin,
+            "POST",
+            &format!("/v1/migrations/{id}/release"),
+            Some(json!({ "mode": plan.mode.as_str(), "to": new_ip })),
+        )
+        .map_err(|e| fail("release", e))?;
         report.hold = t_hold.elapsed();
-        step("complete + release", s, &mut report);
+        step("release", s, &mut report);
+        let s = Instant::now();
+        report.dest_status = api(
+            c.dest,
+            "POST",
+            &format!("/v1/migrations/{id}/incoming/complete"),
+            None,
+        )
+        .map_err(|e| fail("complete", e))?;
+        step("complete", s, &mut report);
     }
     Ok((restored, report))
 }

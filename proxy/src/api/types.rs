@@ -45,6 +45,10 @@ pub struct HoldRequest {
     /// How long `hold` waits for the backends to acknowledge everything.
     #[serde(default)]
     pub quiesce_timeout_ms: Option<u64>,
+    /// The pod's new address, if already known: the same as a `target` call
+    /// right after the hold, saved a round trip.
+    #[serde(default)]
+    pub to: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]

@@ -23,6 +23,9 @@ pub enum MigrateCmd {
         /// How long to wait for quiescence (default: the agent's --quiesce-timeout).
         #[arg(long, value_parser = parse_duration)]
         quiesce_timeout: Option<Duration>,
+        /// The pod's new address, if known now (same as `migrate target`).
+        #[arg(long, value_name = "IP")]
+        to: Option<std::net::Ipv4Addr>,
     },
     /// Release a hold: replay held bytes to the pod, in order, then relay normally.
     Release {
@@ -88,9 +91,11 @@ pub fn run(cmd: MigrateCmd, api: &Api, json: bool) -> anyhow::Result<ExitCode> {
             endpoints,
             deadline,
             quiesce_timeout,
+            to,
         } => {
             let body = json!({
                 "endpoints": endpoints,
+                "to": to,
                 "deadline_ms": deadline.map(|d| d.as_millis() as u64),
                 "quiesce_timeout_ms": quiesce_timeout.map(|d| d.as_millis() as u64),
             });

@@ -34,8 +34,9 @@ pub(super) struct Incoming {
 
 impl Control {
     /// Prepares this node for a pod that is about to be restored here.
-    /// Idempotent for the same request; a different one under the same id is
-    /// a conflict.
+    /// Idempotent; a repeat with the same endpoints and address may add flows
+    /// (the shield can go up before the origin holds and knows its flows).
+    /// Different endpoints or address under the same id are a conflict.
     pub fn incoming(
         self: &Arc<Self>,
         id: &str,
@@ -68,13 +69,24 @@ impl Control {
         }
         let registered: Vec<EndpointAddr> = lock(&self.endpoints).keys().copied().collect();
         let mut incoming = lock(&self.incoming);
-        if let Some(existing) = incoming.get(id) {
-            if existing.endpoints == endpoints && existing.to == req.to && existing.flows == flows {
-                return Ok(self.incoming_status_of(existing));
+        if let Some(existing) = incoming.get_mut(id) {
+            if existing.endpoints != endpoints || existing.to != req.to {
+                return Err(ControlError::Conflict(format!(
+                    "incoming migration {id} was prepared with different endpoints or address; use a new id"
+                )));
             }
-            return Err(ControlError::Conflict(format!(
-                "incoming migration {id} was prepared with different endpoints, address or flows; use a new id"
-            )));
+            // Same migration: flows may arrive after the shield (the origin
+            // knows them only once it holds). Add the new ones.
+            let fresh: Vec<BackendFlow> = flows
+                .into_iter()
+                .filter(|f| !existing.flows.contains(f))
+                .collect();
+            if let Some(to) = existing.to {
+                self.translate_flows(&existing.endpoints, to, &fresh)?;
+            }
+            existing.flows.extend(fresh);
+            existing.flows.sort_by_key(|f| (f.node, f.pod_port));
+            return Ok(self.incoming_status_of(existing));
         }
         let mut shielded = Vec::new();
         for e in &endpoints {
@@ -173,6 +185,34 @@ impl Control {
         rec.reason = reason;
         tracing::info!(migration = id, reason = ?rec.reason, "incoming: shield lifted");
         Ok(self.incoming_status_of(rec))
+    }
+
+    /// Installs destination-side translations for `flows`.
+    fn translate_flows(
+        &self,
+        endpoints: &[EndpointAddr],
+        to: Ipv4Addr,
+        flows: &[BackendFlow],
+    ) -> Result<(), ControlError> {
+        for f in flows {
+            let Some(old) = endpoints
+                .iter()
+                .find(|e| e.0.port() == f.pod_port)
+                .map(|e| *e.0.ip())
+            else {
+                continue;
+            };
+            self.intercept.set_translation(
+                FlowKey::new(f.node.ip().octets(), f.node.port(), f.pod_port),
+                Translation {
+                    old_addr: u32::from_ne_bytes(old.octets()),
+                    new_addr: u32::from_ne_bytes(to.octets()),
+                    role: ROLE_DEST,
+                    _pad: 0,
+                },
+            )?;
+        }
+        Ok(())
     }
 
     pub fn incoming_status(&self, id: &str) -> Result<IncomingStatus, ControlError> {

@@ -149,6 +149,10 @@ impl Control {
             let took = started.elapsed();
             m.quiesce = Some(if quiesced { Ok(took) } else { Err(took) });
         }
+        if let Some(to) = req.to {
+            drop(migs);
+            return self.target(id, to);
+        }
         Ok(self.status_of(m))
     }
 
