@@ -526,6 +526,18 @@ pub enum TcpRestore {
     Close,
 }
 
+/// The network lock CRIU uses: `SHEPHERD_CRIU_LOCK` = `iptables` (default,
+/// the one TOOLCHAIN.md measured), `nftables`, or `skip` (no lock: only safe
+/// when every peer of the pod's connections is a Shepherd proxy that holds
+/// them, as in the scale benchmark).
+fn network_lock() -> &'static str {
+    match std::env::var("SHEPHERD_CRIU_LOCK").as_deref() {
+        Ok("nftables") => "nftables",
+        Ok("skip") => "skip",
+        _ => "iptables",
+    }
+}
+
 /// Options of [`dump`] beyond what every dump here uses.
 #[derive(Debug, Clone, Default)]
 pub struct DumpOpts {
@@ -566,7 +578,7 @@ pub fn dump(
         &images.path().to_string_lossy(),
         "--tcp-established",
         "--network-lock",
-        "iptables",
+        network_lock(),
         "-o",
         &log.to_string_lossy(),
         "-v4",

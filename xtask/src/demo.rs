@@ -7,19 +7,12 @@
 //! (default: the pod gets a new IP, resume mode), once with CRIU alone (same
 //! IP: CRIU alone cannot change it). It prints, side by side, what the client
 //! saw. Everything it creates is removed when it ends, also on error.
+use crate::scenario::{migrate_once, Outcome, Scenario};
 use crate::util::{self, workspace_root};
 use crate::{build_ebpf, setup};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use shepherd_tests::agent::Agent;
-use shepherd_tests::capture::Capture;
-use shepherd_tests::controller::{self, Cluster, Plan, ReleaseMode};
-use shepherd_tests::names::unique_prefix;
-use shepherd_tests::process::{wait_tcp_ready, Workload};
-use shepherd_tests::stream::CounterStream;
-use shepherd_tests::topology::TwoNode;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::Path;
+use shepherd_tests::controller::ReleaseMode;
 use std::process::Command;
 use std::time::Duration;
 
@@ -42,21 +35,6 @@ pub struct Options {
     /// Skip `cargo xtask setup`.
     #[arg(long)]
     no_setup: bool,
-}
-
-const PORT: u16 = 7000;
-
-/// What the client saw in one migration.
-struct Outcome {
-    freeze: Duration,
-    longest_pause: Duration,
-    rsts: u64,
-    bytes_sent: u64,
-    bytes_verified: u64,
-    errors: Vec<String>,
-    steps: Vec<(&'static str, Duration)>,
-    bytes_held: u64,
-    bytes_replayed: u64,
 }
 
 pub fn run(o: &Options) -> Result<()> {
@@ -108,17 +86,16 @@ pub fn run(o: &Options) -> Result<()> {
         if o.same_ip { "same IP" } else { "new IP" },
         o.mode
     ));
-    let with = migrate_once(&echo, scratch.path(), true, !o.same_ip, mode, extra, &say)?;
+    let shepherd = Scenario {
+        shepherd: true,
+        new_ip: !o.same_ip,
+        mode,
+        freeze_extra: extra,
+        probe: true,
+    };
+    let with = migrate_once(&echo, scratch.path(), &shepherd, &say)?;
     say("CRIU alone (same IP; no Shepherd): the same migration");
-    let alone = migrate_once(
-        &echo,
-        scratch.path(),
-        false,
-        false,
-        ReleaseMode::Resume,
-        extra,
-        &say,
-    )?;
+    let alone = migrate_once(&echo, scratch.path(), &Scenario::criu_alone(extra), &say)?;
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     if o.json {
@@ -133,6 +110,7 @@ pub fn run(o: &Options) -> Result<()> {
                 "client_errors": x.errors,
                 "bytes_held": x.bytes_held,
                 "bytes_replayed": x.bytes_replayed,
+                "probe_connect_to_first_response_ms": x.probe.map(ms),
                 "steps_ms": x.steps.iter().map(|(n, d)| json!({"step": n, "ms": ms(*d)})).collect::<Vec<_>>(),
             })
         };
@@ -201,107 +179,4 @@ pub fn run(o: &Options) -> Result<()> {
         bail!("with Shepherd the client did not get every byte cleanly");
     }
     Ok(())
-}
-
-fn migrate_once(
-    echo: &Path,
-    dir: &Path,
-    shepherd: bool,
-    new_ip: bool,
-    mode: ReleaseMode,
-    freeze_extra: Duration,
-    say: &dyn Fn(&str),
-) -> Result<Outcome> {
-    let t = if new_ip {
-        TwoNode::new_ip(&unique_prefix("demo"))
-    } else {
-        TwoNode::new(&unique_prefix("demo"))
-    };
-    let listen = if new_ip {
-        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT)
-    } else {
-        t.pod_addr(PORT)
-    };
-    let log = dir.join(if shepherd {
-        "pod-shepherd.log"
-    } else {
-        "pod-alone.log"
-    });
-    let mut pod = Workload::spawn_in(&t.pod_a, echo, ["--listen", &listen.to_string()], &log);
-    let ep = t.pod_addr(PORT);
-    wait_tcp_ready(&t.client, SocketAddr::V4(ep), Duration::from_secs(10))
-        .context("the echo pod did not come up")?;
-    let args = [
-        "--intercept-iface",
-        t.node_fabric_if(),
-        "--shield-iface",
-        t.node_pod_if(),
-    ];
-    let origin = Agent::start(&t.node_a, args);
-    let dest = Agent::start(&t.node_b, args);
-    if shepherd {
-        let out = origin.cli(&["endpoint", "add", &ep.to_string()]);
-        if !out.status.success() {
-            bail!("endpoint add: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        say(&format!(
-            "  agents on node A and node B; endpoint {ep} registered on node A"
-        ));
-    }
-    let capture = Capture::start(&t.client, t.client_if());
-    let stream = CounterStream::start(&t.client, ep, Duration::from_millis(10));
-    say("  client streaming an 8-byte counter every 10 ms");
-    std::thread::sleep(Duration::from_secs(1));
-    let mut plan = Plan::new(
-        if shepherd {
-            "demo-shepherd"
-        } else {
-            "demo-alone"
-        },
-        vec![ep],
-    );
-    plan.shepherd = shepherd;
-    plan.mode = mode;
-    plan.freeze_extra = freeze_extra;
-    let cluster = Cluster {
-        topo: &t,
-        origin: &origin,
-        dest: &dest,
-    };
-    let pid = pod.pid();
-    let (restored, report) = controller::migrate(
-        &cluster,
-        &plan,
-        pid,
-        &mut || {
-            pod.wait_exit(Duration::from_secs(10));
-        },
-        &|line| say(&format!("  {line}")),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-    std::thread::sleep(Duration::from_millis(1500));
-    let r = stream.stop();
-    let wire = capture.stop();
-    let status = if shepherd {
-        let out = origin.cli(&["migrate", "status", "--id", &plan.id, "--json"]);
-        serde_json::from_slice(&out.stdout).unwrap_or_default()
-    } else {
-        serde_json::Value::Null
-    };
-    drop(restored);
-    drop(dest);
-    drop(origin);
-    drop(pod);
-    drop(t);
-    Ok(Outcome {
-        freeze: report.freeze,
-        longest_pause: r.max_gap,
-        rsts: wire.rsts,
-        bytes_sent: r.sent * 8,
-        bytes_verified: if r.is_ok() { r.received * 8 } else { 0 },
-        errors: r.io_errors.clone(),
-        steps: report.steps,
-        bytes_held: status["bytes_held"].as_u64().unwrap_or(0),
-        bytes_replayed: status["bytes_replayed"].as_u64().unwrap_or(0),
-    })
 }

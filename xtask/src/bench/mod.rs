@@ -4,7 +4,10 @@
 //! figure is repeated and reported as min/median/max, with the ratio to its
 //! baseline. Benchmarks assert nothing about absolute times; `--quick` runs a
 //! small version of each section so CI keeps the harness from rotting.
+pub mod migration;
+pub mod pressure;
 pub mod report;
+pub mod scale;
 pub mod steady;
 
 use crate::util::{self, workspace_root};
@@ -60,6 +63,24 @@ pub fn run(o: &Options) -> Result<()> {
     );
     let want = |s: &str| o.only.is_empty() || o.only.iter().any(|x| x == s);
     let mut sections: Vec<Section> = Vec::new();
+    if want("migration") {
+        sections.push(migration::run(
+            o.quick,
+            &workspace_root().join("target/release"),
+        )?);
+    }
+    if want("scale") {
+        sections.push(scale::run(
+            o.quick,
+            &workspace_root().join("target/release"),
+        )?);
+    }
+    if want("pressure") {
+        sections.push(pressure::run(
+            o.quick,
+            &workspace_root().join("target/release"),
+        )?);
+    }
     if want("steady") {
         sections.push(steady::run(o.quick)?);
     }
