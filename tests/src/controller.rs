@@ -126,30 +126,8 @@ fn api(agent: &Agent, method: &str, path: &str, body: Option<Value>) -> Result<V
     serde_json::from_str(&text).map_err(|e| format!("{method} {path}: bad JSON ({e}): {text}"))
 }
 
-/// All pids of the process tree rooted at `root` (root first).
-pub fn process_tree(root: u32) -> Vec<u32> {
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        let pid = out[i];
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-            for t in tasks.flatten() {
-                let children =
-                    std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-                out.extend(
-                    children
-                        .split_whitespace()
-                        .filter_map(|c| c.parse::<u32>().ok()),
-                );
-            }
-        }
-        i += 1;
-    }
-    out
-}
-
 /// Reaps `pid` if it is our (sub-reaped) child, waiting up to `timeout`.
-fn reap(pid: u32, timeout: Duration) {
+pub fn reap(pid: u32, timeout: Duration) {
     let until = Instant::now() + timeout;
     loop {
         let mut status = 0;
@@ -183,7 +161,7 @@ pub fn migrate(
     // Orphans of the dumped tree must be reaped by us, or their pids stay
     // taken and the restore fails.
     criu::become_subreaper().map_err(|e| fail("setup", format!("PR_SET_CHILD_SUBREAPER: {e}")))?;
-    let tree = process_tree(pod_pid);
+    let tree = crate::process::process_tree(pod_pid);
     let step = |name: &'static str, start: Instant, report: &mut Report| {
         let d = start.elapsed();
         progress(&format!("{name}: {} ms", d.as_millis()));

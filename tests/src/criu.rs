@@ -808,11 +808,34 @@ impl RestoredProcess {
     }
 }
 
+/// Reaps the listed pids (children of a restored root, reparented to us once
+/// the root is gone) when dropped.
+struct ReapLater(Vec<u32>);
+
+impl Drop for ReapLater {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            crate::controller::reap(*pid, Duration::from_secs(2));
+        }
+    }
+}
+
 impl Drop for RestoredProcess {
     fn drop(&mut self) {
         if !self.is_same_process() {
             return;
         }
+        // The restored tree may have more processes (a pod of two): they are
+        // ours too. Kill them first; as the subreaper we reap them below.
+        let descendants: Vec<u32> = crate::process::process_tree(self.pid)
+            .into_iter()
+            .skip(1)
+            .collect();
+        for pid in &descendants {
+            let _ = signal_pid(*pid, libc::SIGKILL);
+        }
+        // Reaped after the root: its dead children are reparented to us then.
+        let _reap_descendants = ReapLater(descendants);
         if let Err(e) = signal_pid(self.pid, libc::SIGKILL) {
             if e.raw_os_error() != Some(libc::ESRCH) {
                 eprintln!("warning: SIGKILL restored process {}: {e}", self.pid);

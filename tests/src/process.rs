@@ -197,3 +197,26 @@ pub fn wait_tcp_ready(ns: &Netns, addr: SocketAddr, timeout: Duration) -> io::Re
         }
     }
 }
+
+/// All pids of the process tree rooted at `root`, root first (read from
+/// `/proc/PID/task/TID/children`).
+pub fn process_tree(root: u32) -> Vec<u32> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let pid = out[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                let children =
+                    std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                out.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+        i += 1;
+    }
+    out
+}

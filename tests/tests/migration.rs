@@ -337,12 +337,16 @@ fn multi_port_pod_migrates_atomically() {
         Some(2)
     );
     assert_eq!(u(&report.origin_status, "connections"), 2);
-    let restored = w.restored.as_ref().expect("restored");
-    assert_eq!(
-        controller::process_tree(restored.pid()).len(),
-        2,
-        "both processes restored"
-    );
+    let restored = w.restored.take().expect("restored");
+    let tree = shepherd_tests::process::process_tree(restored.pid());
+    assert_eq!(tree.len(), 2, "both processes restored: {tree:?}");
+    drop(restored);
+    for pid in tree {
+        assert!(
+            !shepherd_tests::process::pid_alive(pid),
+            "restored process {pid} left behind"
+        );
+    }
     w.assert_no_rst();
 }
 
