@@ -1,7 +1,8 @@
 //! `cargo xtask ci`: the project's whole test command, as CI runs it.
 //!
 //! setup → fmt check → build-ebpf → clippy (userspace and eBPF) → unit tests
-//! → privileged integration tests (root; single-threaded, real namespaces).
+//! → privileged integration tests (root; single-threaded, real namespaces)
+//! → `bench --quick` (so the benchmark harness cannot rot).
 use crate::util::{self, workspace_root};
 use crate::{build_ebpf, setup};
 use anyhow::{bail, Result};
@@ -66,6 +67,18 @@ pub fn run(o: &Options) -> Result<()> {
     }
     t.args(["--test-threads=1"]).env("SHEPHERD_BIN", &bin);
     util::run(&mut t)?;
+    if o.filter.is_none() {
+        // Once, small: the benchmark harness must keep working (no timing
+        // assertions; benchmarks are not tests).
+        step("bench --quick");
+        crate::bench::run(&crate::bench::Options {
+            quick: true,
+            json: false,
+            only: Vec::new(),
+            write: false,
+            no_setup: true,
+        })?;
+    }
     eprintln!("\n=== ci: all green in {:.0?}", t0.elapsed());
     Ok(())
 }
