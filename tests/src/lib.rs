@@ -23,6 +23,8 @@
 //! - [`inject`]: crafted packets (a RST with a chosen source).
 //! - [`stream`]: client-side measurements (ordered counter stream, bulk echo,
 //!   request/response timing).
+//! - [`bench`]: load generators for `cargo xtask bench` (bulk echo, request/
+//!   response latency, connection rate), each verifying what comes back.
 //! - [`agent`]: the [`agent::Agent`] guard for the `shepherd` binary, its CLI
 //!   and its HTTP API over the Unix socket.
 //!
@@ -30,6 +32,7 @@
 //! tests get its path with [`echo_bin!`].
 
 pub mod agent;
+pub mod bench;
 pub mod capture;
 pub mod controller;
 pub mod criu;
