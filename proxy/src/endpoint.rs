@@ -80,6 +80,8 @@ pub struct HoldStats {
     pub connections_closed: AtomicU64,
     /// Why the last of those was closed.
     pub close_reason: Mutex<Option<String>>,
+    /// Signalled each time a connection records itself quiescent.
+    pub quiesced: tokio::sync::Notify,
 }
 
 impl HoldStats {

@@ -186,6 +186,9 @@ pub fn migrate(
     };
     let incoming_path = format!("/v1/migrations/{id}/incoming");
     let mut t_hold = Instant::now();
+    // New IP: the destination's translations, sent while the dump runs (they
+    // only matter once the restored sockets exist).
+    let mut flows: Option<Value> = None;
     if plan.shepherd {
         let s = Instant::now();
         api(
@@ -213,18 +216,9 @@ pub fn migrate(
         }
         step("hold", t_hold, &mut report);
         if new_ip.is_some() {
-            let s = Instant::now();
-            api(
-                c.dest,
-                "PUT",
-                &incoming_path,
-                Some(json!({ "endpoints": eps, "to": new_ip, "flows": held["backend_flows"], "deadline_ms": 60_000 })),
-            )
-            .map_err(|e| {
-                abort("destination not prepared");
-                fail("flows to destination", e)
-            })?;
-            step("flows to destination", s, &mut report);
+            flows = Some(
+                json!({ "endpoints": eps, "to": new_ip, "flows": held["backend_flows"], "deadline_ms": 60_000 }),
+            );
         }
     }
 
@@ -233,12 +227,39 @@ pub fn migrate(
         None => Images::new(),
     };
     let t_freeze = Instant::now();
-    if let Err(e) = criu::dump(&t.pod_a, pod_pid, &images, &DumpOpts::default()) {
+    let (dumped, flows_sent) = std::thread::scope(|scope| {
+        let sender = flows.take().map(|body| {
+            let path = &incoming_path;
+            scope.spawn(move || {
+                let s = Instant::now();
+                api(c.dest, "PUT", path, Some(body)).map(|_| s.elapsed())
+            })
+        });
+        let dumped = criu::dump(&t.pod_a, pod_pid, &images, &DumpOpts::default());
+        let sent = sender.map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err("flows thread panicked".into()))
+        });
+        (dumped, sent)
+    });
+    if let Err(e) = dumped {
         // CRIU rolled the dump back: the pod runs on where it was.
         abort("dump failed");
         return Err(fail("dump", e.to_string()));
     }
     step("dump", t_freeze, &mut report);
+    let flows_error = match flows_sent {
+        Some(Ok(took)) => {
+            progress(&format!(
+                "flows to destination (during the dump): {} ms",
+                took.as_millis()
+            ));
+            report.steps.push(("flows to destination", took));
+            None
+        }
+        Some(Err(e)) => Some(e),
+        None => None,
+    };
     reap_root();
     for pid in tree.iter().skip(1) {
         reap(*pid, Duration::from_secs(2));
@@ -259,7 +280,13 @@ pub fn migrate(
         step("switch routes (before restore)", s, &mut report);
     }
     let s = Instant::now();
-    let restored = match criu::restore(&t.pod_b, &on_b, mode) {
+    let on_dest = match flows_error {
+        Some(e) => Err(format!(
+            "the destination did not take the flows to translate: {e}"
+        )),
+        None => criu::restore(&t.pod_b, &on_b, mode).map_err(|e| e.to_string()),
+    };
+    let restored = match on_dest {
         Ok((p, _)) => p,
         Err(e) => {
             // Put the pod back where it was.
@@ -268,7 +295,7 @@ pub fn migrate(
             abort("restore failed");
             return Err(ControllerError {
                 step: "restore",
-                detail: e.to_string(),
+                detail: e,
                 rolled_back: back,
             });
         }

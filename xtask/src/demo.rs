@@ -92,6 +92,7 @@ pub fn run(o: &Options) -> Result<()> {
         mode,
         freeze_extra: extra,
         probe: true,
+        tick: Duration::from_millis(10),
     };
     let with = migrate_once(&echo, scratch.path(), &shepherd, &say)?;
     say("CRIU alone (same IP; no Shepherd): the same migration");

@@ -45,6 +45,8 @@ pub struct Scenario {
     pub freeze_extra: Duration,
     /// Open a connection during the freeze and time its first response.
     pub probe: bool,
+    /// How often the client sends its counter (the resolution of the pause).
+    pub tick: Duration,
 }
 
 impl Scenario {
@@ -55,6 +57,7 @@ impl Scenario {
             mode: ReleaseMode::Resume,
             freeze_extra,
             probe: true,
+            tick: Duration::from_millis(10),
         }
     }
 }
@@ -66,6 +69,7 @@ pub fn migrate_once(echo: &Path, dir: &Path, sc: &Scenario, say: &dyn Fn(&str)) 
         mode,
         freeze_extra,
         probe,
+        tick,
     } = *sc;
     let t = if new_ip {
         TwoNode::new_ip(&unique_prefix("demo"))
@@ -104,8 +108,11 @@ pub fn migrate_once(echo: &Path, dir: &Path, sc: &Scenario, say: &dyn Fn(&str)) 
         ));
     }
     let capture = Capture::start(&t.client, t.client_if());
-    let stream = CounterStream::start(&t.client, ep, Duration::from_millis(10));
-    say("  client streaming an 8-byte counter every 10 ms");
+    let stream = CounterStream::start(&t.client, ep, tick);
+    say(&format!(
+        "  client streaming an 8-byte counter every {} ms",
+        tick.as_millis()
+    ));
     std::thread::sleep(Duration::from_secs(1));
     let mut plan = Plan::new(
         if shepherd {

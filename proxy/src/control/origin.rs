@@ -118,6 +118,11 @@ impl Control {
         // Wait for quiescence, outside every lock.
         let wait_start = Instant::now();
         let quiesced = loop {
+            // Registered before counting, so a connection that quiesces in
+            // between still wakes us.
+            let notified = stats.quiesced.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             let pending = states
                 .iter()
                 .flat_map(|s| s.connections())
@@ -139,7 +144,12 @@ impl Control {
             if !still_holding {
                 break false;
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            // Connections notify as they quiesce; the timer covers one that
+            // closed instead (it leaves the registry without notifying).
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+            }
         };
         let mut migs = lock(&self.migrations);
         let m = migs

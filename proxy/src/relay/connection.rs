@@ -186,6 +186,7 @@ impl Conn {
                     };
                     if unacked == 0 {
                         self.info.quiesced_epoch.store(h.epoch, Ordering::Release);
+                        h.quiesced.notify_waiters();
                     } else {
                         tick = true;
                     }

@@ -11,6 +11,9 @@ use std::time::Duration;
 
 /// Target freezes (s) and the wait added between dump and restore to reach
 /// them (a dump + restore here take about 0.13 s on their own).
+/// The client's counter interval: the resolution of the measured pause.
+const TICK: Duration = Duration::from_millis(2);
+
 const FREEZES: [(f64, f64); 3] = [(0.2, 0.07), (1.0, 0.87), (3.0, 2.87)];
 
 pub fn run(quick: bool, target_dir: &Path) -> Result<Section> {
@@ -23,12 +26,15 @@ pub fn run(quick: bool, target_dir: &Path) -> Result<Section> {
     std::fs::copy(target_dir.join("shepherd-echo"), &echo).context("copying shepherd-echo")?;
     let quiet = |_: &str| {};
     let mut section = Section {
-        title: "Migration pause (CRIU dump/restore between two nodes; client streams every 10 ms)"
+        title: "Migration pause (CRIU dump/restore between two nodes; the client sends a counter every 2 ms)"
             .into(),
         ..Default::default()
     };
     let mut rsts = Row::new("RSTs on the client's wire (all runs)", "count", false);
     let mut shepherd_medians = Vec::new();
+    let mut rst_runs: std::collections::BTreeMap<(&str, String), (usize, Vec<String>)> =
+        Default::default();
+    let mut probe_failures: std::collections::BTreeMap<(&str, String), usize> = Default::default();
     for &(freeze, extra) in freezes {
         let mut pause = Row::new(&format!("pause - freeze, freeze ~{freeze} s"), "ms", false);
         let mut probe = Row::new(
@@ -44,7 +50,13 @@ pub fn run(quick: bool, target_dir: &Path) -> Result<Section> {
             );
             let extra = Duration::from_secs_f64(extra);
             let variants = [
-                ("criu alone", Scenario::criu_alone(extra)),
+                (
+                    "criu alone",
+                    Scenario {
+                        tick: TICK,
+                        ..Scenario::criu_alone(extra)
+                    },
+                ),
                 (
                     "shepherd (new IP)",
                     Scenario {
@@ -53,6 +65,7 @@ pub fn run(quick: bool, target_dir: &Path) -> Result<Section> {
                         mode: ReleaseMode::Resume,
                         freeze_extra: extra,
                         probe: true,
+                        tick: TICK,
                     },
                 ),
             ];
@@ -66,15 +79,15 @@ pub fn run(quick: bool, target_dir: &Path) -> Result<Section> {
                 }
                 rsts.push(name, o.rsts as f64);
                 if o.rsts > 0 {
-                    section.notes.push(format!(
-                        "{name} at ~{freeze} s: RSTs seen by the client: {:?}",
-                        o.rst_lines
-                    ));
+                    rst_runs
+                        .entry((name, freeze.to_string()))
+                        .or_insert_with(|| (0, o.rst_lines.clone()))
+                        .0 += 1;
                 }
                 if sc.probe && o.probe.is_none() {
-                    section.notes.push(format!(
-                        "{name} at ~{freeze} s: the connection opened during the freeze failed"
-                    ));
+                    *probe_failures
+                        .entry((name, freeze.to_string()))
+                        .or_insert(0) += 1;
                 }
                 if o.bytes_verified != o.bytes_sent || !o.errors.is_empty() {
                     section.notes.push(format!(
@@ -95,6 +108,12 @@ pub fn run(quick: bool, target_dir: &Path) -> Result<Section> {
         section.rows.extend([pause, measured, probe]);
     }
     section.rows.push(rsts);
+    for ((name, freeze), (runs, example)) in &rst_runs {
+        section.notes.push(format!("{name} at ~{freeze} s: RSTs reached the client in {runs} of {reps} runs, e.g. {example:?}"));
+    }
+    for ((name, freeze), n) in &probe_failures {
+        section.notes.push(format!("{name} at ~{freeze} s: the connection opened during the freeze failed in {n} of {reps} runs"));
+    }
     section.notes.push("Freeze = dump start -> restore done, as the controller measured it. Shepherd's pause runs from the hold to the release, so pause - freeze is what Shepherd adds (hold, flows to the destination, release); CRIU alone's is the client's retransmission back-off after the restore (negative when the restored socket's first segment reaches the client before its own retransmission would have).".into());
     for (freeze, med, max) in shepherd_medians {
         section.notes.push(format!(
