@@ -361,6 +361,19 @@ fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// The two agents of a [`TwoNode`](crate::topology::TwoNode) migration: the
+/// origin on node A and the destination on node B, each intercepting on its
+/// fabric interface and shielding (and translating) on its pod interface.
+pub fn start_pair(t: &crate::topology::TwoNode) -> (Agent, Agent) {
+    let args = [
+        "--intercept-iface",
+        t.node_fabric_if(),
+        "--shield-iface",
+        t.node_pod_if(),
+    ];
+    (Agent::start(&t.node_a, args), Agent::start(&t.node_b, args))
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_response;

@@ -93,14 +93,7 @@ impl World {
     }
 
     fn finish(dir: tempfile::TempDir, t: TwoNode, pod: Workload, ports: &[u16]) -> World {
-        let args = [
-            "--intercept-iface",
-            t.node_fabric_if(),
-            "--shield-iface",
-            t.node_pod_if(),
-        ];
-        let origin = Agent::start(&t.node_a, args);
-        let dest = Agent::start(&t.node_b, args);
+        let (origin, dest) = shepherd_tests::agent::start_pair(&t);
         let eps: Vec<String> = ports.iter().map(|p| t.pod_addr(*p).to_string()).collect();
         let mut add = vec!["endpoint", "add"];
         add.extend(eps.iter().map(String::as_str));

@@ -8,12 +8,11 @@
 //! IP: CRIU alone cannot change it). It prints, side by side, what the client
 //! saw. Everything it creates is removed when it ends, also on error.
 use crate::scenario::{migrate_once, Outcome, Scenario};
-use crate::util::{self, workspace_root};
-use crate::{build_ebpf, setup};
+use crate::setup;
+use crate::util;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use shepherd_tests::controller::ReleaseMode;
-use std::process::Command;
 use std::time::Duration;
 
 #[derive(clap::Args)]
@@ -55,23 +54,7 @@ pub fn run(o: &Options) -> Result<()> {
         setup::run(&setup::Options::default())?;
     }
     say("building the eBPF object, the agent and the echo workload");
-    build_ebpf::build(true)?;
-    util::run(
-        Command::new("cargo")
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "shepherd",
-                "-p",
-                "shepherd-tests",
-                "--bins",
-            ])
-            .current_dir(workspace_root()),
-    )?;
-    let target = workspace_root().join("target/release");
-    // Set before any thread of ours starts (the guards read it).
-    std::env::set_var("SHEPHERD_BIN", target.join("shepherd"));
+    let target = util::build_release_binaries()?;
     let scratch = tempfile::Builder::new()
         .prefix("shepherd-demo-")
         .tempdir()?;

@@ -4,7 +4,6 @@
 //! freeze), the reference controller moving the pod to node B with real CRIU,
 //! with or without Shepherd. Returns what the client saw.
 use anyhow::{bail, Context, Result};
-use shepherd_tests::agent::Agent;
 use shepherd_tests::capture::Capture;
 use shepherd_tests::controller::{self, Cluster, Plan, ReleaseMode};
 use shepherd_tests::names::unique_prefix;
@@ -90,14 +89,7 @@ pub fn migrate_once(echo: &Path, dir: &Path, sc: &Scenario, say: &dyn Fn(&str)) 
     let ep = t.pod_addr(PORT);
     wait_tcp_ready(&t.client, SocketAddr::V4(ep), Duration::from_secs(10))
         .context("the echo pod did not come up")?;
-    let args = [
-        "--intercept-iface",
-        t.node_fabric_if(),
-        "--shield-iface",
-        t.node_pod_if(),
-    ];
-    let origin = Agent::start(&t.node_a, args);
-    let dest = Agent::start(&t.node_b, args);
+    let (origin, dest) = shepherd_tests::agent::start_pair(&t);
     if shepherd {
         let out = origin.cli(&["endpoint", "add", &ep.to_string()]);
         if !out.status.success() {

@@ -127,3 +127,26 @@ pub fn path_with_cargo_bin() -> Result<OsString> {
     }
     std::env::join_paths(dirs).context("PATH contains an entry that cannot be joined")
 }
+
+/// Builds what the demo and the benchmarks run — the eBPF object, the
+/// release agent and the harness binaries — and points the harness at the
+/// agent (`SHEPHERD_BIN`). Call before starting any thread. Returns
+/// `target/release`.
+pub fn build_release_binaries() -> Result<PathBuf> {
+    crate::build_ebpf::build(true)?;
+    run(Command::new("cargo")
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "shepherd",
+            "-p",
+            "shepherd-tests",
+            "--bins",
+        ])
+        .current_dir(workspace_root()))?;
+    let target = workspace_root().join("target/release");
+    // Set before any thread of ours starts (the harness guards read it).
+    std::env::set_var("SHEPHERD_BIN", target.join("shepherd"));
+    Ok(target)
+}

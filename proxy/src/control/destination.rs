@@ -13,7 +13,7 @@ use crate::api::types::{BackendFlow, IncomingRequest, IncomingStatus};
 use crate::endpoint::EndpointAddr;
 use crate::error::ControlError;
 use crate::migration;
-use shepherd_common::{EndpointKey, FlowKey, Translation, EP_INTERCEPT, EP_SHIELD, ROLE_DEST};
+use shepherd_common::{EndpointKey, EP_INTERCEPT, EP_SHIELD, ROLE_DEST};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,7 +82,7 @@ impl Control {
                 .filter(|f| !existing.flows.contains(f))
                 .collect();
             if let Some(to) = existing.to {
-                self.translate_flows(&existing.endpoints, to, &fresh)?;
+                self.translate_flows(&existing.endpoints, to, &fresh, ROLE_DEST)?;
             }
             existing.flows.extend(fresh);
             existing.flows.sort_by_key(|f| (f.node, f.pod_port));
@@ -106,24 +106,7 @@ impl Control {
             }
         }
         if let Some(to) = req.to {
-            for f in &flows {
-                let Some(old) = endpoints
-                    .iter()
-                    .find(|e| e.0.port() == f.pod_port)
-                    .map(|e| *e.0.ip())
-                else {
-                    continue;
-                };
-                self.intercept.set_translation(
-                    FlowKey::new(f.node.ip().octets(), f.node.port(), f.pod_port),
-                    Translation {
-                        old_addr: u32::from_ne_bytes(old.octets()),
-                        new_addr: u32::from_ne_bytes(to.octets()),
-                        role: ROLE_DEST,
-                        _pad: 0,
-                    },
-                )?;
-            }
+            self.translate_flows(&endpoints, to, &flows, ROLE_DEST)?;
         }
         let rec = Incoming {
             id: id.to_string(),
@@ -185,34 +168,6 @@ impl Control {
         rec.reason = reason;
         tracing::info!(migration = id, reason = ?rec.reason, "incoming: shield lifted");
         Ok(self.incoming_status_of(rec))
-    }
-
-    /// Installs destination-side translations for `flows`.
-    fn translate_flows(
-        &self,
-        endpoints: &[EndpointAddr],
-        to: Ipv4Addr,
-        flows: &[BackendFlow],
-    ) -> Result<(), ControlError> {
-        for f in flows {
-            let Some(old) = endpoints
-                .iter()
-                .find(|e| e.0.port() == f.pod_port)
-                .map(|e| *e.0.ip())
-            else {
-                continue;
-            };
-            self.intercept.set_translation(
-                FlowKey::new(f.node.ip().octets(), f.node.port(), f.pod_port),
-                Translation {
-                    old_addr: u32::from_ne_bytes(old.octets()),
-                    new_addr: u32::from_ne_bytes(to.octets()),
-                    role: ROLE_DEST,
-                    _pad: 0,
-                },
-            )?;
-        }
-        Ok(())
     }
 
     pub fn incoming_status(&self, id: &str) -> Result<IncomingStatus, ControlError> {

@@ -222,3 +222,41 @@ impl Control {
         out
     }
 }
+
+impl Control {
+    /// Starts translating `flows` between each one's endpoint address (old)
+    /// and `to` (new), for this node's `role` (origin or destination). Flows
+    /// whose pod port matches no endpoint, or whose address does not change,
+    /// are skipped. Returns the flows installed.
+    fn translate_flows(
+        &self,
+        endpoints: &[EndpointAddr],
+        to: Ipv4Addr,
+        flows: &[crate::api::types::BackendFlow],
+        role: u32,
+    ) -> Result<Vec<shepherd_common::FlowKey>, ControlError> {
+        let mut installed = Vec::new();
+        for f in flows {
+            let old = endpoints
+                .iter()
+                .find(|e| e.0.port() == f.pod_port)
+                .map(|e| *e.0.ip());
+            let Some(old) = old.filter(|o| *o != to) else {
+                continue;
+            };
+            let key =
+                shepherd_common::FlowKey::new(f.node.ip().octets(), f.node.port(), f.pod_port);
+            self.intercept.set_translation(
+                key,
+                shepherd_common::Translation {
+                    old_addr: u32::from_ne_bytes(old.octets()),
+                    new_addr: u32::from_ne_bytes(to.octets()),
+                    role,
+                    _pad: 0,
+                },
+            )?;
+            installed.push(key);
+        }
+        Ok(installed)
+    }
+}

@@ -6,7 +6,7 @@ use crate::api::types::{BackendFlow, HoldRequest, MigrationStatus};
 use crate::endpoint::{EndpointState, HoldStats, Mode};
 use crate::error::ControlError;
 use crate::migration::{self, Phase, ReleaseMode, Request, Step};
-use shepherd_common::{FlowKey, Translation, EP_INTERCEPT, EP_SHIELD, ROLE_ORIGIN};
+use shepherd_common::{EP_INTERCEPT, EP_SHIELD, ROLE_ORIGIN};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -363,27 +363,9 @@ impl Control {
                 m.phase
             )));
         }
-        for flow in backend_flows(&m.states) {
-            let old = m
-                .endpoints
-                .iter()
-                .find(|e| e.0.port() == flow.pod_port)
-                .map(|e| *e.0.ip());
-            let Some(old) = old.filter(|o| *o != to) else {
-                continue;
-            };
-            let key = FlowKey::new(flow.node.ip().octets(), flow.node.port(), flow.pod_port);
-            self.intercept.set_translation(
-                key,
-                Translation {
-                    old_addr: u32::from_ne_bytes(old.octets()),
-                    new_addr: u32::from_ne_bytes(to.octets()),
-                    role: ROLE_ORIGIN,
-                    _pad: 0,
-                },
-            )?;
-            m.translated.push(key);
-        }
+        let flows = backend_flows(&m.states);
+        let installed = self.translate_flows(&m.endpoints, to, &flows, ROLE_ORIGIN)?;
+        m.translated.extend(installed);
         m.target = Some(to);
         tracing::info!(migration = id, %to, flows = m.translated.len(), "target set; translating backend flows");
         Ok(self.status_of(m))

@@ -10,11 +10,10 @@ pub mod report;
 pub mod scale;
 pub mod steady;
 
+use crate::setup;
 use crate::util::{self, workspace_root};
-use crate::{build_ebpf, setup};
 use anyhow::{bail, Result};
 use report::Section;
-use std::process::Command;
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -42,44 +41,17 @@ pub fn run(o: &Options) -> Result<()> {
     if !o.no_setup {
         setup::run(&setup::Options::default())?;
     }
-    build_ebpf::build(true)?;
-    util::run(
-        Command::new("cargo")
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "shepherd",
-                "-p",
-                "shepherd-tests",
-                "--bins",
-            ])
-            .current_dir(workspace_root()),
-    )?;
-    // Set before any thread of ours starts (the harness guards read it).
-    std::env::set_var(
-        "SHEPHERD_BIN",
-        workspace_root().join("target/release/shepherd"),
-    );
+    let target = util::build_release_binaries()?;
     let want = |s: &str| o.only.is_empty() || o.only.iter().any(|x| x == s);
     let mut sections: Vec<Section> = Vec::new();
     if want("migration") {
-        sections.push(migration::run(
-            o.quick,
-            &workspace_root().join("target/release"),
-        )?);
+        sections.push(migration::run(o.quick, &target)?);
     }
     if want("scale") {
-        sections.push(scale::run(
-            o.quick,
-            &workspace_root().join("target/release"),
-        )?);
+        sections.push(scale::run(o.quick, &target)?);
     }
     if want("pressure") {
-        sections.push(pressure::run(
-            o.quick,
-            &workspace_root().join("target/release"),
-        )?);
+        sections.push(pressure::run(o.quick, &target)?);
     }
     if want("steady") {
         sections.push(steady::run(o.quick)?);

@@ -4,7 +4,6 @@
 //! connection, idle and under hold.
 use super::report::{Row, Section};
 use anyhow::{bail, Context, Result};
-use shepherd_tests::agent::Agent;
 use shepherd_tests::controller::{self, Cluster, Plan};
 use shepherd_tests::names::unique_prefix;
 use shepherd_tests::netns::in_netns;
@@ -131,14 +130,7 @@ fn one(n: usize, target_dir: &Path) -> Result<ScaleResult> {
         &scratch.path().join("pod.log"),
     );
     wait_tcp_ready(&t.client, SocketAddr::V4(ep), Duration::from_secs(10))?;
-    let args = [
-        "--intercept-iface",
-        t.node_fabric_if(),
-        "--shield-iface",
-        t.node_pod_if(),
-    ];
-    let origin = Agent::start(&t.node_a, args);
-    let dest = Agent::start(&t.node_b, args);
+    let (origin, dest) = shepherd_tests::agent::start_pair(&t);
     let out = origin.cli(&["endpoint", "add", &ep.to_string()]);
     if !out.status.success() {
         bail!("endpoint add: {}", String::from_utf8_lossy(&out.stderr));
