@@ -16,7 +16,7 @@ pub fn is_root() -> bool {
 }
 
 /// Returns true when `test` may run (we are root). When not root: returns false
-/// after printing "skipped <test>: needs root" if `SHEPHERD_SKIP_PRIVILEGED=1`,
+/// after printing "skipped TEST: needs root" if `SHEPHERD_SKIP_PRIVILEGED=1`,
 /// and panics otherwise.
 pub fn require_privileged(test: &str) -> bool {
     decide(test, is_root(), std::env::var(SKIP_ENV).ok().as_deref())
