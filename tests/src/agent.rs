@@ -361,6 +361,20 @@ fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// The agent of a [`SingleNode`](crate::topology::SingleNode): intercepting on
+/// the client-facing interface, shielding on the pod-facing one, plus `extra`
+/// flags.
+pub fn start_single(t: &crate::topology::SingleNode, extra: &[&str]) -> Agent {
+    let mut args = vec![
+        "--intercept-iface",
+        t.node_client_if(),
+        "--shield-iface",
+        t.node_pod_if(),
+    ];
+    args.extend_from_slice(extra);
+    Agent::start(&t.node, args)
+}
+
 /// The two agents of a [`TwoNode`](crate::topology::TwoNode) migration: the
 /// origin on node A and the destination on node B, each intercepting on its
 /// fabric interface and shielding (and translating) on its pod interface.

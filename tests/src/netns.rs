@@ -129,6 +129,18 @@ fn check(what: &str, out: Output) -> String {
 }
 
 /// `/run/netns/NAME`.
+/// Names from `ip netns list` ("NAME" or "NAME (id: N)").
+pub fn list() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
 pub fn netns_path(name: &str) -> PathBuf {
     Path::new("/run/netns").join(name)
 }

@@ -112,6 +112,21 @@ struct CounterState {
     eof: bool,
 }
 
+impl CounterState {
+    /// Nothing received yet; in order until proven otherwise.
+    fn new() -> CounterState {
+        CounterState {
+            received: 0,
+            expected: 0,
+            in_order: true,
+            first_error: None,
+            arrivals: Vec::new(),
+            max_gap: Duration::ZERO,
+            eof: false,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct CounterShared {
     stop_writing: AtomicBool,
@@ -161,15 +176,7 @@ impl CounterStream {
             stop_writing: AtomicBool::new(false),
             eof_deadline: Mutex::new(None),
             sent: AtomicU64::new(0),
-            state: Mutex::new(CounterState {
-                received: 0,
-                expected: 0,
-                in_order: true,
-                first_error: None,
-                arrivals: Vec::new(),
-                max_gap: Duration::ZERO,
-                eof: false,
-            }),
+            state: Mutex::new(CounterState::new()),
             io_errors: Mutex::new(Vec::new()),
         });
         let w = stream.try_clone().expect("counter stream: clone socket");
@@ -567,15 +574,7 @@ mod tests {
 
     #[test]
     fn counter_checks_order_and_gaps() {
-        let mut st = CounterState {
-            received: 0,
-            expected: 0,
-            in_order: true,
-            first_error: None,
-            arrivals: Vec::new(),
-            max_gap: Duration::ZERO,
-            eof: false,
-        };
+        let mut st = CounterState::new();
         let t = Instant::now();
         counter_value(&mut st, 0, t);
         counter_value(&mut st, 1, t + Duration::from_millis(5));

@@ -6,7 +6,6 @@
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use shepherd_tests::capture::Capture;
@@ -95,18 +94,6 @@ fn wait_received(counter: &CounterStream, from: u64, more: u64, timeout: Duratio
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Names from `ip netns list` ("NAME" or "NAME (id: N)").
-fn netns_list() -> Vec<String> {
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -515,7 +502,7 @@ fn criu_guards_clean_up() {
         let small = Images::on_tmpfs(4096);
         assert!(mounted(small.path()), "tmpfs not mounted");
 
-        let listed = netns_list();
+        let listed = shepherd_tests::netns::list();
         for role in ["fab", "cli", "nodea", "nodeb", "poda", "podb"] {
             let name = format!("{prefix}{role}");
             assert!(listed.contains(&name), "{name} missing: {listed:?}");
@@ -531,7 +518,7 @@ fn criu_guards_clean_up() {
         }
         (restored.pid(), roots, small.path().to_owned())
     };
-    let left: Vec<String> = netns_list()
+    let left: Vec<String> = shepherd_tests::netns::list()
         .into_iter()
         .filter(|n| n.starts_with(&prefix))
         .collect();

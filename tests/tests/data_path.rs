@@ -37,14 +37,7 @@ impl World {
         let t = SingleNode::new(&unique_prefix(tag));
         let echo = start_echo(&t, dir.path());
         let capture = Some(Capture::start(&t.client, t.client_if()));
-        let mut args = vec![
-            "--intercept-iface",
-            t.node_client_if(),
-            "--shield-iface",
-            t.node_pod_if(),
-        ];
-        args.extend_from_slice(agent_args);
-        let agent = Agent::start(&t.node, &args);
+        let agent = shepherd_tests::agent::start_single(&t, agent_args);
         World {
             capture,
             agent,

@@ -6,7 +6,6 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::process::Command;
 use std::time::Duration;
 
 use shepherd_tests::capture::Capture;
@@ -138,31 +137,19 @@ fn guards_remove_namespaces_and_processes() {
     let pid = {
         let t = SingleNode::new(&prefix);
         let echo = start_echo(&t, dir.path());
-        let listed = netns_list();
+        let listed = shepherd_tests::netns::list();
         for role in ["cli", "node", "pod"] {
             let name = format!("{prefix}{role}");
             assert!(listed.contains(&name), "{name} missing: {listed:?}");
         }
         echo.pid()
     };
-    let left: Vec<String> = netns_list()
+    let left: Vec<String> = shepherd_tests::netns::list()
         .into_iter()
         .filter(|n| n.starts_with(&prefix))
         .collect();
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
     assert!(!pid_alive(pid), "workload {pid} still alive");
-}
-
-/// Names from `ip netns list` ("NAME" or "NAME (id: N)").
-fn netns_list() -> Vec<String> {
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .collect()
 }
 
 #[test]

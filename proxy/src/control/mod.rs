@@ -49,8 +49,6 @@ struct Migration {
     target: Option<Ipv4Addr>,
     /// The held endpoints' live state (so status never needs the endpoints lock).
     states: Vec<Arc<EndpointState>>,
-    /// Backend flows whose pod address this node translates (origin role).
-    translated: Vec<shepherd_common::FlowKey>,
 }
 
 pub struct Control {

@@ -106,7 +106,6 @@ impl Control {
                         rsts_at_start,
                         target: None,
                         states: states.clone(),
-                        translated: Vec::new(),
                     },
                 );
                 tracing::info!(migration = id, endpoints = ?wanted, ?deadline, "hold");
@@ -365,9 +364,8 @@ impl Control {
         }
         let flows = backend_flows(&m.states);
         let installed = self.translate_flows(&m.endpoints, to, &flows, ROLE_ORIGIN)?;
-        m.translated.extend(installed);
         m.target = Some(to);
-        tracing::info!(migration = id, %to, flows = m.translated.len(), "target set; translating backend flows");
+        tracing::info!(migration = id, %to, flows = installed.len(), "target set; translating backend flows");
         Ok(self.status_of(m))
     }
 }

@@ -4,7 +4,6 @@
 //! the cap and the time from release to the last byte delivered.
 use super::report::{Row, Section};
 use anyhow::{bail, Result};
-use shepherd_tests::agent::Agent;
 use shepherd_tests::names::unique_prefix;
 use shepherd_tests::process::{wait_tcp_ready, Workload};
 use shepherd_tests::stream::bulk_echo;
@@ -66,18 +65,9 @@ fn one(total: u64, target_dir: &Path) -> Result<(f64, f64)> {
     );
     wait_tcp_ready(&t.client, SocketAddr::V4(ep), Duration::from_secs(10))?;
     let cap = format!("{CAP_MIB}MiB");
-    let agent = Agent::start(
-        &t.node,
-        [
-            "--intercept-iface",
-            t.node_client_if(),
-            "--shield-iface",
-            t.node_pod_if(),
-            "--hold-buffer-per-conn",
-            &cap,
-            "--hold-buffer-total",
-            &cap,
-        ],
+    let agent = shepherd_tests::agent::start_single(
+        &t,
+        &["--hold-buffer-per-conn", &cap, "--hold-buffer-total", &cap],
     );
     let out = agent.cli(&["endpoint", "add", &ep.to_string()]);
     if !out.status.success() {

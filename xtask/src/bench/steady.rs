@@ -174,15 +174,7 @@ fn measure(quick: bool) -> Result<Section> {
     }
     let echo = start_echo(&t, &echo_bin, scratch.path())?;
     say("agent: intercepting on cli0, endpoint 10.77.2.10:7000");
-    let agent = Agent::start(
-        &t.node,
-        [
-            "--intercept-iface",
-            t.node_client_if(),
-            "--shield-iface",
-            t.node_pod_if(),
-        ],
-    );
+    let agent = shepherd_tests::agent::start_single(&t, &[]);
     let ep = t.pod_addr(SHEPHERD_PORT).to_string();
     agent.cli_json(&["endpoint", "add", &ep]);
     let haproxy = Haproxy::start(&t, scratch.path())?;
