@@ -47,6 +47,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ControlConfig {
             default_deadline: config.hold_deadline,
             quiesce_timeout: config.quiesce_timeout,
+            default_relay: config.relay,
         },
         intercept.clone(),
         relay,

@@ -1,5 +1,6 @@
 //! The agent's typed configuration, parsed and checked before anything binds
 //! a socket or touches the kernel.
+use crate::relay::Mechanism;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ pub struct Config {
     pub hold_buffer_per_conn: usize,
     pub hold_buffer_total: usize,
     pub listen_backlog: i32,
+    pub relay: Mechanism,
 }
 
 impl Config {
@@ -59,6 +61,7 @@ mod tests {
             hold_buffer_per_conn: 4 << 20,
             hold_buffer_total: 256 << 20,
             listen_backlog: 4096,
+            relay: Mechanism::Splice,
         }
     }
 

@@ -6,6 +6,7 @@
 //! connection of the endpoint observes the change at its next step. Nothing
 //! here touches sockets.
 use crate::intercept::Interception;
+use crate::relay::Mechanism;
 use serde::{Deserialize, Serialize};
 use shepherd_common::EndpointKey;
 use std::collections::HashMap;
@@ -140,6 +141,8 @@ pub struct EndpointState {
     /// Where backend connections go: the endpoint itself, until a migration
     /// moves the pod to a new address.
     backend: Mutex<SocketAddrV4>,
+    /// How new connections forward (set when the endpoint is added).
+    relay: Mutex<Mechanism>,
     mode: watch::Sender<Mode>,
     conns: Mutex<HashMap<u64, Arc<ConnInfo>>>,
     /// Removed by the user but still carrying connections: new SYNs pass
@@ -166,6 +169,7 @@ impl EndpointState {
         Arc::new(Self {
             addr,
             backend: Mutex::new(addr.0),
+            relay: Mutex::new(Mechanism::default()),
             mode,
             conns: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
@@ -181,6 +185,16 @@ impl EndpointState {
     pub fn set_backend(&self, to: SocketAddrV4) {
         if let Ok(mut b) = self.backend.lock() {
             *b = to;
+        }
+    }
+
+    pub fn relay(&self) -> Mechanism {
+        self.relay.lock().map(|m| *m).unwrap_or_default()
+    }
+
+    pub fn set_relay(&self, m: Mechanism) {
+        if let Ok(mut r) = self.relay.lock() {
+            *r = m;
         }
     }
 

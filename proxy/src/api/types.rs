@@ -2,6 +2,7 @@
 //! share these types, so the contract has one definition.
 use crate::endpoint::EndpointAddr;
 use crate::migration::{Phase, ReleaseMode};
+use crate::relay::Mechanism;
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -9,6 +10,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 #[serde(deny_unknown_fields)]
 pub struct EndpointsRequest {
     pub endpoints: Vec<EndpointAddr>,
+    /// How their new connections forward; the agent's `--relay` if absent.
+    #[serde(default)]
+    pub relay: Option<Mechanism>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -28,6 +32,8 @@ pub struct EndpointInfo {
     /// Where backend connections go (differs from `endpoint` after a
     /// migration to a new address).
     pub backend: SocketAddrV4,
+    /// How new connections forward: "splice" or "copy".
+    pub relay: Mechanism,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

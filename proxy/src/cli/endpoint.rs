@@ -5,6 +5,7 @@ use clap::Subcommand;
 use serde_json::json;
 use shepherd::api::types::EndpointList;
 use shepherd::endpoint::EndpointAddr;
+use shepherd::relay::Mechanism;
 use std::process::ExitCode;
 
 #[derive(Subcommand)]
@@ -13,6 +14,9 @@ pub enum EndpointCmd {
     Add {
         #[arg(required = true, value_name = "IP:PORT")]
         endpoints: Vec<EndpointAddr>,
+        /// How their new connections forward (default: the agent's --relay).
+        #[arg(long, value_enum)]
+        relay: Option<Mechanism>,
     },
     /// Unregister endpoints; their open connections keep flowing until closed.
     Rm {
@@ -25,11 +29,11 @@ pub enum EndpointCmd {
 
 pub fn run(cmd: EndpointCmd, api: &Api, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
-        EndpointCmd::Add { endpoints } => {
+        EndpointCmd::Add { endpoints, relay } => {
             let list: EndpointList = api.call(
                 "POST",
                 "/v1/endpoints",
-                Some(&json!({ "endpoints": endpoints })),
+                Some(&json!({ "endpoints": endpoints, "relay": relay })),
             )?;
             if json {
                 output::json(&list)?;

@@ -1,6 +1,7 @@
 //! `shepherd run`: parse the agent's flags into a `Config` and start it.
 use clap::Args;
 use shepherd::config::Config;
+use shepherd::relay::Mechanism;
 use shepherd::units::{parse_duration, parse_size};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,11 @@ pub struct RunArgs {
     /// Max client bytes held across all connections.
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     hold_buffer_total: usize,
+    /// How forwarding connections move bytes: splice (zero-copy through a
+    /// pipe) or copy (through a userspace buffer). Per endpoint with
+    /// `endpoint add --relay`. Holds always buffer in userspace.
+    #[arg(long, value_enum, default_value_t = Mechanism::Splice, env = "SHEPHERD_RELAY")]
+    relay: Mechanism,
     /// Log filter (RUST_LOG syntax), e.g. info or shepherd=debug.
     #[arg(long, default_value = "info", env = "RUST_LOG")]
     log_level: String,
@@ -51,6 +57,7 @@ pub fn run(args: RunArgs, api_socket: PathBuf) -> anyhow::Result<ExitCode> {
         hold_buffer_per_conn: args.hold_buffer_per_conn,
         hold_buffer_total: args.hold_buffer_total,
         listen_backlog: 4096,
+        relay: args.relay,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

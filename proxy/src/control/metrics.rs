@@ -2,6 +2,7 @@
 use super::{lock, Control};
 use crate::api::types::EndpointInfo;
 use crate::migration::Phase;
+use crate::relay::splice;
 use std::sync::atomic::Ordering;
 
 impl Control {
@@ -41,6 +42,18 @@ impl Control {
             "counter",
             "Relayed connections accepted.",
             per_ep(&|e| e.connections_total as f64),
+        );
+        metric(
+            "shepherd_spliced_bytes_total",
+            "counter",
+            "Bytes forwarded with splice(2), both directions, all endpoints.",
+            vec![(String::new(), splice::spliced_bytes() as f64)],
+        );
+        metric(
+            "shepherd_splice_pipes",
+            "gauge",
+            "Pipes open for splicing (in use or pooled; 2 fds each).",
+            vec![(String::new(), splice::pool::live() as f64)],
         );
         metric(
             "shepherd_intercepted_packets_total",

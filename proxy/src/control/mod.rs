@@ -17,6 +17,7 @@ use crate::error::ControlError;
 use crate::intercept::Interception;
 use crate::migration::{Phase, ReleaseMode};
 use crate::relay::connection::RelayContext;
+use crate::relay::Mechanism;
 use shepherd_common::{EP_INTERCEPT, EP_SHIELD};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -29,6 +30,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub struct ControlConfig {
     pub default_deadline: Duration,
     pub quiesce_timeout: Duration,
+    /// How new connections forward unless their endpoint says otherwise.
+    pub default_relay: Mechanism,
 }
 
 struct Migration {
@@ -106,7 +109,13 @@ impl Control {
     // ---- endpoints -------------------------------------------------------
 
     /// Registers endpoints (idempotent; re-adding a draining one revives it).
-    pub fn add_endpoints(&self, addrs: &[EndpointAddr]) -> Result<Vec<EndpointInfo>, ControlError> {
+    /// `relay`: how their new connections forward (`None`: keep an existing
+    /// endpoint's choice, or the agent's default for a new one).
+    pub fn add_endpoints(
+        &self,
+        addrs: &[EndpointAddr],
+        relay: Option<Mechanism>,
+    ) -> Result<Vec<EndpointInfo>, ControlError> {
         if addrs.is_empty() {
             return Err(ControlError::Invalid("no endpoints given".into()));
         }
@@ -114,8 +123,15 @@ impl Control {
         for addr in addrs {
             let state = eps
                 .entry(*addr)
-                .or_insert_with(|| EndpointState::new(*addr, self.intercept.clone()))
+                .or_insert_with(|| {
+                    let s = EndpointState::new(*addr, self.intercept.clone());
+                    s.set_relay(self.config.default_relay);
+                    s
+                })
                 .clone();
+            if let Some(m) = relay {
+                state.set_relay(m);
+            }
             state.set_draining(false);
             let flags = match state.mode() {
                 Mode::Holding(_) => EP_INTERCEPT | EP_SHIELD,
@@ -186,6 +202,7 @@ impl Control {
             rsts_shielded: k.rsts_shielded,
             packets_translated: k.translated,
             backend: state.backend(),
+            relay: state.relay(),
         })
     }
 

@@ -3,11 +3,43 @@
 //! its endpoint's hold/forward mode.
 pub mod connection;
 pub mod hold_buffer;
+pub mod splice;
 
 use crate::control::Control;
 use crate::transport::orig_dst::OrigDst;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+
+/// How a forwarding connection moves bytes between its two sockets. Holds
+/// and replays always go through the userspace hold buffer.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mechanism {
+    /// `splice(2)` through a pipe: the bytes stay in the kernel.
+    #[default]
+    Splice,
+    /// Read into a userspace buffer, write it out.
+    Copy,
+}
+
+impl std::fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mechanism::Splice => "splice",
+            Mechanism::Copy => "copy",
+        })
+    }
+}
 
 /// Accepts intercepted connections until the listener fails.
 pub async fn accept_loop(listener: TcpListener, control: Arc<Control>, orig_dst: Arc<dyn OrigDst>) {

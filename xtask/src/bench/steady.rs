@@ -1,15 +1,17 @@
 //! Steady-state overhead: direct vs through Shepherd vs through HAProxy.
 //!
 //! One [`SingleNode`] topology (client → node → pod). The echo pod listens on
-//! two ports; three paths lead to it from the client:
+//! three ports; four paths lead to it from the client:
 //! - **direct**: pod port 7001, not registered: the node's kernel forwards it;
 //! - **shepherd**: pod port 7000, registered: eBPF steers it into the agent's
-//!   proxy in the node namespace, which relays it to the pod;
+//!   proxy in the node namespace, which relays it to the pod with splice(2);
+//! - **shepherd-copy**: pod port 7002, registered with `--relay copy`: the
+//!   same agent relays it through a userspace buffer;
 //! - **haproxy**: HAProxy (Debian package, `mode tcp`, 2 threads) in the same
 //!   node namespace, listening on the node's address, relaying to port 7001.
 //!
-//! Each repetition measures every figure for the three variants back to back
-//! (direct, shepherd, haproxy), so slow drifts of a noisy machine hit all of
+//! Each repetition measures every figure for the four variants back to back
+//! (direct, shepherd, shepherd-copy, haproxy), so slow drifts of a noisy machine hit all of
 //! them alike: bulk echo throughput (1 and 8 connections), request/response
 //! latency (1 B and 4 KiB, p50/p99/p99.9), and new connections per second.
 //! The load generators are in `shepherd_tests::bench`; each verifies the echo.
@@ -30,6 +32,7 @@ use std::time::{Duration, Instant};
 
 const SHEPHERD_PORT: u16 = 7000;
 const DIRECT_PORT: u16 = 7001;
+const SHEPHERD_COPY_PORT: u16 = 7002;
 const HAPROXY_PORT: u16 = 8000;
 const HAPROXY_BIN: &str = "/usr/sbin/haproxy";
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,18 +73,27 @@ const QUICK: Sizes = Sizes {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Variant {
     Direct,
+    /// Shepherd's default relay: splice(2).
     Shepherd,
+    /// Shepherd with the buffered-copy relay (`endpoint add --relay copy`).
+    ShepherdCopy,
     Haproxy,
 }
 
 /// In row order: the first is the baseline.
-const VARIANTS: [Variant; 3] = [Variant::Direct, Variant::Shepherd, Variant::Haproxy];
+const VARIANTS: [Variant; 4] = [
+    Variant::Direct,
+    Variant::Shepherd,
+    Variant::ShepherdCopy,
+    Variant::Haproxy,
+];
 
 impl Variant {
     fn name(self) -> &'static str {
         match self {
             Variant::Direct => "direct",
             Variant::Shepherd => "shepherd",
+            Variant::ShepherdCopy => "shepherd-copy",
             Variant::Haproxy => "haproxy",
         }
     }
@@ -91,6 +103,7 @@ impl Variant {
         match self {
             Variant::Direct => t.pod_addr(DIRECT_PORT),
             Variant::Shepherd => t.pod_addr(SHEPHERD_PORT),
+            Variant::ShepherdCopy => t.pod_addr(SHEPHERD_COPY_PORT),
             Variant::Haproxy => SocketAddrV4::new(t.node_ip, HAPROXY_PORT),
         }
     }
@@ -176,7 +189,9 @@ fn measure(quick: bool) -> Result<Section> {
     say("agent: intercepting on cli0, endpoint 10.77.2.10:7000");
     let agent = shepherd_tests::agent::start_single(&t, &[]);
     let ep = t.pod_addr(SHEPHERD_PORT).to_string();
-    agent.cli_json(&["endpoint", "add", &ep]);
+    agent.cli_json(&["endpoint", "add", &ep, "--relay", "splice"]);
+    let ep = t.pod_addr(SHEPHERD_COPY_PORT).to_string();
+    agent.cli_json(&["endpoint", "add", &ep, "--relay", "copy"]);
     let haproxy = Haproxy::start(&t, scratch.path())?;
     check_paths(&t, &agent)?;
 
@@ -281,8 +296,10 @@ fn measure(quick: bool) -> Result<Section> {
     haproxy.check_alive()?;
 
     let mut notes = vec![
-        "relay measured: buffered copy in one tokio task per connection (read into a \
-         buffer, write it out; no splice, no sockmap), agent on tokio's multi-thread runtime"
+        "relays measured: shepherd = splice(2) socket → pipe → socket (the agent's default; \
+         pipes of 256 KiB from a node-wide pool of ≤ 256, taken only while bytes are in \
+         flight); shepherd-copy = read into a userspace buffer, write it out; both one tokio \
+         task per connection on the multi-thread runtime, two endpoints of one agent"
             .to_string(),
         format!(
             "paths: direct = pod port {DIRECT_PORT} forwarded by the node's kernel; shepherd = pod \
@@ -295,7 +312,7 @@ fn measure(quick: bool) -> Result<Section> {
             "sizes: bulk 1 conn {} MiB each way; bulk 8 conns {} MiB each way per connection \
              (not 1 GiB: 8 GiB of echo per sample would take minutes on 2 cores); rr {} timed \
              round trips per variant after {} untimed, one message in flight on one \
-             TCP_NODELAY connection per variant, the three connections taking turns in blocks \
+             TCP_NODELAY connection per variant, the four connections taking turns in blocks \
              of {RR_BLOCK}; new connections from {CONN_CLIENTS} client threads for {:.1} s, \
              with ip_local_port_range 1024-65000 and tcp_tw_reuse=1 in the client and node \
              namespaces; every echoed byte verified",
@@ -312,7 +329,7 @@ fn measure(quick: bool) -> Result<Section> {
          to one CPU (taskset), so they measure the path's own CPU cost per round trip"
             .to_string(),
         format!(
-            "{} repetition(s), the three variants interleaved within each; min/median/max are \
+            "{} repetition(s), the four variants interleaved within each; min/median/max are \
              over repetitions (for rr: of each repetition's percentile)",
             sz.reps
         ),
@@ -330,24 +347,21 @@ fn measure(quick: bool) -> Result<Section> {
 
 /// The echo pod on both ports, ready for the client.
 fn start_echo(t: &SingleNode, echo_bin: &Path, dir: &Path) -> Result<Workload> {
-    let (a, b) = (
-        t.pod_addr(SHEPHERD_PORT).to_string(),
-        t.pod_addr(DIRECT_PORT).to_string(),
-    );
-    let w = Workload::spawn_in(
-        &t.pod,
-        echo_bin,
-        ["--listen", &a, "--listen", &b],
-        &dir.join("echo.log"),
-    );
-    for port in [SHEPHERD_PORT, DIRECT_PORT] {
+    const PORTS: [u16; 3] = [SHEPHERD_PORT, SHEPHERD_COPY_PORT, DIRECT_PORT];
+    let mut args = Vec::new();
+    for port in PORTS {
+        args.push("--listen".to_string());
+        args.push(t.pod_addr(port).to_string());
+    }
+    let w = Workload::spawn_in(&t.pod, echo_bin, &args, &dir.join("echo.log"));
+    for port in PORTS {
         wait_tcp_ready(&t.client, SocketAddr::V4(t.pod_addr(port)), READY_TIMEOUT)
             .map_err(|e| anyhow!("echo pod: {e}; its log:\n{}", w.log()))?;
     }
     Ok(w)
 }
 
-/// Request/response through the three variants at once: one connection
+/// Request/response through the four variants at once: one connection
 /// each, warmed up, then taking turns in blocks of [`RR_BLOCK`] round trips
 /// until each has done `sz.rr_trips`, so that slow changes of the machine
 /// (vCPU placement, wake-up latency) hit all of them alike. Returns each
@@ -463,7 +477,7 @@ fn check_paths(t: &SingleNode, agent: &Agent) -> Result<()> {
         let relayed = conns["connections"]
             .as_array()
             .is_some_and(|a| a.iter().any(|c| c["client"] == local.as_str()));
-        if relayed != (v == Variant::Shepherd) {
+        if relayed != matches!(v, Variant::Shepherd | Variant::ShepherdCopy) {
             bail!(
                 "{}: the connection from {local} to {dst} {} through Shepherd: {conns}",
                 v.name(),
@@ -543,6 +557,17 @@ fn targets(rows: &[Row]) -> Vec<String> {
             ));
         }
     }
+
+    let ratio = |name: &str| med(name, "shepherd") / med(name, "shepherd-copy");
+    notes.push(format!(
+        "relay mechanism, splice vs copy (medians): bulk 1 conn {:.2}x, bulk 8 conns {:.2}x, \
+         rr 1 B p50 on 1 CPU {:+.1} µs, new connections {:.2}x",
+        ratio(BULK1),
+        ratio(BULK8),
+        med(&rr_row("1 B", "p50", Placement::OneCpu), "shepherd")
+            - med(&rr_row("1 B", "p50", Placement::OneCpu), "shepherd-copy"),
+        ratio(CONN),
+    ));
 
     let (sh, ha) = (med(CONN, "shepherd"), med(CONN, "haproxy"));
     notes.push(format!(
