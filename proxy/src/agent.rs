@@ -19,6 +19,7 @@ use std::time::Duration;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    raise_fd_limit();
     let _lock = single_instance::acquire()?;
     let api_listener = api::socket::bind(&config.api_socket)?;
     let socket_path = config.api_socket.clone();
@@ -73,6 +74,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     drop(intercept);
     served.context("API server failed")?;
     Ok(())
+}
+
+/// Each relayed connection holds two descriptors (client and backend), so
+/// the soft `RLIMIT_NOFILE` (often 1024) would cap the agent at ~500
+/// connections: raise it to the hard limit, as HAProxy and Envoy do.
+fn raise_fd_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or write one rlimit in a live local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return;
+    }
+    if r.rlim_cur < r.rlim_max {
+        let before = r.rlim_cur;
+        r.rlim_cur = r.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+            r.rlim_cur = before;
+        }
+    }
+    tracing::info!(
+        open_files = r.rlim_cur,
+        max_connections = r.rlim_cur.saturating_sub(64) / 2,
+        "file descriptor limit (two per relayed connection)"
+    );
 }
 
 async fn shutdown_signal() {

@@ -8,7 +8,7 @@
 use crate::intercept::Interception;
 use crate::relay::Mechanism;
 use serde::{Deserialize, Serialize};
-use shepherd_common::EndpointKey;
+use shepherd_common::{EndpointKey, FlowKey};
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -133,6 +133,9 @@ pub struct ConnInfo {
     /// Epoch of the last hold for which this connection has nothing
     /// unacknowledged towards the pod (0: none yet).
     pub quiesced_epoch: AtomicU64,
+    /// The eBPF translation its backend flow got when its pod moved to a new
+    /// address (origin side); removed when the connection closes.
+    pub translated_flow: Mutex<Option<FlowKey>>,
 }
 
 /// Live state of one managed endpoint.
@@ -265,8 +268,16 @@ pub struct ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        if let Ok(mut conns) = self.endpoint.conns.lock() {
-            conns.remove(&self.id);
+        let info = match self.endpoint.conns.lock() {
+            Ok(mut conns) => conns.remove(&self.id),
+            Err(_) => None,
+        };
+        let flow = info.and_then(|i| i.translated_flow.lock().ok().and_then(|mut f| f.take()));
+        if let Some(flow) = flow {
+            // Nothing else uses this flow's entry: the socket it served is closed.
+            if let Err(e) = self.endpoint.intercept.remove_translation(flow) {
+                tracing::debug!(error = %e, "removing a closed connection's translation");
+            }
         }
         self.endpoint.reap_if_drained();
     }

@@ -26,6 +26,8 @@ struct Rig {
     endpoint: EndpointAddr,
     /// Bytes the backend has received so far (all connections).
     backend_seen: Arc<AtomicUsize>,
+    /// What the control plane asked of the (stand-in) kernel maps.
+    intercept: Arc<RecordingInterception>,
 }
 
 /// An echo backend that counts what it receives.
@@ -74,13 +76,14 @@ async fn rig(m: Mechanism, per_conn_cap: usize, total_cap: usize, deadline: Dura
         close_linger: Duration::from_secs(2),
         next_id: Arc::new(AtomicU64::new(1)),
     };
+    let intercept = Arc::new(RecordingInterception::default());
     let control = Control::new(
         ControlConfig {
             default_deadline: deadline,
             quiesce_timeout: Duration::from_secs(2),
             default_relay: m,
         },
-        Arc::new(RecordingInterception::default()),
+        intercept.clone(),
         relay,
     );
     let endpoint = EndpointAddr(backend);
@@ -99,6 +102,7 @@ async fn rig(m: Mechanism, per_conn_cap: usize, total_cap: usize, deadline: Dura
         proxy,
         endpoint,
         backend_seen,
+        intercept,
     }
 }
 
@@ -411,6 +415,40 @@ async fn reconnect_mode_replays_held_bytes_on_a_new_backend_connection(m: Mechan
         .is_err());
 }
 
+/// The origin translates a held connection's backend flow when its pod moves
+/// to a new address, and removes the entry when that connection closes, so
+/// the map does not fill up across migrations.
+async fn origin_translation_goes_when_its_connection_closes(m: Mechanism) {
+    let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let translations = || r.intercept.translations.lock().map_or(0, |t| t.len());
+    let mut c = TcpStream::connect(r.proxy).await.expect("connect");
+    c.write_all(b"x").await.expect("write");
+    assert_eq!(read_exact_timeout(&mut c, 1).await, b"x");
+    r.control
+        .hold("m13", &hold_req(r.endpoint))
+        .await
+        .expect("hold");
+    r.control
+        .target("m13", "127.0.0.2".parse().expect("ip"))
+        .expect("target");
+    assert_eq!(translations(), 1, "the held flow is translated");
+    // Resume: the connection keeps its backend socket (the translated flow).
+    r.control
+        .release("m13", ReleaseMode::Resume, None)
+        .expect("release");
+    c.write_all(b"y").await.expect("write");
+    assert_eq!(read_exact_timeout(&mut c, 1).await, b"y");
+    assert_eq!(translations(), 1, "still in use");
+    c.shutdown().await.expect("fin");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.expect("eof");
+    let t0 = std::time::Instant::now();
+    while translations() != 0 && t0.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(translations(), 0, "the closed connection's entry is gone");
+}
+
 async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mechanism) {
     use shepherd::api::types::IncomingRequest;
     let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
@@ -511,6 +549,7 @@ macro_rules! for_each_mechanism {
 }
 
 for_each_mechanism!(
+    origin_translation_goes_when_its_connection_closes,
     hold_mid_bulk_loses_and_repeats_nothing,
     steady_state_relays_both_ways,
     held_bytes_are_replayed_in_order_exactly_once,

@@ -6,7 +6,7 @@ use crate::api::types::{BackendFlow, HoldRequest, MigrationStatus};
 use crate::endpoint::{EndpointState, HoldStats, Mode};
 use crate::error::ControlError;
 use crate::migration::{self, Phase, ReleaseMode, Request, Step};
-use shepherd_common::{EP_INTERCEPT, EP_SHIELD, ROLE_ORIGIN};
+use shepherd_common::{FlowKey, EP_INTERCEPT, EP_SHIELD, ROLE_ORIGIN};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -364,6 +364,19 @@ impl Control {
         }
         let flows = backend_flows(&m.states);
         let installed = self.translate_flows(&m.endpoints, to, &flows, ROLE_ORIGIN)?;
+        // Each connection removes its entry when it closes, so the map does
+        // not fill up across migrations.
+        for c in m.states.iter().flat_map(|s| s.connections()) {
+            let Some(SocketAddr::V4(node)) = c.backend_local.lock().ok().and_then(|l| *l) else {
+                continue;
+            };
+            let key = FlowKey::new(node.ip().octets(), node.port(), c.orig_dst.port());
+            if installed.contains(&key) {
+                if let Ok(mut f) = c.translated_flow.lock() {
+                    *f = Some(key);
+                }
+            }
+        }
         m.target = Some(to);
         tracing::info!(migration = id, %to, flows = installed.len(), "target set; translating backend flows");
         Ok(self.status_of(m))

@@ -84,6 +84,7 @@ pub async fn relay(
         bytes_down: AtomicU64::new(0),
         queued: Default::default(),
         quiesced_epoch: AtomicU64::new(0),
+        translated_flow: Default::default(),
     });
     let _guard = endpoint.register(info.clone());
     let mut conn = Conn::new(client, info, endpoint, ctx);

@@ -74,6 +74,13 @@ pub mod pool {
             return None;
         }
         match Pipe::new() {
+            // fds are allocated lowest first: a pipe landing near the fd limit
+            // means connections are about to need those fds more than splice
+            // does (a backend connect failing on EMFILE would close a client).
+            Ok(p) if near_fd_limit(p.w.as_raw_fd()) => {
+                discard(p);
+                None
+            }
             Ok(p) => Some(p),
             Err(e) => {
                 LIVE.fetch_sub(1, Ordering::AcqRel);
@@ -81,6 +88,23 @@ pub mod pool {
                 None
             }
         }
+    }
+
+    fn near_fd_limit(fd: RawFd) -> bool {
+        static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let limit = *LIMIT.get_or_init(|| {
+            let mut r = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes one rlimit into the live local.
+            if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 {
+                r.rlim_cur
+            } else {
+                1024
+            }
+        });
+        u64::try_from(fd).unwrap_or(u64::MAX) >= limit.saturating_sub(limit / 8)
     }
 
     /// Returns an empty pipe. A pipe that may still hold bytes must be
