@@ -143,11 +143,16 @@ async fn list_migrations(State(c): Ctl) -> Json<MigrationList> {
     })
 }
 
+/// `?flows=false` omits `backend_flows` (cheap polling at scale).
 async fn migration_status(
     State(c): Ctl,
     Path(id): Path<String>,
+    uri: axum::http::Uri,
 ) -> Result<Json<MigrationStatus>, ApiError> {
-    Ok(Json(c.status(&id)?))
+    let flows = !uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "flows=false"));
+    Ok(Json(c.status_with(&id, flows)?))
 }
 
 async fn hold(

@@ -12,7 +12,7 @@ impl Control {
     pub fn metrics(&self) -> String {
         use std::fmt::Write;
         let eps = self.list_endpoints();
-        let migs = self.list_migrations();
+        let migs = self.list_migrations_with(false);
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

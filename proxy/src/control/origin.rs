@@ -267,21 +267,37 @@ impl Control {
     }
 
     pub fn status(&self, id: &str) -> Result<MigrationStatus, ControlError> {
+        self.status_with(id, true)
+    }
+
+    /// `flows: false` leaves `backend_flows` empty: one entry per held
+    /// connection is the costly part of a status at thousands of connections,
+    /// and a controller polling for progress does not need it.
+    pub fn status_with(&self, id: &str, flows: bool) -> Result<MigrationStatus, ControlError> {
         let migs = lock(&self.migrations);
         let m = migs
             .get(id)
             .ok_or_else(|| ControlError::UnknownMigration(id.to_string()))?;
-        Ok(self.status_of(m))
+        Ok(self.status_flows(m, flows))
     }
 
     pub fn list_migrations(&self) -> Vec<MigrationStatus> {
+        self.list_migrations_with(true)
+    }
+
+    pub fn list_migrations_with(&self, flows: bool) -> Vec<MigrationStatus> {
         let migs = lock(&self.migrations);
-        let mut v: Vec<MigrationStatus> = migs.values().map(|m| self.status_of(m)).collect();
+        let mut v: Vec<MigrationStatus> =
+            migs.values().map(|m| self.status_flows(m, flows)).collect();
         v.sort_by_key(|s| s.started_unix_ms);
         v
     }
 
     fn status_of(&self, m: &Migration) -> MigrationStatus {
+        self.status_flows(m, true)
+    }
+
+    fn status_flows(&self, m: &Migration, flows: bool) -> MigrationStatus {
         let s = &m.stats;
         let closed = s.connections_closed.load(Ordering::Relaxed);
         let mut reason = m.reason.clone();
@@ -329,7 +345,11 @@ impl Control {
             rsts_shielded: rsts_now.saturating_sub(m.rsts_at_start),
             started_unix_ms: unix_ms(m.started_wall),
             target: m.target,
-            backend_flows: backend_flows(&m.states),
+            backend_flows: if flows {
+                backend_flows(&m.states)
+            } else {
+                Vec::new()
+            },
             packets_translated: m
                 .endpoints
                 .iter()

@@ -73,6 +73,12 @@ pub fn run(quick: bool, target_dir: &Path) -> Result<Section> {
         "ms",
         false,
     );
+    let mut release_call = Row::new("  of which: the release API call", "ms", false);
+    let mut replayed = Row::new(
+        "  of which: release -> agent wrote every held byte to the pod",
+        "ms",
+        false,
+    );
     let mut idle = Row::new("agent RSS per connection, idle", "KiB", false);
     let mut held = Row::new("agent RSS per connection, under hold", "KiB", false);
     let mut lost = Row::new("connections lost", "count", false);
@@ -81,16 +87,20 @@ pub fn run(quick: bool, target_dir: &Path) -> Result<Section> {
         let r = one(n, target_dir).with_context(|| format!("scale run with {n} connections"))?;
         let v = format!("{n} conns");
         release_client.push(&v, r.release_client_ms);
+        release_call.push(&v, r.release_call_ms);
+        replayed.push(&v, r.replayed_ms);
         idle.push(&v, r.idle_kib);
         held.push(&v, r.held_kib);
         lost.push(&v, r.lost as f64);
         section.notes.push(format!(
-            "{n} conns: freeze {:.0} ms (dump {:.0} ms, restore {:.0} ms; CRIU network lock: skip), agent RSS {:.1} MiB before connecting",
-            r.freeze_ms, r.dump_ms, r.restore_ms, r.base_rss_mib
+            "{n} conns: freeze {:.0} ms (dump {:.0} ms, restore {:.0} ms; CRIU network lock: skip), agent RSS {:.1} MiB before connecting; the agent used {:.0} ms of CPU (both cores) in the {:.0} ms from release to every held byte written",
+            r.freeze_ms, r.dump_ms, r.restore_ms, r.base_rss_mib, r.replay_cpu_ms, r.replayed_ms
         ));
     }
-    section.rows.extend([lost, release_client, idle, held]);
-    section.notes.push("The release time runs from the release call's start until the client has read the echo of every connection's held bytes (read one connection after another, so it includes the client's own reading).".into());
+    section
+        .rows
+        .extend([lost, release_client, release_call, replayed, idle, held]);
+    section.notes.push("The release time runs from the release call's start (when the controller's restore step ends) until the client has read the echo of every connection's held bytes (read one connection after another, so it includes the client's own reading and the echo pod's poll loop). The agent's part is the release call (it flips every connection of the endpoint to forwarding) and, polled from its status API every ms, the time until it has written every held byte to the pod again.".into());
     section.notes.push("Targets: 10k held and released with 0 lost, release <= 100 ms, <= 32 KiB per idle connection.".into());
     if sizes.iter().all(|n| *n < 10_000) && !quick {
         section.notes.push(format!(
@@ -104,6 +114,10 @@ pub fn run(quick: bool, target_dir: &Path) -> Result<Section> {
 struct ScaleResult {
     lost: usize,
     release_client_ms: f64,
+    release_call_ms: f64,
+    replayed_ms: f64,
+    /// Agent CPU time (user + system, both cores) over that span.
+    replay_cpu_ms: f64,
     idle_kib: f64,
     held_kib: f64,
     freeze_ms: f64,
@@ -160,7 +174,10 @@ fn one(n: usize, target_dir: &Path) -> Result<ScaleResult> {
     // Round 2 is written while the pod is frozen (right after the dump), so
     // every connection has bytes held through the migration.
     let (dumped_tx, dumped_rx) = std::sync::mpsc::channel::<()>();
-    let (result, held_rss, writes) = std::thread::scope(|scope| {
+    // The release call starts as soon as the restore step reports.
+    let (restored_tx, restored_rx) = std::sync::mpsc::channel::<Instant>();
+    let release_start = std::sync::OnceLock::<Instant>::new();
+    let (result, held_rss, writes, replayed) = std::thread::scope(|scope| {
         let conns = &conns;
         let writer = scope.spawn(move || -> (f64, std::io::Result<()>) {
             if dumped_rx.recv().is_err() {
@@ -176,6 +193,26 @@ fn one(n: usize, target_dir: &Path) -> Result<ScaleResult> {
             std::thread::sleep(Duration::from_millis(100));
             (rss_of(agent_pid), r)
         });
+        // The agent's side of the release: until its status says every held
+        // byte has been written to the pod again.
+        let origin = &origin;
+        let replay = scope.spawn(move || -> Option<(Duration, f64)> {
+            let t0 = restored_rx.recv().ok()?;
+            let cpu0 = cpu_ms(agent_pid);
+            let deadline = t0 + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                let (code, body) = origin.http("GET", "/v1/migrations/scale?flows=false", None);
+                if code == 200 {
+                    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                    let (held, replayed) = (v["bytes_held"].as_u64(), v["bytes_replayed"].as_u64());
+                    if v["state"] == "released" && held.is_some() && held == replayed {
+                        return Some((t0.elapsed(), cpu_ms(agent_pid) - cpu0));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            None
+        });
         let result = controller::migrate(
             &c,
             &plan,
@@ -187,15 +224,24 @@ fn one(n: usize, target_dir: &Path) -> Result<ScaleResult> {
                 if line.starts_with("dump:") {
                     let _ = dumped_tx.send(());
                 }
+                if line.starts_with("restore:") {
+                    let now = Instant::now();
+                    let _ = release_start.set(now);
+                    let _ = restored_tx.send(now);
+                }
             },
         );
         drop(dumped_tx);
+        drop(restored_tx);
         let (rss, writes) = writer.join().unwrap_or((0.0, Ok(())));
-        (result, rss, writes)
+        let replayed = replay.join().ok().flatten();
+        (result, rss, writes, replayed)
     });
     let (restored, report) = result.map_err(|e| anyhow::anyhow!("{e}"))?;
     writes.context("writing during the hold")?;
-    let t_release = Instant::now();
+    let Some(&t_release) = release_start.get() else {
+        bail!("the controller never reported its restore step");
+    };
     let mut lost = 0;
     for (i, conn) in conns.iter_mut().enumerate() {
         let mut buf = [0u8; 8];
@@ -219,7 +265,10 @@ fn one(n: usize, target_dir: &Path) -> Result<ScaleResult> {
     drop(restored);
     Ok(ScaleResult {
         lost,
-        release_client_ms: release_client_ms + step("release"),
+        release_client_ms,
+        release_call_ms: step("release"),
+        replayed_ms: replayed.map_or(f64::NAN, |(d, _)| d.as_secs_f64() * 1e3),
+        replay_cpu_ms: replayed.map_or(f64::NAN, |(_, c)| c),
         idle_kib: (idle_rss - base) / n as f64 / 1024.0,
         held_kib: (held_rss - base) / n as f64 / 1024.0,
         freeze_ms: report.freeze.as_secs_f64() * 1e3,
@@ -227,6 +276,19 @@ fn one(n: usize, target_dir: &Path) -> Result<ScaleResult> {
         restore_ms: step("restore"),
         base_rss_mib: base / (1024.0 * 1024.0),
     })
+}
+
+/// User + system CPU time of a process so far, in ms.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line, in clock ticks.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf reads a configuration value; no memory is passed.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) * 1e3 / hz.max(1.0)
 }
 
 fn rss_of(pid: u32) -> f64 {
