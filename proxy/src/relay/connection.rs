@@ -18,7 +18,7 @@ use crate::endpoint::{ConnInfo, EndpointState, HoldStats, Mode};
 use crate::transport::backend::{unacked_bytes, BackendConnector};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::future::pending;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -41,6 +41,9 @@ pub struct RelayContext {
 
 /// How far a forwarding connection reads ahead of a slow backend.
 const FORWARD_READ_AHEAD: usize = 4 * READ_CHUNK;
+/// Chunks one write to the backend may gather (a hold queues one chunk per
+/// client read, so a long hold of a chatty client queues thousands).
+const WRITE_BATCH_CHUNKS: usize = 64;
 /// Reads at least this big switch a direction to splice (splice mode);
 /// smaller ones switch it back to copy.
 const SPLICE_MIN: usize = 16 * 1024;
@@ -106,6 +109,8 @@ struct Conn {
     client_w: OwnedWriteHalf,
     backend: Option<Backend>,
     up: HoldBuffer,
+    /// The front of `up` being written (reused between iterations).
+    batch: Vec<Bytes>,
     down: Bytes,
     down_spare: BytesMut,
     /// Splice mode: bytes between sockets in a pipe. `up_lane` is used only
@@ -155,6 +160,7 @@ impl Conn {
             client_w,
             backend: None,
             up: HoldBuffer::new(),
+            batch: Vec::with_capacity(WRITE_BATCH_CHUNKS),
             down: Bytes::new(),
             down_spare: BytesMut::new(),
             splice,
@@ -245,11 +251,12 @@ impl Conn {
                 && self.up.is_empty();
             // Blocked only by the node-wide budget: wake up when it frees.
             let budget_blocked = !self.client_eof && self.up.len() < cap && room == 0;
-            let front = if hold.is_none() {
-                self.up.front()
+            if hold.is_none() {
+                self.up
+                    .front_batch(&mut self.batch, WRITE_BATCH_CHUNKS, READ_CHUNK);
             } else {
-                None
-            };
+                self.batch.clear();
+            }
             let read_backend =
                 !self.backend_eof && self.down.is_empty() && self.down_lane.is_empty();
             let write_client = !self.down.is_empty() || !self.down_lane.is_empty();
@@ -273,7 +280,7 @@ impl Conn {
                     // The endpoint state is gone (agent shutting down).
                     Err(_) => return Err("endpoint removed".into()),
                 },
-                e = to_backend(backend_w, front, up_lane_busy && hold.is_none()) => e,
+                e = to_backend(backend_w, &self.batch, up_lane_busy && hold.is_none()) => e,
                 e = to_client(&mut self.client_w, &self.down), if write_client => e,
                 e = from_backend(backend_r, &mut self.down_spare, splice_down), if read_backend => e,
                 e = from_client(&mut self.client_r, &mut client_dst, splice_up), if read_client => e,
@@ -513,10 +520,14 @@ impl Conn {
 
 /// Client→pod towards the backend: write the queue's front, or (splice
 /// mode) wait until the backend can take the up lane's bytes.
-async fn to_backend(w: Option<&mut OwnedWriteHalf>, front: Option<Bytes>, lane: bool) -> Event {
-    match (w, front) {
-        (Some(w), Some(f)) => Event::BackendWrote(w.write(&f).await),
-        (Some(w), None) if lane => Event::BackendWritable(w.as_ref().writable().await),
+async fn to_backend(w: Option<&mut OwnedWriteHalf>, batch: &[Bytes], lane: bool) -> Event {
+    match (w, batch) {
+        (Some(w), [one]) => Event::BackendWrote(w.write(one).await),
+        (Some(w), [_, ..]) => {
+            let slices: Vec<IoSlice<'_>> = batch.iter().map(|b| IoSlice::new(b)).collect();
+            Event::BackendWrote(w.write_vectored(&slices).await)
+        }
+        (Some(w), []) if lane => Event::BackendWritable(w.as_ref().writable().await),
         _ => pending().await,
     }
 }

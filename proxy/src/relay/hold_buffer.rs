@@ -76,6 +76,22 @@ impl HoldBuffer {
         self.chunks.front().cloned()
     }
 
+    /// The oldest queued chunks, at most `max_chunks` of them and about
+    /// `max_bytes`, into `out` (cleared first): one vectored write replays
+    /// what a client sent in many small writes during a hold, instead of one
+    /// syscall (and one segment) per original write.
+    pub fn front_batch(&self, out: &mut Vec<Bytes>, max_chunks: usize, max_bytes: usize) {
+        out.clear();
+        let mut bytes = 0;
+        for c in self.chunks.iter().take(max_chunks) {
+            if bytes > 0 && bytes + c.len() > max_bytes {
+                break;
+            }
+            bytes += c.len();
+            out.push(c.clone());
+        }
+    }
+
     /// Removes `n` bytes from the front: they have been written.
     pub fn consume(&mut self, mut n: usize) {
         debug_assert!(n <= self.len);
@@ -194,6 +210,14 @@ mod tests {
         buf.consume(3);
         assert_eq!(buf.len(), 8);
         assert_eq!(buf.front().as_deref(), Some(&b"lo "[..]));
+        let mut batch = Vec::new();
+        buf.front_batch(&mut batch, 64, 1 << 20);
+        let joined: Vec<u8> = batch.iter().flat_map(|b| b.iter().copied()).collect();
+        let mut all = Vec::new();
+        for c in &buf.chunks {
+            all.extend_from_slice(c);
+        }
+        assert_eq!(joined, all, "a batch is the queue's front, in order");
         buf.consume(3);
         assert_eq!(drain(&mut buf, 100), b"world");
     }

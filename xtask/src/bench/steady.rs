@@ -34,6 +34,7 @@ const SHEPHERD_PORT: u16 = 7000;
 const DIRECT_PORT: u16 = 7001;
 const SHEPHERD_COPY_PORT: u16 = 7002;
 const HAPROXY_PORT: u16 = 8000;
+const HAPROXY_SPLICE_PORT: u16 = 8001;
 const HAPROXY_BIN: &str = "/usr/sbin/haproxy";
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Client threads of the connection-rate test.
@@ -78,6 +79,9 @@ enum Variant {
     /// Shepherd with the buffered-copy relay (`endpoint add --relay copy`).
     ShepherdCopy,
     Haproxy,
+    /// HAProxy with `option splice-auto` (bulk rows only): a mature proxy's
+    /// own splice path, as the ceiling to compare Shepherd's with.
+    HaproxySplice,
 }
 
 /// In row order: the first is the baseline.
@@ -88,6 +92,15 @@ const VARIANTS: [Variant; 4] = [
     Variant::Haproxy,
 ];
 
+/// The bulk rows add HAProxy's splice path.
+const BULK_VARIANTS: [Variant; 5] = [
+    Variant::Direct,
+    Variant::Shepherd,
+    Variant::ShepherdCopy,
+    Variant::Haproxy,
+    Variant::HaproxySplice,
+];
+
 impl Variant {
     fn name(self) -> &'static str {
         match self {
@@ -95,6 +108,7 @@ impl Variant {
             Variant::Shepherd => "shepherd",
             Variant::ShepherdCopy => "shepherd-copy",
             Variant::Haproxy => "haproxy",
+            Variant::HaproxySplice => "haproxy-splice",
         }
     }
 
@@ -105,6 +119,7 @@ impl Variant {
             Variant::Shepherd => t.pod_addr(SHEPHERD_PORT),
             Variant::ShepherdCopy => t.pod_addr(SHEPHERD_COPY_PORT),
             Variant::Haproxy => SocketAddrV4::new(t.node_ip, HAPROXY_PORT),
+            Variant::HaproxySplice => SocketAddrV4::new(t.node_ip, HAPROXY_SPLICE_PORT),
         }
     }
 }
@@ -214,7 +229,7 @@ fn measure(quick: bool) -> Result<Section> {
     };
 
     say("warm-up");
-    for v in VARIANTS {
+    for v in BULK_VARIANTS {
         let dst = v.dst(&t);
         bench::bulk(&t.client, dst, 2, 4 * MIB)
             .with_context(|| format!("warm-up bulk via {}", v.name()))?;
@@ -224,7 +239,7 @@ fn measure(quick: bool) -> Result<Section> {
 
     for rep in 1..=sz.reps {
         let tag = format!("rep {rep}/{}", sz.reps);
-        for v in VARIANTS {
+        for v in BULK_VARIANTS {
             let dst = v.dst(&t);
             let b = bench::bulk(&t.client, dst, 1, sz.bulk1_bytes)
                 .with_context(|| format!("bulk 1 conn via {}", v.name()))?;
@@ -236,7 +251,7 @@ fn measure(quick: bool) -> Result<Section> {
             let i = row(&rows, BULK1);
             rows[i].push(v.name(), b.mib_per_s());
         }
-        for v in VARIANTS {
+        for v in BULK_VARIANTS {
             let dst = v.dst(&t);
             let b = bench::bulk(&t.client, dst, 8, sz.bulk8_bytes_per_conn)
                 .with_context(|| format!("bulk 8 conns via {}", v.name()))?;
@@ -305,7 +320,9 @@ fn measure(quick: bool) -> Result<Section> {
             "paths: direct = pod port {DIRECT_PORT} forwarded by the node's kernel; shepherd = pod \
              port {SHEPHERD_PORT}, registered, intercepted by eBPF and relayed by the agent in the \
              node namespace; haproxy = {} `mode tcp`, nbthread 2, HAProxy's defaults otherwise \
-             (no splicing), in the node namespace at {}:{HAPROXY_PORT} → pod port {DIRECT_PORT}",
+             (no splicing), in the node namespace at {}:{HAPROXY_PORT} → pod port {DIRECT_PORT}; \
+             haproxy-splice (bulk rows only) = the same HAProxy with `option splice-auto` on \
+             port {HAPROXY_SPLICE_PORT}",
             haproxy.version, t.node_ip
         ),
         format!(
@@ -460,7 +477,7 @@ fn pin_this_thread(cpu: usize) -> Result<()> {
 /// the shepherd port shows in the agent's connection list, the others don't;
 /// and each path echoes.
 fn check_paths(t: &SingleNode, agent: &Agent) -> Result<()> {
-    for v in VARIANTS {
+    for v in BULK_VARIANTS {
         let dst = v.dst(t);
         let (mut s, _) = connect_in(&t.client, dst)
             .with_context(|| format!("{}: connect to {dst}", v.name()))?;
@@ -685,6 +702,14 @@ fn haproxy_config(t: &SingleNode) -> String {
          \x20   maxconn 4096\n\
          \x20   default_backend pod\n\
          backend pod\n\
+         \x20   server pod {pod}:{DIRECT_PORT} maxconn 4096\n\
+         frontend fe_splice\n\
+         \x20   bind {node}:{HAPROXY_SPLICE_PORT}\n\
+         \x20   maxconn 4096\n\
+         \x20   option splice-auto\n\
+         \x20   default_backend pod_splice\n\
+         backend pod_splice\n\
+         \x20   option splice-auto\n\
          \x20   server pod {pod}:{DIRECT_PORT} maxconn 4096\n",
         node = t.node_ip,
         pod = t.pod_ip,
