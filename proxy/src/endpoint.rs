@@ -128,14 +128,61 @@ pub struct ConnInfo {
     pub backend_local: Mutex<Option<SocketAddr>>,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
+    /// Of those, bytes forwarded with splice(2).
+    pub bytes_spliced: AtomicU64,
     /// Client bytes queued in this connection's hold buffer.
     pub queued: AtomicUsize,
     /// Epoch of the last hold for which this connection has nothing
     /// unacknowledged towards the pod (0: none yet).
     pub quiesced_epoch: AtomicU64,
-    /// The eBPF translation its backend flow got when its pod moved to a new
-    /// address (origin side); removed when the connection closes.
-    pub translated_flow: Mutex<Option<FlowKey>>,
+    /// The eBPF translation of its backend flow (origin side of a move to a
+    /// new address); see [`FlowTranslation`].
+    pub translated_flow: Mutex<FlowTranslation>,
+}
+
+/// Where a connection's backend-flow translation stands. `target` marks it
+/// and the connection removes it when that backend socket is done; both go
+/// through the same mutex, so a connection that closes while `target` runs
+/// cannot leave its entry behind.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum FlowTranslation {
+    #[default]
+    None,
+    Installed(FlowKey),
+    /// The backend socket is gone: nothing may be installed for it any more.
+    Done,
+}
+
+impl ConnInfo {
+    /// Records a translation `target` installed for this connection's
+    /// backend flow. Returns false if the connection's backend socket is
+    /// already gone (the caller removes the entry itself).
+    pub fn mark_translated(&self, key: FlowKey) -> bool {
+        match self.translated_flow.lock() {
+            Ok(mut t) if *t != FlowTranslation::Done => {
+                *t = FlowTranslation::Installed(key);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The backend socket whose flow was translated is done: returns the
+    /// entry to remove, if any. `last`: no later backend socket can need a
+    /// translation either (the connection is closing).
+    pub fn take_translation(&self, last: bool) -> Option<FlowKey> {
+        let mut t = self.translated_flow.lock().ok()?;
+        let key = match *t {
+            FlowTranslation::Installed(k) => Some(k),
+            _ => None,
+        };
+        *t = if last {
+            FlowTranslation::Done
+        } else {
+            FlowTranslation::None
+        };
+        key
+    }
 }
 
 /// Live state of one managed endpoint.
@@ -199,6 +246,26 @@ impl EndpointState {
         if let Ok(mut r) = self.relay.lock() {
             *r = m;
         }
+    }
+
+    /// Removes the translation of `info`'s backend flow, if it has one: the
+    /// socket it served is closed. `last` as in [`ConnInfo::take_translation`].
+    pub fn untranslate(&self, info: &ConnInfo, last: bool) {
+        if let Some(flow) = info.take_translation(last) {
+            self.remove_translation(flow);
+        }
+    }
+
+    pub fn remove_translation(&self, flow: FlowKey) {
+        if let Err(e) = self.intercept.remove_translation(flow) {
+            tracing::debug!(error = %e, "removing a closed backend flow's translation");
+        }
+    }
+
+    /// Whether backend connections now go somewhere other than the endpoint
+    /// itself (the pod moved to a new address).
+    pub fn moved(&self) -> bool {
+        self.backend() != self.addr.0
     }
 
     pub fn mode(&self) -> Mode {
@@ -272,12 +339,8 @@ impl Drop for ConnGuard {
             Ok(mut conns) => conns.remove(&self.id),
             Err(_) => None,
         };
-        let flow = info.and_then(|i| i.translated_flow.lock().ok().and_then(|mut f| f.take()));
-        if let Some(flow) = flow {
-            // Nothing else uses this flow's entry: the socket it served is closed.
-            if let Err(e) = self.endpoint.intercept.remove_translation(flow) {
-                tracing::debug!(error = %e, "removing a closed connection's translation");
-            }
+        if let Some(info) = info {
+            self.endpoint.untranslate(&info, true);
         }
         self.endpoint.reap_if_drained();
     }

@@ -128,6 +128,9 @@ async fn steady_state_relays_both_ways(m: Mechanism) {
     let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
     let mut c = TcpStream::connect(r.proxy).await.expect("connect");
     let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    // A short message first: small messages are copied, not spliced.
+    c.write_all(b"hi").await.expect("write");
+    assert_eq!(read_exact_timeout(&mut c, 2).await, b"hi");
     let (mut rd, mut wr) = c.split();
     let (echo, _) = tokio::join!(
         async {
@@ -138,14 +141,26 @@ async fn steady_state_relays_both_ways(m: Mechanism) {
         async { wr.write_all(&data).await.expect("write") }
     );
     assert!(echo == data, "echo differs from what was sent");
+    let conns = r.control.connections();
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    let (spliced, total) = (
+        conns[0].bytes_spliced,
+        conns[0].bytes_up + conns[0].bytes_down,
+    );
+    match m {
+        // Bulk goes through the pipe, each way.
+        Mechanism::Splice => assert!(
+            spliced > total / 2,
+            "splice mode spliced only {spliced} of {total} bytes"
+        ),
+        Mechanism::Copy => assert_eq!(spliced, 0, "copy mode spliced"),
+    }
     c.shutdown().await.expect("shutdown");
     let mut rest = Vec::new();
     c.read_to_end(&mut rest)
         .await
         .expect("eof after half-close");
     assert!(rest.is_empty());
-    let conns = r.control.connections();
-    assert!(conns.len() <= 1);
 }
 
 /// A hold that lands in the middle of a bulk transfer: bytes in flight
@@ -449,6 +464,31 @@ async fn origin_translation_goes_when_its_connection_closes(m: Mechanism) {
     assert_eq!(translations(), 0, "the closed connection's entry is gone");
 }
 
+/// A reconnect release drops the translated backend socket: its entry goes
+/// at once (a stale one could catch a new flow on the same port), not when
+/// the client eventually closes.
+async fn reconnect_removes_the_old_flows_translation(m: Mechanism) {
+    let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let translations = || r.intercept.translations.lock().map_or(0, |t| t.len());
+    let mut c = TcpStream::connect(r.proxy).await.expect("connect");
+    c.write_all(b"x").await.expect("write");
+    assert_eq!(read_exact_timeout(&mut c, 1).await, b"x");
+    r.control
+        .hold("m14", &hold_req(r.endpoint))
+        .await
+        .expect("hold");
+    r.control
+        .target("m14", "127.0.0.2".parse().expect("ip"))
+        .expect("target");
+    assert_eq!(translations(), 1, "the held flow is translated");
+    c.write_all(b"held").await.expect("write during hold");
+    r.control
+        .release("m14", ReleaseMode::Reconnect, None)
+        .expect("release");
+    assert_eq!(read_exact_timeout(&mut c, 4).await, b"held");
+    assert_eq!(translations(), 0, "the dropped backend's entry is gone");
+}
+
 async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mechanism) {
     use shepherd::api::types::IncomingRequest;
     let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
@@ -549,6 +589,7 @@ macro_rules! for_each_mechanism {
 }
 
 for_each_mechanism!(
+    reconnect_removes_the_old_flows_translation,
     origin_translation_goes_when_its_connection_closes,
     hold_mid_bulk_loses_and_repeats_nothing,
     steady_state_relays_both_ways,

@@ -166,6 +166,8 @@ pub struct ConnectionInfo {
     pub backend_local: Option<String>,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Of `bytes_up` + `bytes_down`, those forwarded with splice(2).
+    pub bytes_spliced: u64,
     pub queued: usize,
     pub opened_unix_ms: u64,
 }

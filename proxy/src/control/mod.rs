@@ -229,6 +229,7 @@ impl Control {
                     .and_then(|l| l.map(|a| a.to_string())),
                 bytes_up: c.bytes_up.load(Ordering::Relaxed),
                 bytes_down: c.bytes_down.load(Ordering::Relaxed),
+                bytes_spliced: c.bytes_spliced.load(Ordering::Relaxed),
                 queued: c.queued.load(Ordering::Relaxed),
                 opened_unix_ms: unix_ms(c.opened),
             })

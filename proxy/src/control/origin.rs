@@ -384,17 +384,20 @@ impl Control {
         }
         let flows = backend_flows(&m.states);
         let installed = self.translate_flows(&m.endpoints, to, &flows, ROLE_ORIGIN)?;
-        // Each connection removes its entry when it closes, so the map does
-        // not fill up across migrations.
-        for c in m.states.iter().flat_map(|s| s.connections()) {
+        // Each connection removes its entry when its backend socket is done,
+        // so the map does not fill up across migrations.
+        let installed: std::collections::HashSet<FlowKey> = installed.into_iter().collect();
+        for (state, c) in m
+            .states
+            .iter()
+            .flat_map(|s| s.connections().into_iter().map(move |c| (s, c)))
+        {
             let Some(SocketAddr::V4(node)) = c.backend_local.lock().ok().and_then(|l| *l) else {
                 continue;
             };
             let key = FlowKey::new(node.ip().octets(), node.port(), c.orig_dst.port());
-            if installed.contains(&key) {
-                if let Ok(mut f) = c.translated_flow.lock() {
-                    *f = Some(key);
-                }
+            if installed.contains(&key) && !c.mark_translated(key) {
+                state.remove_translation(key);
             }
         }
         m.target = Some(to);

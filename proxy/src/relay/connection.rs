@@ -12,7 +12,7 @@
 //! client: when the backend fails, the client is closed with a FIN after the
 //! bytes the pod sent have been delivered.
 use super::hold_buffer::{Budget, HoldBuffer, READ_CHUNK};
-use super::splice::{Filled, Lane};
+use super::splice::{Filled, Lane, PIPE_SIZE};
 use super::Mechanism;
 use crate::endpoint::{ConnInfo, EndpointState, HoldStats, Mode};
 use crate::transport::backend::{unacked_bytes, BackendConnector};
@@ -85,6 +85,7 @@ pub async fn relay(
         backend_local: Default::default(),
         bytes_up: AtomicU64::new(0),
         bytes_down: AtomicU64::new(0),
+        bytes_spliced: AtomicU64::new(0),
         queued: Default::default(),
         quiesced_epoch: AtomicU64::new(0),
         translated_flow: Default::default(),
@@ -92,6 +93,9 @@ pub async fn relay(
     let _guard = endpoint.register(info.clone());
     let mut conn = Conn::new(client, info, endpoint, ctx);
     let outcome = conn.run().await;
+    if outcome.is_ok() {
+        conn.linger_if_translated().await;
+    }
     match &outcome {
         Ok(()) => tracing::debug!(%peer, %orig_dst, "connection finished"),
         Err(reason) => tracing::info!(%peer, %orig_dst, %reason, "connection ended"),
@@ -124,6 +128,8 @@ struct Conn {
     down_bulk: bool,
     up_lane: Lane,
     down_lane: Lane,
+    /// How many client bytes the next read may take (caps and budget).
+    room: usize,
     client_eof: bool,
     backend_shut: bool,
     backend_eof: bool,
@@ -160,7 +166,7 @@ impl Conn {
             client_w,
             backend: None,
             up: HoldBuffer::new(),
-            batch: Vec::with_capacity(WRITE_BATCH_CHUNKS),
+            batch: Vec::new(),
             down: Bytes::new(),
             down_spare: BytesMut::new(),
             splice,
@@ -168,6 +174,7 @@ impl Conn {
             down_bulk: false,
             up_lane: Lane::default(),
             down_lane: Lane::default(),
+            room: 0,
             client_eof: false,
             backend_shut: false,
             backend_eof: false,
@@ -240,6 +247,7 @@ impl Conn {
             let room = cap
                 .saturating_sub(self.up.len())
                 .min(self.ctx.budget.available());
+            self.room = room;
             // The up lane is empty whenever anything else happens upstream.
             let up_lane_busy = !self.up_lane.is_empty();
             let read_client = !self.client_eof && room > 0 && !up_lane_busy;
@@ -273,8 +281,18 @@ impl Conn {
             };
             let splice_down = self.splice && self.down_bulk;
 
-            let event = tokio::select! {
-                biased;
+            // A mode change goes first (a hold must take the up lane's bytes
+            // back before anything else moves); the data branches are then
+            // polled in random order, so neither direction can starve the
+            // other while both stay busy.
+            let mode_changed = match self.mode_rx.has_changed() {
+                Ok(c) => c,
+                Err(_) => return Err("endpoint removed".into()),
+            };
+            let event = if mode_changed {
+                Event::ModeChanged
+            } else {
+                tokio::select! {
                 r = self.mode_rx.changed() => match r {
                     Ok(()) => Event::ModeChanged,
                     // The endpoint state is gone (agent shutting down).
@@ -286,6 +304,7 @@ impl Conn {
                 e = from_client(&mut self.client_r, &mut client_dst, splice_up), if read_client => e,
                 _ = tokio::time::sleep(QUIESCE_POLL), if tick => Event::Tick,
                 _ = wait_budget(&budget), if budget_blocked => Event::Tick,
+                }
             };
             self.handle(event).await?;
         }
@@ -305,6 +324,7 @@ impl Conn {
                                 Ok(b) => {
                                     self.ctx.budget.take(b.len());
                                     self.up.push(Bytes::from(b));
+                                    self.info.queued.store(self.up.len(), Ordering::Relaxed);
                                 }
                                 Err(e) => return Err(format!("taking spliced bytes back: {e}")),
                             }
@@ -322,6 +342,9 @@ impl Conn {
                             // it acknowledged before the hold is consumed; the
                             // held bytes go to a fresh connection.
                             self.backend = None;
+                            // The old socket's translated flow is dead, and a
+                            // stale entry could catch a new flow on its port.
+                            self.endpoint.untranslate(&self.info, false);
                             self.backend_eof = false;
                             self.backend_shut = false;
                         }
@@ -332,28 +355,37 @@ impl Conn {
             }
             Event::ClientRead(r) => self.client_read(r)?,
             Event::ClientReadable(Err(e)) => return Err(format!("client read failed: {e}")),
-            Event::ClientReadable(Ok(())) => match self.up_lane.fill_from(self.client_r.as_ref()) {
-                Ok(Filled::Bytes(n)) => {
-                    self.up_bulk = n >= SPLICE_MIN;
-                    self.info.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Ok(Filled::Eof) => self.client_eof = true,
-                Ok(Filled::WouldBlock) => {}
-                Ok(Filled::NoPipe) => {
-                    // No pipe to be had: copy this read instead.
-                    let target = self.up.read_target(READ_CHUNK);
-                    let limit = target.limit;
-                    let r = self.client_r.try_read_buf(&mut target.buf.limit(limit));
-                    match r {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        r => self.client_read(r)?,
+            Event::ClientReadable(Ok(())) => {
+                let max = self.room;
+                match self.up_lane.fill_from(self.client_r.as_ref(), max) {
+                    Ok(Filled::Bytes(n)) => {
+                        self.up_bulk = n >= SPLICE_MIN;
+                        self.info.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
                     }
+                    Ok(Filled::Eof) => self.client_eof = true,
+                    Ok(Filled::WouldBlock) => {}
+                    Ok(Filled::NoPipe | Filled::Stuck) => {
+                        // Copy this read instead (no pipe to be had, or urgent
+                        // data that only a plain read gets past).
+                        self.up_bulk = false;
+                        let target = self.up.read_target(max.max(1));
+                        let limit = target.limit;
+                        let r = self.client_r.try_read_buf(&mut target.buf.limit(limit));
+                        match r {
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            r => self.client_read(r)?,
+                        }
+                    }
+                    Err(e) => return Err(format!("client read failed: {e}")),
                 }
-                Err(e) => return Err(format!("client read failed: {e}")),
-            },
+            }
             Event::BackendWritable(r) => {
                 let r = match (r, self.backend.as_ref()) {
-                    (Ok(()), Some(b)) => self.up_lane.flush_to(b.w.as_ref()).map(drop),
+                    (Ok(()), Some(b)) => self.up_lane.flush_to(b.w.as_ref()).map(|n| {
+                        self.info
+                            .bytes_spliced
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                    }),
                     (r, _) => r,
                 };
                 if let Err(e) = r {
@@ -364,7 +396,7 @@ impl Conn {
             }
             Event::BackendReadable(r) => {
                 let filled = match (r, self.backend.as_ref()) {
-                    (Ok(()), Some(b)) => self.down_lane.fill_from(b.r.as_ref()),
+                    (Ok(()), Some(b)) => self.down_lane.fill_from(b.r.as_ref(), PIPE_SIZE),
                     (Ok(()), None) => Ok(Filled::WouldBlock),
                     (Err(e), _) => Err(e),
                 };
@@ -375,7 +407,8 @@ impl Conn {
                     }
                     Ok(Filled::Eof) => self.backend_eof = true,
                     Ok(Filled::WouldBlock) => {}
-                    Ok(Filled::NoPipe) => {
+                    Ok(Filled::NoPipe | Filled::Stuck) => {
+                        self.down_bulk = false;
                         let r = match self.backend.as_ref() {
                             Some(b) => b.r.try_read_buf(&mut self.down_spare),
                             None => Err(io::ErrorKind::WouldBlock.into()),
@@ -404,12 +437,21 @@ impl Conn {
                 }
             }
             Event::ClientWritable(r) => {
-                if let Err(e) = r.and_then(|()| self.down_lane.flush_to(self.client_w.as_ref())) {
-                    return Err(format!("client write failed: {e}"));
+                match r.and_then(|()| self.down_lane.flush_to(self.client_w.as_ref())) {
+                    Ok(n) => {
+                        self.info
+                            .bytes_spliced
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(format!("client write failed: {e}")),
                 }
             }
             Event::BackendWrote(Ok(n)) => {
                 self.up.consume(n);
+                if self.up.is_empty() && self.batch.capacity() > 4 {
+                    // A replay grew it; idle connections should not keep 2 KiB.
+                    self.batch = Vec::new();
+                }
                 self.ctx.budget.give_back(n);
                 self.info.queued.store(self.up.len(), Ordering::Relaxed);
                 if self.replay_left > 0 {
@@ -442,6 +484,25 @@ impl Conn {
         Ok(())
     }
 
+    /// A translated backend flow needs its eBPF entry until the pod has
+    /// acknowledged everything, FIN included: closing the socket and removing
+    /// the entry earlier would send its last segments (or retransmissions) to
+    /// the old address. Bounded by the close linger.
+    async fn linger_if_translated(&self) {
+        let translated = matches!(
+            self.info.translated_flow.lock().map(|t| *t),
+            Ok(crate::endpoint::FlowTranslation::Installed(_))
+        );
+        let Some(b) = self.backend.as_ref().filter(|_| translated) else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + self.ctx.close_linger;
+        while unacked_bytes(b.w.as_ref()).unwrap_or(0) > 0 && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(QUIESCE_POLL).await;
+        }
+    }
+
     /// A buffered read from the client finished.
     fn client_read(&mut self, r: io::Result<usize>) -> Result<(), String> {
         match r {
@@ -463,7 +524,11 @@ impl Conn {
     }
 
     async fn connect_backend(&mut self) -> io::Result<()> {
-        let stream = self.ctx.connector.connect(self.endpoint.backend()).await?;
+        let stream = self
+            .ctx
+            .connector
+            .connect(self.endpoint.backend(), self.endpoint.moved())
+            .await?;
         if let Ok(mut l) = self.info.backend_local.lock() {
             *l = stream.local_addr().ok();
         }
@@ -489,7 +554,14 @@ impl Conn {
         let mut down = std::mem::take(&mut self.down);
         if !self.down_lane.is_empty() {
             // `down` and the down lane are never both non-empty.
-            down = self.down_lane.drain().map(Bytes::from).unwrap_or_default();
+            match self.down_lane.drain() {
+                Ok(b) => down = Bytes::from(b),
+                Err(e) => tracing::warn!(
+                    client = %self.info.client,
+                    error = %e,
+                    "pod bytes in a splice pipe could not be delivered before closing"
+                ),
+            }
         }
         let _ = tokio::time::timeout(linger, async {
             if !down.is_empty() {

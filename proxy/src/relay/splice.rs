@@ -147,6 +147,10 @@ pub enum Filled {
     WouldBlock,
     /// No pipe could be had: read with a buffer instead.
     NoPipe,
+    /// Bytes are queued but splice cannot move them (TCP urgent data at the
+    /// head of the queue stops `tcp_splice_read`): read with a buffer, which
+    /// gets past it. The socket's readiness is left set for that read.
+    Stuck,
 }
 
 impl Lane {
@@ -159,9 +163,9 @@ impl Lane {
         self.len == 0
     }
 
-    /// Moves what `src` has (up to [`PIPE_SIZE`]) into the empty lane.
-    /// Call when `src` is readable.
-    pub fn fill_from(&mut self, src: &TcpStream) -> io::Result<Filled> {
+    /// Moves what `src` has (up to `max`, at most [`PIPE_SIZE`]) into the
+    /// empty lane. Call when `src` is readable.
+    pub fn fill_from(&mut self, src: &TcpStream, max: usize) -> io::Result<Filled> {
         debug_assert!(self.is_empty());
         let pipe = match self.pipe.take() {
             Some(p) => p,
@@ -170,15 +174,27 @@ impl Lane {
                 None => return Ok(Filled::NoPipe),
             },
         };
+        let max = max.clamp(1, PIPE_SIZE);
+        // `None`: splice moved nothing although bytes are queued. Returned
+        // as a success so that try_io keeps the readiness for the fallback
+        // read; only a genuine EAGAIN (nothing queued) clears it.
         let r = src.try_io(Interest::READABLE, || {
-            splice(src.as_raw_fd(), pipe.w.as_raw_fd(), PIPE_SIZE)
+            match splice(src.as_raw_fd(), pipe.w.as_raw_fd(), max) {
+                Ok(0) if queued(src) > 0 => Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && queued(src) > 0 => Ok(None),
+                r => r.map(Some),
+            }
         });
         match r {
-            Ok(0) => {
+            Ok(None) => {
+                pool::give_back(pipe);
+                Ok(Filled::Stuck)
+            }
+            Ok(Some(0)) => {
                 pool::give_back(pipe);
                 Ok(Filled::Eof)
             }
-            Ok(n) => {
+            Ok(Some(n)) => {
                 self.pipe = Some(pipe);
                 self.len = n;
                 Ok(Filled::Bytes(n))
@@ -273,6 +289,19 @@ impl Drop for Lane {
     }
 }
 
+/// Bytes in `sock`'s receive queue (SIOCINQ); 0 if it cannot be read.
+fn queued(sock: &TcpStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD (== SIOCINQ) writes one c_int through the pointer,
+    // which points to a live local.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r < 0 {
+        0
+    } else {
+        usize::try_from(n).unwrap_or(0)
+    }
+}
+
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: null offsets (both ends are a pipe or a socket); no memory passed.
     let n = unsafe {
@@ -314,7 +343,7 @@ mod tests {
         let mut lane = Lane::default();
         a.write_all(b"hello ").await.expect("write");
         b.readable().await.expect("readable");
-        let Filled::Bytes(n) = lane.fill_from(&b).expect("fill") else {
+        let Filled::Bytes(n) = lane.fill_from(&b, PIPE_SIZE).expect("fill") else {
             panic!("expected bytes");
         };
         assert_eq!(n, 6);
@@ -323,7 +352,10 @@ mod tests {
         assert!(lane.is_empty());
         a.write_all(b"world").await.expect("write");
         b.readable().await.expect("readable");
-        assert!(matches!(lane.fill_from(&b), Ok(Filled::Bytes(5))));
+        assert!(matches!(
+            lane.fill_from(&b, PIPE_SIZE),
+            Ok(Filled::Bytes(5))
+        ));
         // A hold takes the lane's bytes back into userspace.
         assert_eq!(lane.drain().expect("drain"), b"world");
         assert!(lane.is_empty());
@@ -332,6 +364,6 @@ mod tests {
         assert_eq!(&got, b"hello ");
         drop(a);
         b.readable().await.expect("readable");
-        assert!(matches!(lane.fill_from(&b), Ok(Filled::Eof)));
+        assert!(matches!(lane.fill_from(&b, PIPE_SIZE), Ok(Filled::Eof)));
     }
 }

@@ -16,7 +16,13 @@ use tokio::net::{TcpSocket, TcpStream};
 pub type ConnectFuture<'a> = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send + 'a>>;
 
 pub trait BackendConnector: Send + Sync {
-    fn connect(&self, dst: SocketAddrV4) -> ConnectFuture<'_>;
+    /// `exclusive_port`: take a local port no other socket holds. After a
+    /// pod moves to a new address, the origin translates its old flows on
+    /// the wire to the new address; connect()'s own port choice may share a
+    /// port with such a flow (the kernel sees different peers), which would
+    /// put two connections on one wire tuple. An explicit bind(0) never
+    /// shares a port.
+    fn connect(&self, dst: SocketAddrV4, exclusive_port: bool) -> ConnectFuture<'_>;
 }
 
 /// Connects with `SO_MARK` and a timeout.
@@ -27,11 +33,14 @@ pub struct MarkedConnector {
 }
 
 impl BackendConnector for MarkedConnector {
-    fn connect(&self, dst: SocketAddrV4) -> ConnectFuture<'_> {
+    fn connect(&self, dst: SocketAddrV4, exclusive_port: bool) -> ConnectFuture<'_> {
         Box::pin(async move {
             let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
             if self.mark {
                 s.set_mark(BACKEND_MARK)?;
+            }
+            if exclusive_port {
+                s.bind(&SocketAddr::from(([0, 0, 0, 0], 0)).into())?;
             }
             s.set_tcp_nodelay(true)?;
             s.set_nonblocking(true)?;

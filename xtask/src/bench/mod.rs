@@ -4,6 +4,7 @@
 //! figure is repeated and reported as min/median/max, with the ratio to its
 //! baseline. Benchmarks assert nothing about absolute times; `--quick` runs a
 //! small version of each section so CI keeps the harness from rotting.
+pub mod haproxy;
 pub mod migration;
 pub mod pressure;
 pub mod report;

@@ -62,18 +62,21 @@
 //! dump ([`DumpOpts::action_script`]). A read-only image directory does not
 //! make a dump fail here: we are root, and root writes through mode 0500.
 
-use std::ffi::CString;
 use std::fmt;
 use std::fs::{self, File};
-use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::netns::Netns;
-use crate::process::{pid_alive, signal_pid};
+use crate::process::pid_alive;
+
+mod images;
+mod restored;
+pub use images::Images;
+use restored::proc_state;
+pub use restored::{become_subreaper, RestoredProcess};
 
 /// Where `cargo xtask setup` installs CRIU.
 pub const CRIU_PATH: &str = "/usr/local/sbin/criu";
@@ -85,7 +88,7 @@ pub const LOG_TAIL_LINES: usize = 30;
 const CRIU_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a dropped [`RestoredProcess`] that is not our child may take to
 /// disappear from /proc.
-const GONE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const GONE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The CRIU binary in use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,173 +250,6 @@ impl fmt::Display for CriuError {
 }
 
 impl std::error::Error for CriuError {}
-
-// ---------------------------------------------------------------------------
-// Images
-
-/// A temporary directory of CRIU images, removed (and unmounted, for
-/// [`Images::on_tmpfs`]) on drop.
-///
-/// Layout: `ROOT/images/` is CRIU's `-D`; `ROOT/dump.log`, `ROOT/restore.log`,
-/// `ROOT/restore.pid` and CRIU's captured output sit beside it.
-#[derive(Debug)]
-pub struct Images {
-    root: tempfile::TempDir,
-    dir: PathBuf,
-    tmpfs: bool,
-}
-
-impl Default for Images {
-    fn default() -> Images {
-        Images::new()
-    }
-}
-
-impl Images {
-    /// An empty image directory under the system's temp dir. Panics if it
-    /// can't be made.
-    pub fn new() -> Images {
-        let root = tempfile::Builder::new()
-            .prefix("shepherd-criu-")
-            .tempdir()
-            .unwrap_or_else(|e| panic!("criu images: make a temp dir: {e}"));
-        let dir = root.path().join("images");
-        fs::create_dir(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-        Images {
-            root,
-            dir,
-            tmpfs: false,
-        }
-    }
-
-    /// An empty image directory that is a tmpfs of `size_bytes` of its own, so
-    /// that a dump runs out of space half-way (a few KiB holds CRIU's first
-    /// small images, not the memory pages). Unmounted on drop. Panics if the
-    /// tmpfs can't be mounted.
-    pub fn on_tmpfs(size_bytes: u64) -> Images {
-        let mut images = Images::new();
-        let target = CString::new(images.dir.as_os_str().as_bytes())
-            .unwrap_or_else(|_| panic!("NUL in {}", images.dir.display()));
-        let data = CString::new(format!("size={size_bytes},mode=0700")).expect("no NUL");
-        // SAFETY: every pointer is a valid NUL-terminated string that outlives
-        // the call; mount(2) reads them and keeps none.
-        let rc = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV,
-                data.as_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            panic!(
-                "mount a {size_bytes}-byte tmpfs on {}: {}",
-                images.dir.display(),
-                io::Error::last_os_error()
-            );
-        }
-        images.tmpfs = true;
-        images
-    }
-
-    /// The image directory (CRIU's `-D`).
-    pub fn path(&self) -> &Path {
-        &self.dir
-    }
-
-    /// The temporary directory holding the image directory and the logs;
-    /// removed on drop.
-    pub fn root(&self) -> &Path {
-        self.root.path()
-    }
-
-    /// Whether the image directory is a tmpfs of its own.
-    pub fn is_tmpfs(&self) -> bool {
-        self.tmpfs
-    }
-
-    /// Path of the dump's log.
-    pub fn dump_log_path(&self) -> PathBuf {
-        self.root.path().join("dump.log")
-    }
-
-    /// Path of the restore's log.
-    pub fn restore_log_path(&self) -> PathBuf {
-        self.root.path().join("restore.log")
-    }
-
-    /// The last dump's log (empty if none).
-    pub fn dump_log(&self) -> String {
-        fs::read_to_string(self.dump_log_path()).unwrap_or_default()
-    }
-
-    /// The last restore's log (empty if none).
-    pub fn restore_log(&self) -> String {
-        fs::read_to_string(self.restore_log_path()).unwrap_or_default()
-    }
-
-    fn pidfile(&self) -> PathBuf {
-        self.root.path().join("restore.pid")
-    }
-
-    /// Names of the image files, sorted.
-    pub fn files(&self) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(&self.dir)
-            .map(|rd| {
-                rd.filter_map(Result::ok)
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
-    }
-
-    /// Total size of the image files, in bytes.
-    pub fn total_bytes(&self) -> u64 {
-        self.files()
-            .iter()
-            .filter_map(|n| fs::metadata(self.dir.join(n)).ok())
-            .map(|m| m.len())
-            .sum()
-    }
-
-    /// Copies every image file into a new [`Images`] ("moving the images to
-    /// node B"). Panics on an I/O error.
-    pub fn copy_to(&self) -> Images {
-        let to = Images::new();
-        for name in self.files() {
-            let (src, dst) = (self.dir.join(&name), to.dir.join(&name));
-            if fs::metadata(&src).is_ok_and(|m| m.is_file()) {
-                fs::copy(&src, &dst)
-                    .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dst.display()));
-            }
-        }
-        to
-    }
-}
-
-impl Drop for Images {
-    fn drop(&mut self) {
-        if !self.tmpfs {
-            return;
-        }
-        let Ok(target) = CString::new(self.dir.as_os_str().as_bytes()) else {
-            return;
-        };
-        // SAFETY: `target` is a valid NUL-terminated path. MNT_DETACH: the
-        // tmpfs goes even if something still has it open.
-        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
-            eprintln!(
-                "warning: umount {}: {}",
-                self.dir.display(),
-                io::Error::last_os_error()
-            );
-        }
-        // `root` (a TempDir) then removes the directories.
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Running CRIU
@@ -685,11 +521,7 @@ pub fn restore(
             // If CRIU left it behind as our (reparented) child, it is ours:
             // kill and reap it. Anything else under that pid is not ours.
             let state = proc_state(pid);
-            let mut leftover = RestoredProcess::adopt(pid);
-            if !leftover.child {
-                leftover.reaped = true;
-            }
-            drop(leftover);
+            RestoredProcess::kill_if_ours(pid);
             let what = if finished {
                 format!("restored pid {pid} is not running (state {state:?})")
             } else {
@@ -718,167 +550,6 @@ fn images_pids(images: &Images) -> Vec<u32> {
         .iter()
         .filter_map(|n| n.strip_prefix("core-")?.strip_suffix(".img")?.parse().ok())
         .collect()
-}
-
-pub fn become_subreaper() -> io::Result<()> {
-    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes no pointers.
-    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// Fields after "(comm)" of `/proc/PID/stat`: index 0 is the state.
-fn proc_stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    Some(rest.split_whitespace().map(str::to_owned).collect())
-}
-
-fn proc_state(pid: u32) -> Option<char> {
-    proc_stat_fields(pid)?.first()?.chars().next()
-}
-
-/// (parent pid, start time in clock ticks since boot) of `pid`.
-fn proc_parent_and_start(pid: u32) -> Option<(u32, u64)> {
-    let f = proc_stat_fields(pid)?;
-    // stat(5): field 4 is ppid, field 22 starttime; `f` starts at field 3.
-    Some((f.get(1)?.parse().ok()?, f.get(19)?.parse().ok()?))
-}
-
-/// The root process of a restored tree, killed on drop; see the module docs.
-#[derive(Debug)]
-pub struct RestoredProcess {
-    pid: u32,
-    /// Start time when adopted: tells this process from a later one that got
-    /// the same pid (only needed when it is not our child).
-    start_time: Option<u64>,
-    /// Reparented to us (we are a subreaper): reaped with waitpid on drop.
-    child: bool,
-    reaped: bool,
-}
-
-impl RestoredProcess {
-    fn adopt(pid: u32) -> RestoredProcess {
-        let found = proc_parent_and_start(pid);
-        RestoredProcess {
-            pid,
-            start_time: found.map(|(_, start)| start),
-            child: found.is_some_and(|(ppid, _)| ppid == std::process::id()),
-            reaped: false,
-        }
-    }
-
-    /// The restored process's pid (the original one).
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    /// Whether CRIU's restored tree was reparented to this process (see the
-    /// module docs); if not, drop falls back to polling /proc.
-    pub fn is_our_child(&self) -> bool {
-        self.child
-    }
-
-    /// Whether `pid` is still this process (not reaped, not reused).
-    fn is_same_process(&self) -> bool {
-        if self.reaped {
-            return false;
-        }
-        if self.child {
-            return true; // unreaped: the pid can't have been reused
-        }
-        self.start_time.is_some()
-            && proc_parent_and_start(self.pid).map(|(_, s)| s) == self.start_time
-    }
-
-    /// Sends `sig` to the process. Fails with ESRCH once it is gone.
-    pub fn signal(&self, sig: libc::c_int) -> io::Result<()> {
-        if !self.is_same_process() {
-            return Err(io::Error::from_raw_os_error(libc::ESRCH));
-        }
-        signal_pid(self.pid, sig)
-    }
-
-    /// Whether the process runs (exists and is not a zombie).
-    pub fn is_alive(&self) -> bool {
-        self.is_same_process() && pid_alive(self.pid)
-    }
-}
-
-/// Reaps the listed pids (children of a restored root, reparented to us once
-/// the root is gone) when dropped.
-struct ReapLater(Vec<u32>);
-
-impl Drop for ReapLater {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            crate::controller::reap(*pid, Duration::from_secs(2));
-        }
-    }
-}
-
-impl Drop for RestoredProcess {
-    fn drop(&mut self) {
-        if !self.is_same_process() {
-            return;
-        }
-        // The restored tree may have more processes (a pod of two): they are
-        // ours too. Kill them first; as the subreaper we reap them below.
-        let descendants: Vec<u32> = crate::process::process_tree(self.pid)
-            .into_iter()
-            .skip(1)
-            .collect();
-        for pid in &descendants {
-            let _ = signal_pid(*pid, libc::SIGKILL);
-        }
-        // Reaped after the root: its dead children are reparented to us then.
-        let _reap_descendants = ReapLater(descendants);
-        if let Err(e) = signal_pid(self.pid, libc::SIGKILL) {
-            if e.raw_os_error() != Some(libc::ESRCH) {
-                eprintln!("warning: SIGKILL restored process {}: {e}", self.pid);
-            }
-        }
-        if self.child {
-            let pid = self.pid as libc::pid_t;
-            loop {
-                let mut status = 0;
-                // SAFETY: waitpid on our own child with a valid status pointer.
-                let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
-                if rc == pid {
-                    break;
-                }
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                eprintln!("warning: reap restored process {pid}: {e}");
-                break;
-            }
-        } else {
-            let deadline = Instant::now() + GONE_TIMEOUT;
-            while self.is_same_process_on_proc() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if self.is_same_process_on_proc() {
-                eprintln!(
-                    "warning: restored process {} still in /proc {GONE_TIMEOUT:?} after SIGKILL",
-                    self.pid
-                );
-            }
-        }
-        self.reaped = true;
-    }
-}
-
-impl RestoredProcess {
-    /// For the not-our-child case: `/proc/PID` still shows this process (alive
-    /// or a zombie nobody reaped yet).
-    fn is_same_process_on_proc(&self) -> bool {
-        proc_parent_and_start(self.pid).map(|(_, s)| s) == self.start_time
-    }
 }
 
 #[cfg(test)]
