@@ -129,21 +129,32 @@ const CONN: &str = "new connections (connect, 1 B echo, close)";
 const RR_SIZES: [(usize, &str); 2] = [(1, "1 B"), (4096, "4 KiB")];
 const PCTS: [(f64, &str); 3] = [(50.0, "p50"), (99.0, "p99"), (99.9, "p99.9")];
 
-/// Request/response placements: as the scheduler likes, or every process
-/// on the path (client thread, agent, HAProxy, echo pod) on one CPU.
-const PLACEMENTS: [Placement; 2] = [Placement::Free, Placement::OneCpu];
+/// Request/response placements: as the scheduler likes; every process on
+/// the path (client thread, agent, HAProxy, echo pod) on one CPU; or the
+/// client thread on one CPU and the rest on the other.
+const PLACEMENTS: [Placement; 3] = [Placement::Free, Placement::OneCpu, Placement::ClientApart];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Placement {
     Free,
     OneCpu,
+    /// Like a client on another host: every round trip crosses CPUs twice,
+    /// on every path alike, whatever the scheduler would have chosen.
+    ClientApart,
+}
+
+impl Placement {
+    fn suffix(self) -> &'static str {
+        match self {
+            Placement::Free => "",
+            Placement::OneCpu => ", all on 1 CPU",
+            Placement::ClientApart => ", client on its own CPU",
+        }
+    }
 }
 
 fn rr_row(size: &str, pct: &str, placement: Placement) -> String {
-    match placement {
-        Placement::Free => format!("rr {size} {pct}"),
-        Placement::OneCpu => format!("rr {size} {pct}, all on 1 CPU"),
-    }
+    format!("rr {size} {pct}{}", placement.suffix())
 }
 
 /// Round trips per turn when the variants take turns on their connections.
@@ -267,15 +278,18 @@ fn measure(quick: bool) -> Result<Section> {
                     Placement::Free => rr_interleaved(&t, len, sz),
                     Placement::OneCpu => {
                         let pids = [echo.pid(), agent.pid(), haproxy.pid()];
-                        on_one_cpu(&pids, || rr_interleaved(&t, len, sz))
+                        pinned(&pids, last_cpu(), last_cpu(), || {
+                            rr_interleaved(&t, len, sz)
+                        })
+                    }
+                    Placement::ClientApart => {
+                        let pids = [echo.pid(), agent.pid(), haproxy.pid()];
+                        pinned(&pids, last_cpu(), 0, || rr_interleaved(&t, len, sz))
                     }
                 }
                 .with_context(|| format!("rr {size}"))?;
                 for (v, mut s) in VARIANTS.into_iter().zip(samples) {
-                    let place = match placement {
-                        Placement::Free => "",
-                        Placement::OneCpu => ", all on 1 CPU",
-                    };
+                    let place = placement.suffix();
                     let mut line = format!("{tag}: rr {size}{place}: {:<8}", v.name());
                     for (p, pct) in PCTS {
                         let x = percentile(&mut s, p);
@@ -339,9 +353,14 @@ fn measure(quick: bool) -> Result<Section> {
         ),
         "rr placement: the plain rr rows let the scheduler place the client, the proxy and the \
          pod, so they include cross-CPU wake-ups (3 processes on the proxied paths, 2 direct), \
-         which on a VM whose idle vCPUs halt can cost tens to hundreds of µs each and dominate; \
-         the \"all on 1 CPU\" rows pin the client thread, the echo pod, the agent and HAProxy \
-         to one CPU (taskset), so they measure the path's own CPU cost per round trip"
+         which on a VM whose idle vCPUs halt cost ~10 µs or more each; where the scheduler puts \
+         a proxy's thread decides whether a round trip crosses CPUs twice or four times, so \
+         these rows are bimodal (about 55 or 75 µs at p50 for either proxy here) and a run \
+         tends to keep one mode; the \"all on 1 CPU\" rows pin the client thread, the echo pod, \
+         the agent and HAProxy to one CPU (taskset), so they measure the path's own CPU cost per \
+         round trip; the \"client on its own CPU\" rows pin the client thread to CPU 0 and the \
+         rest to CPU 1, so every path crosses CPUs exactly twice per round trip, as with a \
+         client on another host"
             .to_string(),
         format!(
             "{} repetition(s), the four variants interleaved within each; min/median/max are \
@@ -410,10 +429,19 @@ fn rr_interleaved(t: &SingleNode, len: usize, sz: &Sizes) -> Result<Vec<Vec<f64>
     Ok(samples)
 }
 
-/// Runs `f` on a thread of ours pinned to one CPU, with every thread of the
-/// processes `pids` pinned to the same CPU (`taskset -a`); puts those back on
-/// all CPUs afterwards, also if `f` fails or panics.
-fn on_one_cpu<T: Send>(pids: &[u32], f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+fn last_cpu() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
+}
+
+/// Runs `f` on a thread of ours pinned to CPU `client_cpu`, with every thread
+/// of the processes `pids` pinned to CPU `cpu` (`taskset -a`); puts those
+/// back on all CPUs afterwards, also if `f` fails or panics.
+fn pinned<T: Send>(
+    pids: &[u32],
+    cpu: usize,
+    client_cpu: usize,
+    f: impl FnOnce() -> Result<T> + Send,
+) -> Result<T> {
     struct Unpin<'a> {
         pids: &'a [u32],
         all: String,
@@ -427,11 +455,9 @@ fn on_one_cpu<T: Send>(pids: &[u32], f: impl FnOnce() -> Result<T> + Send) -> Re
             }
         }
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cpu = cores - 1;
     let _unpin = Unpin {
         pids,
-        all: format!("0-{cpu}"),
+        all: format!("0-{}", last_cpu()),
     };
     for pid in pids {
         taskset(&cpu.to_string(), *pid)?;
@@ -439,7 +465,7 @@ fn on_one_cpu<T: Send>(pids: &[u32], f: impl FnOnce() -> Result<T> + Send) -> Re
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                pin_this_thread(cpu)?;
+                pin_this_thread(client_cpu)?;
                 f()
             })
             .join()
@@ -551,10 +577,7 @@ fn targets(rows: &[Row]) -> Vec<String> {
             let over = med(&name, "shepherd") - med(&name, "direct");
             p99.push((format!("{size} {over:+.1} µs"), over <= P99_BUDGET_US));
         }
-        let place = match placement {
-            Placement::Free => "",
-            Placement::OneCpu => ", all on 1 CPU",
-        };
+        let place = placement.suffix();
         for (what, list) in [
             (format!("target rr p50 overhead ≤ HAProxy's{place}"), p50),
             (
