@@ -363,7 +363,7 @@ fn measure(quick: bool) -> Result<Section> {
          client on another host"
             .to_string(),
         format!(
-            "{} repetition(s), the four variants interleaved within each; min/median/max are \
+            "{} repetition(s), the variants (four; five in the bulk rows) interleaved within each; min/median/max are \
              over repetitions (for rr: of each repetition's percentile)",
             sz.reps
         ),
