@@ -3,7 +3,7 @@
 //! `shepherd-echo --listen IP:PORT [--listen IP:PORT ...] [--peer-log FILE] [--single-thread]`
 //!
 //! One thread per listener and per connection; every byte read is written back.
-//! `--single-thread` serves everything from one thread with poll(2) instead
+//! `--single-thread` serves everything from one thread with epoll(7) instead
 //! (for thousands of connections: CRIU dumps one thread much faster than
 //! thousands; no peer log in that mode).
 //! On the client's EOF it shuts down its write side and closes. A reset or any
@@ -151,36 +151,51 @@ struct PolledConn {
     stream: TcpStream,
     pending: Vec<u8>,
     eof: bool,
+    /// The events it is registered for (EPOLLIN or EPOLLOUT).
+    interest: u32,
 }
 
-/// Serves every listener and connection from this thread with poll(2).
+/// Listener tokens have this bit set; connection tokens are slab indices.
+const LISTENER: u64 = 1 << 63;
+
+fn epoll_ctl(ep: i32, op: i32, fd: i32, events: u32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: `ev` is a live epoll_event; the kernel copies it.
+    if unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Serves every listener and connection from this thread with epoll(7)
+/// (level-triggered), so a wake-up costs what is ready, not what is open.
+/// CRIU dumps and restores the epoll instance with its targets.
 fn poll_loop(listeners: Vec<TcpListener>) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    for l in &listeners {
-        l.set_nonblocking(true)?;
+    // SAFETY: plain syscall; the fd is owned below.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err(io::Error::last_os_error());
     }
-    let mut conns: Vec<PolledConn> = Vec::new();
+    // SAFETY: `ep` was just created and nothing else owns it.
+    let _ep_owner = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ep) };
+    for (i, l) in listeners.iter().enumerate() {
+        l.set_nonblocking(true)?;
+        epoll_ctl(
+            ep,
+            libc::EPOLL_CTL_ADD,
+            l.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            LISTENER | i as u64,
+        )?;
+    }
+    let mut conns: Vec<Option<PolledConn>> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
     loop {
-        let mut fds: Vec<libc::pollfd> = listeners
-            .iter()
-            .map(|l| libc::pollfd {
-                fd: l.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .chain(conns.iter().map(|c| libc::pollfd {
-                fd: c.stream.as_raw_fd(),
-                events: if c.pending.is_empty() {
-                    libc::POLLIN
-                } else {
-                    libc::POLLOUT
-                },
-                revents: 0,
-            }))
-            .collect();
-        // SAFETY: `fds` is a live array of fds.len() pollfd structs.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        // SAFETY: `events` is a live array of events.len() entries.
+        let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, -1) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -188,53 +203,83 @@ fn poll_loop(listeners: Vec<TcpListener>) -> io::Result<()> {
             }
             return Err(e);
         }
-        for (l, fd) in listeners.iter().zip(&fds) {
-            if fd.revents == 0 {
+        for ev in &events[..n as usize] {
+            let token = ev.u64;
+            if token & LISTENER != 0 {
+                let Some(l) = listeners.get((token & !LISTENER) as usize) else {
+                    continue;
+                };
+                while let Ok((stream, _)) = l.accept() {
+                    stream.set_nonblocking(true)?;
+                    let slot = free.pop().unwrap_or_else(|| {
+                        conns.push(None);
+                        conns.len() - 1
+                    });
+                    let interest = libc::EPOLLIN as u32;
+                    epoll_ctl(
+                        ep,
+                        libc::EPOLL_CTL_ADD,
+                        stream.as_raw_fd(),
+                        interest,
+                        slot as u64,
+                    )?;
+                    conns[slot] = Some(PolledConn {
+                        stream,
+                        pending: Vec::new(),
+                        eof: false,
+                        interest,
+                    });
+                }
                 continue;
             }
-            while let Ok((stream, _)) = l.accept() {
-                stream.set_nonblocking(true)?;
-                conns.push(PolledConn {
-                    stream,
-                    pending: Vec::new(),
-                    eof: false,
-                });
-            }
-        }
-        let polled = &fds[listeners.len()..];
-        let mut closed = vec![false; conns.len()];
-        for (i, fd) in polled.iter().enumerate() {
-            if fd.revents == 0 {
+            let slot = token as usize;
+            let Some(c) = conns.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
-            }
-            let c = &mut conns[i];
+            };
+            let mut closed = false;
             if c.pending.is_empty() && !c.eof {
                 match c.stream.read(&mut buf) {
                     Ok(0) => c.eof = true,
                     Ok(n) => c.pending.extend_from_slice(&buf[..n]),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => closed[i] = true,
+                    Err(_) => closed = true,
                 }
             }
-            if !c.pending.is_empty() {
+            if !closed && !c.pending.is_empty() {
                 match c.stream.write(&c.pending) {
                     Ok(n) => {
                         c.pending.drain(..n);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => closed[i] = true,
+                    Err(_) => closed = true,
                 }
             }
-            if c.eof && c.pending.is_empty() {
+            if !closed && c.eof && c.pending.is_empty() {
                 let _ = c.stream.shutdown(Shutdown::Write);
-                closed[i] = true;
+                closed = true;
+            }
+            if closed {
+                let fd = c.stream.as_raw_fd();
+                let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, 0, 0);
+                conns[slot] = None;
+                free.push(slot);
+                continue;
+            }
+            let want = if c.pending.is_empty() {
+                libc::EPOLLIN as u32
+            } else {
+                libc::EPOLLOUT as u32
+            };
+            if want != c.interest {
+                epoll_ctl(
+                    ep,
+                    libc::EPOLL_CTL_MOD,
+                    c.stream.as_raw_fd(),
+                    want,
+                    slot as u64,
+                )?;
+                c.interest = want;
             }
         }
-        let mut i = 0;
-        conns.retain(|_| {
-            let keep = !closed[i];
-            i += 1;
-            keep
-        });
     }
 }
