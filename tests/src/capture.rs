@@ -44,6 +44,8 @@ pub struct CaptureReport {
     /// One line per RST: `DIR SRC:PORT > DST:PORT seq=N ack=N`, DIR being `in`
     /// or `out` as seen from the captured interface.
     pub rst_lines: Vec<String>,
+    /// RSTs on the harness's own readiness probes (not counted in `rsts`).
+    pub probe_rsts: u64,
     /// Frames etherparse could not parse.
     pub malformed: u64,
     /// Frames the kernel dropped because the socket's buffer was full.
@@ -249,6 +251,18 @@ pub fn record_frame(report: &mut CaptureReport, frame: &[u8], outgoing: bool) {
     }
     if !tcp.rst() {
         return;
+    }
+    if let Some(NetSlice::Ipv4(ip)) = &packet.net {
+        let h = ip.header();
+        let ends = [
+            std::net::SocketAddr::from((h.source_addr(), tcp.source_port())),
+            std::net::SocketAddr::from((h.destination_addr(), tcp.destination_port())),
+        ];
+        if ends.into_iter().any(crate::process::is_probe) {
+            // A harness readiness probe's teardown, not a connection under test.
+            report.probe_rsts += 1;
+            return;
+        }
     }
     report.rsts += 1;
     let (src, dst) = match &packet.net {

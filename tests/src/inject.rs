@@ -1,5 +1,6 @@
-//! Crafted packets for tests that must provoke the kernel side: a TCP RST
-//! with a chosen source, sent from inside a namespace through a raw socket.
+//! Crafted packets for tests that must provoke the kernel side: a TCP RST or
+//! a bare ACK with a chosen source, sent from inside a namespace through a
+//! raw socket.
 use crate::netns::{in_netns, Netns};
 use std::io;
 use std::net::SocketAddrV4;
@@ -14,6 +15,30 @@ pub fn send_rst(ns: &Netns, src: SocketAddrV4, dst: SocketAddrV4, seq: u32) -> i
     builder
         .write(&mut packet, &[])
         .map_err(|e| io::Error::other(e.to_string()))?;
+    send_raw(ns, dst, &packet)
+}
+
+/// Sends one bare TCP ACK `src → dst` (sequence `seq`, acknowledging `ack`)
+/// from `ns`: what a late duplicate ACK looks like.
+pub fn send_ack(
+    ns: &Netns,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    seq: u32,
+    ack: u32,
+) -> io::Result<()> {
+    let builder = etherparse::PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .tcp(src.port(), dst.port(), seq, 64240)
+        .ack(ack);
+    let mut packet = Vec::with_capacity(builder.size(0));
+    builder
+        .write(&mut packet, &[])
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    send_raw(ns, dst, &packet)
+}
+
+/// Sends a ready IPv4 packet from `ns` through a raw socket.
+fn send_raw(ns: &Netns, dst: SocketAddrV4, packet: &[u8]) -> io::Result<()> {
     in_netns(ns, || {
         // SAFETY: plain socket(2); the fd is closed below on every path.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };

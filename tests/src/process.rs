@@ -181,7 +181,7 @@ pub fn wait_tcp_ready(ns: &Netns, addr: SocketAddr, timeout: Duration) -> io::Re
         });
         match attempt {
             Ok(stream) => {
-                drop(stream);
+                close_probe(stream);
                 return Ok(());
             }
             Err(e) if Instant::now() >= deadline => {
@@ -194,6 +194,45 @@ pub fn wait_tcp_ready(ns: &Netns, addr: SocketAddr, timeout: Duration) -> io::Re
                 ));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Connections the harness opened only to see whether something listens.
+/// Their teardown can race a capture that starts right after the probe (a
+/// FIN retransmitted under load is answered after the server's socket is
+/// gone, with an RST), and they are not what any test is about, so
+/// [`Capture`](crate::capture::Capture) does not count RSTs on them.
+/// Entries expire after [`PROBE_MEMORY`], so a later test's connection that
+/// happens to reuse a probe's address and port (namespaces repeat addresses)
+/// is counted again.
+static PROBES: std::sync::Mutex<Vec<(Instant, SocketAddr)>> = std::sync::Mutex::new(Vec::new());
+const PROBE_MEMORY: Duration = Duration::from_secs(20);
+
+/// Whether `addr` (client side) belongs to a recent readiness probe.
+pub fn is_probe(addr: SocketAddr) -> bool {
+    PROBES.lock().is_ok_and(|p| {
+        p.iter()
+            .any(|(t, a)| *a == addr && t.elapsed() < PROBE_MEMORY)
+    })
+}
+
+/// Closes a probe in order: our FIN, then the server's, so the handshake is
+/// over before the caller goes on, and records it (see [`PROBES`]).
+fn close_probe(mut stream: TcpStream) {
+    use std::io::Read;
+    if let Ok(local) = stream.local_addr() {
+        if let Ok(mut p) = PROBES.lock() {
+            p.retain(|(t, _)| t.elapsed() < PROBE_MEMORY);
+            p.push((Instant::now(), local));
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut sink = [0u8; 256];
+    while let Ok(n) = stream.read(&mut sink) {
+        if n == 0 {
+            break;
         }
     }
 }

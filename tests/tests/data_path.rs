@@ -8,9 +8,10 @@ use shepherd_tests::agent::Agent;
 use shepherd_tests::capture::{Capture, CaptureReport};
 use shepherd_tests::names::unique_prefix;
 use shepherd_tests::process::{wait_tcp_ready, Workload};
-use shepherd_tests::stream::{bulk_echo, request_response, CounterStream};
+use shepherd_tests::stream::{bulk_echo, connect_in, request_response, CounterStream};
 use shepherd_tests::topology::SingleNode;
 use shepherd_tests::{echo_bin, privileged};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -634,6 +635,51 @@ fn unreachable_backend_closes_the_client_cleanly() {
     );
     // The pod's kernel refuses the proxy's backend socket, on the node's
     // side; nothing of that may reach the client's wire.
+    w.assert_no_rst();
+}
+
+/// A late segment of a proxied flow, arriving after the proxy's socket has
+/// fully closed (here a duplicate ACK, as a client sends when the proxy's
+/// FIN was retransmitted under load), is dropped by the intercept program.
+/// Forwarded, it would reach the pod, which never knew the flow and would
+/// reset the client.
+#[test]
+fn late_segment_of_a_closed_proxied_flow_is_dropped_not_reset() {
+    privileged!();
+    let mut w = World::new("ls", &[]);
+    w.register();
+    let (mut s, _) = connect_in(&w.t.client, w.ep()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(b"ping").expect("write");
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).expect("echo");
+    let SocketAddr::V4(client) = s.local_addr().expect("local addr") else {
+        panic!("v4 client");
+    };
+    // The client closes first, so the proxy's socket ends CLOSED (not in
+    // TIME_WAIT) once it has the client's last ACK.
+    s.shutdown(std::net::Shutdown::Write).expect("fin");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("eof");
+    drop(s);
+    let t0 = Instant::now();
+    while w.agent.cli_json(&["conn", "ls"])["connections"]
+        .as_array()
+        .is_some_and(|c| !c.is_empty())
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "connection never closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    for i in 0..3 {
+        shepherd_tests::inject::send_ack(&w.t.client, client, w.ep(), 1000 + i, 2000)
+            .expect("send ACK");
+    }
+    std::thread::sleep(Duration::from_millis(300));
     w.assert_no_rst();
 }
 

@@ -16,6 +16,8 @@
 //!
 //! These programs must never drop or rewrite a packet they are not sure about:
 //! on any doubt they return `TC_ACT_UNSPEC` and the packet goes on unchanged.
+//! The one drop besides the shield's is a stray segment of a flow this node
+//! proxied and has already closed (see `PROXIED`).
 #![no_std]
 #![no_main]
 
@@ -27,7 +29,7 @@ use aya_ebpf::{
     cty::c_void,
     helpers::generated::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{classifier, map},
-    maps::{HashMap, PerCpuHashMap, SockHash},
+    maps::{HashMap, LruHashMap, PerCpuHashMap, SockHash},
     programs::TcContext,
 };
 use parse::{Segment, TCP_ACK, TCP_RST, TCP_SYN};
@@ -54,6 +56,25 @@ static LISTENER: SockHash<u32> = SockHash::with_max_entries(1, 0);
 /// userspace.
 #[map(name = "SHEPHERD_TRANSLATE")]
 static TRANSLATE: HashMap<FlowKey, Translation> = HashMap::with_max_entries(65536, 0);
+
+/// A client flow's 4-tuple, as it arrives (client → pod endpoint).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ProxiedFlow {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+
+/// Client flows handed to the proxy. A later non-SYN segment of one of them
+/// that finds no proxy socket comes after the proxy's side has fully closed
+/// (say, the ACK of a FIN the proxy retransmitted under load, arriving after
+/// the first ACK closed the socket). Forwarded, it would reach the pod, which
+/// never knew the flow and would reset the client: it is dropped instead.
+/// Only this program reads and writes it.
+#[map(name = "SHEPHERD_PROXIED")]
+static PROXIED: LruHashMap<ProxiedFlow, u8> = LruHashMap::with_max_entries(65536, 0);
 
 const TCP_LISTEN: u32 = 10;
 const TCP_TIME_WAIT: u32 = 6;
@@ -107,12 +128,28 @@ fn try_intercept(ctx: &TcContext) -> Result<i32, i32> {
     };
     let is_syn = seg.flags & TCP_SYN != 0 && seg.flags & TCP_ACK == 0;
     let existing = existing_socket_state(ctx, &seg);
-    let established = matches!(existing, Some(s) if s != TCP_LISTEN && s != TCP_TIME_WAIT);
-    if established {
+    // A TIME_WAIT socket for this 4-tuple can only be one of the proxy's
+    // (only its transparent sockets use the pod's address on the node): late
+    // segments of that flow (a retransmitted FIN, its ACK) belong to it, not
+    // to the pod, which would answer them with an RST. A SYN reusing the
+    // tuple is a new connection and goes to the listener.
+    let ours = matches!(existing, Some(s) if s != TCP_LISTEN && (s != TCP_TIME_WAIT || !is_syn));
+    if ours {
         // One of the proxy's sockets (or a request socket): deliver locally.
         ctx.set_mark(INTERCEPT_MARK);
         count(&key, ctx.len(), false, false);
         return Ok(TC_ACT_OK);
+    }
+    let flow = ProxiedFlow {
+        saddr: seg.saddr,
+        daddr: seg.daddr,
+        sport: seg.sport,
+        dport: seg.dport,
+    };
+    // SAFETY: the value is plain data and only tested for presence.
+    if !is_syn && unsafe { PROXIED.get(flow) }.is_some() {
+        // A proxied flow whose proxy socket is gone: see `PROXIED`.
+        return Ok(TC_ACT_SHOT);
     }
     if !is_syn || cfg.flags & EP_INTERCEPT == 0 {
         // Not ours: a flow from before registration, or a draining endpoint.
@@ -122,6 +159,8 @@ fn try_intercept(ctx: &TcContext) -> Result<i32, i32> {
         count(&key, ctx.len(), false, true);
         return Ok(TC_ACT_UNSPEC);
     }
+    // Best effort: a full map only loses this protection for the flow.
+    let _ = PROXIED.insert(flow, 1u8, 0);
     ctx.set_mark(INTERCEPT_MARK);
     count(&key, ctx.len(), true, false);
     Ok(TC_ACT_OK)
