@@ -180,8 +180,8 @@ impl Lane {
         // read; only a genuine EAGAIN (nothing queued) clears it.
         let r = src.try_io(Interest::READABLE, || {
             match splice(src.as_raw_fd(), pipe.w.as_raw_fd(), max) {
-                Ok(0) if queued(src) > 0 => Ok(None),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && queued(src) > 0 => Ok(None),
+                Ok(0) if stuck(src) => Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && stuck(src) => Ok(None),
                 r => r.map(Some),
             }
         });
@@ -287,6 +287,20 @@ impl Drop for Lane {
             }
         }
     }
+}
+
+/// `SIOCATMARK` (asm-generic/sockios.h; not exported by the libc crate).
+const SIOCATMARK: libc::Ioctl = 0x8905;
+
+/// Whether splice moved nothing although the stream goes on: the urgent
+/// mark is at the head of the queue (SIOCINQ reports 0 there, so ask
+/// SIOCATMARK), or bytes are queued anyway.
+fn stuck(sock: &TcpStream) -> bool {
+    let mut at_mark: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one c_int through the pointer, which points
+    // to a live local.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCATMARK, &mut at_mark) };
+    (r == 0 && at_mark != 0) || queued(sock) > 0
 }
 
 /// Bytes in `sock`'s receive queue (SIOCINQ); 0 if it cannot be read.
