@@ -461,38 +461,51 @@ async fn reconnect_mode_replays_held_bytes_on_a_new_backend_connection(m: Mechan
         .is_err());
 }
 
+impl Rig {
+    /// Backend-flow translations installed in the (stand-in) kernel map.
+    fn translations(&self) -> usize {
+        self.intercept.translations.lock().map_or(0, |t| t.len())
+    }
+}
+
+/// One connection that has echoed a byte, held by migration `id`, whose pod
+/// then "moves" to 127.0.0.2: its backend flow is translated.
+async fn held_and_translated(r: &Rig, id: &str) -> TcpStream {
+    let mut c = TcpStream::connect(r.proxy).await.expect("connect");
+    c.write_all(b"x").await.expect("write");
+    assert_eq!(read_exact_timeout(&mut c, 1).await, b"x");
+    r.control
+        .hold(id, &hold_req(r.endpoint))
+        .await
+        .expect("hold");
+    r.control
+        .target(id, "127.0.0.2".parse().expect("ip"))
+        .expect("target");
+    assert_eq!(r.translations(), 1, "the held flow is translated");
+    c
+}
+
 /// The origin translates a held connection's backend flow when its pod moves
 /// to a new address, and removes the entry when that connection closes, so
 /// the map does not fill up across migrations.
 async fn origin_translation_goes_when_its_connection_closes(m: Mechanism) {
     let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
-    let translations = || r.intercept.translations.lock().map_or(0, |t| t.len());
-    let mut c = TcpStream::connect(r.proxy).await.expect("connect");
-    c.write_all(b"x").await.expect("write");
-    assert_eq!(read_exact_timeout(&mut c, 1).await, b"x");
-    r.control
-        .hold("m13", &hold_req(r.endpoint))
-        .await
-        .expect("hold");
-    r.control
-        .target("m13", "127.0.0.2".parse().expect("ip"))
-        .expect("target");
-    assert_eq!(translations(), 1, "the held flow is translated");
+    let mut c = held_and_translated(&r, "m13").await;
     // Resume: the connection keeps its backend socket (the translated flow).
     r.control
         .release("m13", ReleaseMode::Resume, None)
         .expect("release");
     c.write_all(b"y").await.expect("write");
     assert_eq!(read_exact_timeout(&mut c, 1).await, b"y");
-    assert_eq!(translations(), 1, "still in use");
+    assert_eq!(r.translations(), 1, "still in use");
     c.shutdown().await.expect("fin");
     let mut rest = Vec::new();
     c.read_to_end(&mut rest).await.expect("eof");
     let t0 = std::time::Instant::now();
-    while translations() != 0 && t0.elapsed() < Duration::from_secs(5) {
+    while r.translations() != 0 && t0.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(translations(), 0, "the closed connection's entry is gone");
+    assert_eq!(r.translations(), 0, "the closed connection's entry is gone");
 }
 
 /// A reconnect release drops the translated backend socket: its entry goes
@@ -500,24 +513,13 @@ async fn origin_translation_goes_when_its_connection_closes(m: Mechanism) {
 /// the client eventually closes.
 async fn reconnect_removes_the_old_flows_translation(m: Mechanism) {
     let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
-    let translations = || r.intercept.translations.lock().map_or(0, |t| t.len());
-    let mut c = TcpStream::connect(r.proxy).await.expect("connect");
-    c.write_all(b"x").await.expect("write");
-    assert_eq!(read_exact_timeout(&mut c, 1).await, b"x");
-    r.control
-        .hold("m14", &hold_req(r.endpoint))
-        .await
-        .expect("hold");
-    r.control
-        .target("m14", "127.0.0.2".parse().expect("ip"))
-        .expect("target");
-    assert_eq!(translations(), 1, "the held flow is translated");
+    let mut c = held_and_translated(&r, "m14").await;
     c.write_all(b"held").await.expect("write during hold");
     r.control
         .release("m14", ReleaseMode::Reconnect, None)
         .expect("release");
     assert_eq!(read_exact_timeout(&mut c, 4).await, b"held");
-    assert_eq!(translations(), 0, "the dropped backend's entry is gone");
+    assert_eq!(r.translations(), 0, "the dropped backend's entry is gone");
 }
 
 async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mechanism) {

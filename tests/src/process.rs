@@ -237,6 +237,14 @@ fn close_probe(mut stream: TcpStream) {
     }
 }
 
+/// Fields after "(comm)" of `/proc/PID/stat`: index 0 is the state (field 3
+/// of stat(5)), so stat(5)'s field N is at index N - 3.
+pub fn proc_stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// All pids of the process tree rooted at `root`, root first (read from
 /// `/proc/PID/task/TID/children`).
 pub fn process_tree(root: u32) -> Vec<u32> {

@@ -367,7 +367,6 @@ impl Conn {
                     Ok(Filled::NoPipe | Filled::Stuck) => {
                         // Copy this read instead (no pipe to be had, or urgent
                         // data that only a plain read gets past).
-                        self.up_bulk = false;
                         let target = self.up.read_target(max.max(1));
                         let limit = target.limit;
                         let r = self.client_r.try_read_buf(&mut target.buf.limit(limit));
@@ -389,9 +388,7 @@ impl Conn {
                     (r, _) => r,
                 };
                 if let Err(e) = r {
-                    let reason = format!("write to backend {} failed: {e}", self.info.orig_dst);
-                    self.fail_backend(&reason).await;
-                    return Err(reason);
+                    return Err(self.backend_failed("write to", e).await);
                 }
             }
             Event::BackendReadable(r) => {
@@ -408,32 +405,20 @@ impl Conn {
                     Ok(Filled::Eof) => self.backend_eof = true,
                     Ok(Filled::WouldBlock) => {}
                     Ok(Filled::NoPipe | Filled::Stuck) => {
-                        self.down_bulk = false;
+                        // Copy this read instead, as on the client side.
                         let r = match self.backend.as_ref() {
                             Some(b) => b.r.try_read_buf(&mut self.down_spare),
                             None => Err(io::ErrorKind::WouldBlock.into()),
                         };
                         match r {
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                            Ok(0) => self.backend_eof = true,
-                            Ok(n) => {
-                                self.down = self.down_spare.split_to(n).freeze();
-                                self.info.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
-                            }
-                            Err(e) => {
-                                let reason =
-                                    format!("read from backend {} failed: {e}", self.info.orig_dst);
-                                self.fail_backend(&reason).await;
-                                return Err(reason);
+                            r => {
+                                self.backend_read(r).await?;
+                                self.down_bulk = false;
                             }
                         }
                     }
-                    Err(e) => {
-                        let reason =
-                            format!("read from backend {} failed: {e}", self.info.orig_dst);
-                        self.fail_backend(&reason).await;
-                        return Err(reason);
-                    }
+                    Err(e) => return Err(self.backend_failed("read from", e).await),
                 }
             }
             Event::ClientWritable(r) => {
@@ -462,22 +447,8 @@ impl Conn {
                     }
                 }
             }
-            Event::BackendWrote(Err(e)) => {
-                let reason = format!("write to backend {} failed: {e}", self.info.orig_dst);
-                self.fail_backend(&reason).await;
-                return Err(reason);
-            }
-            Event::BackendRead(Ok(0)) => self.backend_eof = true,
-            Event::BackendRead(Ok(n)) => {
-                self.down_bulk = n >= SPLICE_MIN;
-                self.down = self.down_spare.split_to(n).freeze();
-                self.info.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Event::BackendRead(Err(e)) => {
-                let reason = format!("read from backend {} failed: {e}", self.info.orig_dst);
-                self.fail_backend(&reason).await;
-                return Err(reason);
-            }
+            Event::BackendWrote(Err(e)) => return Err(self.backend_failed("write to", e).await),
+            Event::BackendRead(r) => self.backend_read(r).await?,
             Event::ClientWrote(Ok(n)) => self.down.advance(n),
             Event::ClientWrote(Err(e)) => return Err(format!("client write failed: {e}")),
         }
@@ -501,6 +472,28 @@ impl Conn {
         {
             tokio::time::sleep(QUIESCE_POLL).await;
         }
+    }
+
+    /// A buffered read from the backend finished.
+    async fn backend_read(&mut self, r: io::Result<usize>) -> Result<(), String> {
+        match r {
+            Ok(0) => self.backend_eof = true,
+            Ok(n) => {
+                self.down_bulk = n >= SPLICE_MIN;
+                self.down = self.down_spare.split_to(n).freeze();
+                self.info.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) => return Err(self.backend_failed("read from", e).await),
+        }
+        Ok(())
+    }
+
+    /// `op` ("read from", "write to") the backend failed: closes the client
+    /// cleanly (see [`Conn::fail_backend`]) and returns the reason.
+    async fn backend_failed(&mut self, op: &str, e: io::Error) -> String {
+        let reason = format!("{op} backend {} failed: {e}", self.info.orig_dst);
+        self.fail_backend(&reason).await;
+        reason
     }
 
     /// A buffered read from the client finished.

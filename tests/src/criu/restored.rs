@@ -1,11 +1,10 @@
 //! [`RestoredProcess`]: the root of a restored process tree, owned like a
 //! child (see the parent module's docs on the pid problem).
-use std::fs;
 use std::io;
 use std::time::{Duration, Instant};
 
 use super::GONE_TIMEOUT;
-use crate::process::{pid_alive, signal_pid};
+use crate::process::{pid_alive, proc_stat_fields, signal_pid};
 
 pub fn become_subreaper() -> io::Result<()> {
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes no pointers.
@@ -15,13 +14,6 @@ pub fn become_subreaper() -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
-}
-
-/// Fields after "(comm)" of `/proc/PID/stat`: index 0 is the state.
-fn proc_stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
 pub(super) fn proc_state(pid: u32) -> Option<char> {

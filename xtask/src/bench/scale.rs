@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use shepherd_tests::controller::{self, Cluster, Plan};
 use shepherd_tests::names::unique_prefix;
 use shepherd_tests::netns::in_netns;
-use shepherd_tests::process::{wait_tcp_ready, Workload};
+use shepherd_tests::process::{proc_stat_fields, wait_tcp_ready, Workload};
 use shepherd_tests::topology::TwoNode;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -100,7 +100,7 @@ pub fn run(quick: bool, target_dir: &Path) -> Result<Section> {
     section
         .rows
         .extend([lost, release_client, release_call, replayed, idle, held]);
-    section.notes.push("The release time runs from the release call's start (when the controller's restore step ends) until the client has read the echo of every connection's held bytes (read one connection after another, so it includes the client's own reading and the echo pod's poll loop). The agent's part is the release call (it flips every connection of the endpoint to forwarding) and, polled from its status API every ms, the time until it has written every held byte to the pod again.".into());
+    section.notes.push("The release time runs from the release call's start (when the controller's restore step ends) until the client has read the echo of every connection's held bytes (read one connection after another, so it includes the client's own reading and the echo pod's event loop). The agent's part is the release call (it flips every connection of the endpoint to forwarding) and, polled from its status API every ms, the time until it has written every held byte to the pod again.".into());
     section.notes.push("Targets: 10k held and released with 0 lost, release <= 100 ms, <= 32 KiB per idle connection.".into());
     if sizes.iter().all(|n| *n < 10_000) && !quick {
         section.notes.push(format!(
@@ -280,11 +280,8 @@ fn one(n: usize, target_dir: &Path) -> Result<ScaleResult> {
 
 /// User + system CPU time of a process so far, in ms.
 fn cpu_ms(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the line, in clock ticks.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
+    let f = proc_stat_fields(pid).unwrap_or_default();
+    // utime and stime are stat(5)'s fields 14 and 15, in clock ticks.
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // SAFETY: sysconf reads a configuration value; no memory is passed.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
