@@ -25,12 +25,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let socket_path = config.api_socket.clone();
     let _socket_cleanup = RemoveOnDrop(socket_path.clone());
 
-    let listener = transport::listener::transparent_listener(config.listen_backlog)
-        .context("creating the transparent listener (needs CAP_NET_ADMIN)")?;
+    let listeners =
+        transport::listener::transparent_listeners(config.data_threads, config.listen_backlog)
+            .context("creating the transparent listeners (needs CAP_NET_ADMIN)")?;
     let intercept = Arc::new(EbpfInterception::load(
         &config.intercept_ifaces,
         &config.shield_ifaces,
-        &listener,
+        &listeners,
     )?);
     let routing = Routing::install().await?;
 
@@ -53,22 +54,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         intercept.clone(),
         relay,
     );
-    let accept = tokio::spawn(relay::accept_loop(
-        listener,
-        control.clone(),
-        Arc::new(LocalAddr),
-    ));
+    let data_plane =
+        relay::workers::DataPlane::start(listeners, control.clone(), Arc::new(LocalAddr))
+            .context("starting the data-plane threads")?;
     let app = api::router(control.clone());
     tracing::info!(
         socket = %socket_path.display(),
         intercept = ?config.intercept_ifaces,
         shield = ?config.shield_ifaces,
+        data_threads = config.data_threads,
         "shepherd agent ready"
     );
     let server = axum::serve(api_listener, app).with_graceful_shutdown(shutdown_signal());
     let served = server.await;
     tracing::info!("shutting down");
-    accept.abort();
+    drop(data_plane);
     routing.remove().await;
     drop(control);
     drop(intercept);

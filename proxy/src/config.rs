@@ -18,6 +18,8 @@ pub struct Config {
     pub hold_buffer_total: usize,
     pub listen_backlog: i32,
     pub relay: Mechanism,
+    /// Data-plane threads, each with its own listener and connections.
+    pub data_threads: usize,
 }
 
 impl Config {
@@ -37,6 +39,13 @@ impl Config {
             return Err(format!(
                 "--hold-buffer-per-conn ({}) is larger than --hold-buffer-total ({})",
                 self.hold_buffer_per_conn, self.hold_buffer_total
+            ));
+        }
+        let max = shepherd_common::MAX_LISTENERS as usize;
+        if self.data_threads == 0 || self.data_threads > max {
+            return Err(format!(
+                "--data-threads must be between 1 and {max} (got {})",
+                self.data_threads
             ));
         }
         if self.hold_deadline.is_zero() {
@@ -62,6 +71,7 @@ mod tests {
             hold_buffer_total: 256 << 20,
             listen_backlog: 4096,
             relay: Mechanism::Splice,
+            data_threads: 2,
         }
     }
 
@@ -87,5 +97,11 @@ mod tests {
         let mut c = base();
         c.shield_ifaces.push("a-very-long-interface-name".into());
         assert!(c.validate().is_err());
+        let mut c = base();
+        c.data_threads = 0;
+        assert!(c
+            .validate()
+            .expect_err("threads")
+            .contains("--data-threads"));
     }
 }

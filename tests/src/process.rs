@@ -245,6 +245,17 @@ pub fn proc_stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
+/// User + system CPU time of a process (all its threads) so far, in ms;
+/// 0 if it is gone.
+pub fn cpu_ms(pid: u32) -> f64 {
+    let f = proc_stat_fields(pid).unwrap_or_default();
+    // utime and stime are stat(5)'s fields 14 and 15, in clock ticks.
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf reads a configuration value; no memory is passed.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) * 1e3 / hz.max(1.0)
+}
+
 /// All pids of the process tree rooted at `root`, root first (read from
 /// `/proc/PID/task/TID/children`).
 pub fn process_tree(root: u32) -> Vec<u32> {

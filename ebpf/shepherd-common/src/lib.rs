@@ -16,14 +16,24 @@ pub const MAP_ENDPOINTS: &str = "SHEPHERD_ENDPOINTS";
 /// [`EndpointStats`]. Created (zeroed) by userspace on endpoint add; written by
 /// the eBPF programs; summed over CPUs by userspace.
 pub const MAP_STATS: &str = "SHEPHERD_STATS";
-/// Map (sockhash): the proxy's transparent listener. Key [`LISTENER_KEY`], value
-/// the listening socket. Written by userspace at start-up; read by `intercept`.
+/// Map (sockhash): the proxy's transparent listeners, one per data-plane
+/// thread. Key `0..n`, value the listening socket. Written by userspace at
+/// start-up; read by `intercept`, which spreads SYNs over them by flow hash.
 pub const MAP_LISTENER: &str = "SHEPHERD_LISTENER";
+/// Array of one `u32`: how many listeners [`MAP_LISTENER`] holds (`n`).
+pub const MAP_LISTENER_COUNT: &str = "SHEPHERD_LISTENER_COUNT";
+/// Most listeners (data-plane threads) the agent may register.
+pub const MAX_LISTENERS: u32 = 64;
 
 /// Map: migrated backend flows whose pod address changed. Key [`FlowKey`],
 /// value [`Translation`]. Written by userspace (origin: `migrate target` or
 /// `release --to`; destination: `migrate incoming`); read by `translate_*`.
 pub const MAP_TRANSLATE: &str = "SHEPHERD_TRANSLATE";
+/// Array of one `u32`: how many entries [`MAP_TRANSLATE`] holds. The
+/// translate programs look flows up only when it is non-zero, so a node with
+/// no migrated flows pays one array read per packet, not two hash lookups.
+/// Userspace raises it before inserting and lowers it after removing.
+pub const MAP_TRANSLATING: &str = "SHEPHERD_TRANSLATING";
 
 /// Program names in the object file.
 pub const PROG_INTERCEPT: &str = "intercept";
@@ -42,7 +52,8 @@ pub const ROLE_ORIGIN: u32 = 1;
 /// [`Translation::role`]: this node hosts the restored pod (the destination).
 pub const ROLE_DEST: u32 = 2;
 
-/// The single key of [`MAP_LISTENER`].
+/// The key of the first listener in [`MAP_LISTENER`], used when the flow's
+/// own listener cannot be found.
 pub const LISTENER_KEY: u32 = 0;
 
 /// skb mark `intercept` sets on packets that must be delivered locally to the

@@ -29,13 +29,13 @@ use aya_ebpf::{
     cty::c_void,
     helpers::generated::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{classifier, map},
-    maps::{HashMap, LruHashMap, PerCpuHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
     programs::TcContext,
 };
 use parse::{Segment, TCP_ACK, TCP_RST, TCP_SYN};
 use shepherd_common::{
     EndpointConfig, EndpointKey, EndpointStats, FlowKey, Translation, BACKEND_MARK, EP_INTERCEPT,
-    EP_SHIELD, INTERCEPT_MARK, LISTENER_KEY, ROLE_DEST, ROLE_ORIGIN,
+    EP_SHIELD, INTERCEPT_MARK, LISTENER_KEY, MAX_LISTENERS, ROLE_DEST, ROLE_ORIGIN,
 };
 
 /// Key: managed endpoint (pod ip, port). Value: its flags. Written by userspace.
@@ -47,15 +47,24 @@ static ENDPOINTS: HashMap<EndpointKey, EndpointConfig> = HashMap::with_max_entri
 #[map(name = "SHEPHERD_STATS")]
 static STATS: PerCpuHashMap<EndpointKey, EndpointStats> = PerCpuHashMap::with_max_entries(4096, 0);
 
-/// Key: `LISTENER_KEY`. Value: the proxy's transparent listening socket.
-/// Written by userspace at start-up.
+/// Key: `0..n`. Value: one of the proxy's transparent listening sockets (one
+/// per data-plane thread). Written by userspace at start-up.
 #[map(name = "SHEPHERD_LISTENER")]
-static LISTENER: SockHash<u32> = SockHash::with_max_entries(1, 0);
+static LISTENER: SockHash<u32> = SockHash::with_max_entries(MAX_LISTENERS, 0);
+
+/// `n`, the number of listeners in `LISTENER`. Written by userspace.
+#[map(name = "SHEPHERD_LISTENER_COUNT")]
+static LISTENER_COUNT: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Key: migrated backend flow. Value: old and new pod address. Written by
 /// userspace.
 #[map(name = "SHEPHERD_TRANSLATE")]
 static TRANSLATE: HashMap<FlowKey, Translation> = HashMap::with_max_entries(65536, 0);
+
+/// Entries in `TRANSLATE` (see `shepherd_common::MAP_TRANSLATING`). Written
+/// by userspace.
+#[map(name = "SHEPHERD_TRANSLATING")]
+static TRANSLATING: Array<u32> = Array::with_max_entries(1, 0);
 
 /// A client flow's 4-tuple, as it arrives (client → pod endpoint).
 #[repr(C)]
@@ -155,7 +164,7 @@ fn try_intercept(ctx: &TcContext) -> Result<i32, i32> {
         // Not ours: a flow from before registration, or a draining endpoint.
         return Ok(TC_ACT_UNSPEC);
     }
-    if assign_to_listener(ctx).is_err() {
+    if assign_to_listener(ctx, &flow).is_err() {
         count(&key, ctx.len(), false, true);
         return Ok(TC_ACT_UNSPEC);
     }
@@ -224,19 +233,22 @@ fn existing_socket_state(ctx: &TcContext, seg: &Segment) -> Option<u32> {
     Some(state)
 }
 
-/// Hands the SYN to the proxy's transparent listener.
+/// Hands the SYN to one of the proxy's transparent listeners, chosen by a
+/// hash of the flow so each data-plane thread gets its share; the first
+/// listener if that one is missing.
 #[inline(never)]
-fn assign_to_listener(ctx: &TcContext) -> Result<(), i64> {
-    let key = LISTENER_KEY;
-    // SAFETY: SockHash is `repr(transparent)` over its map definition, so its
-    // address is the map pointer the helper expects; a non-null result is a
-    // referenced socket that we release below.
-    let sk = unsafe {
-        aya_ebpf::helpers::generated::bpf_map_lookup_elem(
-            core::ptr::addr_of!(LISTENER) as *mut c_void,
-            &key as *const u32 as *const c_void,
-        )
+fn assign_to_listener(ctx: &TcContext, flow: &ProxiedFlow) -> Result<(), i64> {
+    let n = LISTENER_COUNT.get(0).copied().unwrap_or(1);
+    let mut key = if n > 1 {
+        flow_hash(flow) % n
+    } else {
+        LISTENER_KEY
     };
+    let mut sk = listener(&key);
+    if sk.is_null() && key != LISTENER_KEY {
+        key = LISTENER_KEY;
+        sk = listener(&key);
+    }
     if sk.is_null() {
         return Err(-2);
     }
@@ -248,6 +260,30 @@ fn assign_to_listener(ctx: &TcContext) -> Result<(), i64> {
         return Err(ret);
     }
     Ok(())
+}
+
+/// The listener at `key` (a referenced socket the caller must release), or
+/// null.
+#[inline(always)]
+fn listener(key: &u32) -> *mut c_void {
+    // SAFETY: SockHash is `repr(transparent)` over its map definition, so its
+    // address is the map pointer the helper expects; a non-null result is a
+    // referenced socket, released by the caller.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_map_lookup_elem(
+            core::ptr::addr_of!(LISTENER) as *mut c_void,
+            key as *const u32 as *const c_void,
+        )
+    }
+}
+
+/// Spreads flows evenly; stable for a flow's lifetime (only its SYN uses it).
+#[inline(always)]
+fn flow_hash(f: &ProxiedFlow) -> u32 {
+    let mut h = f.saddr ^ ((u32::from(f.sport) << 16) | u32::from(f.dport));
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x045d_9f3b);
+    h ^ (h >> 16)
 }
 
 /// Adds to an endpoint's counters (no-op for unknown endpoints).

@@ -5,7 +5,7 @@
 //! the destination) or pod→node (the pod address is the source). Only when
 //! the pod-side address is the one we translate *from* is anything changed.
 use crate::parse::{Segment, ETH_HLEN};
-use crate::{count_translated, TRANSLATE};
+use crate::{count_translated, TRANSLATE, TRANSLATING};
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC},
     programs::TcContext,
@@ -23,6 +23,10 @@ const IP_DST_OFF: usize = ETH_HLEN + 16;
 
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, dir: Direction, role: u32) -> Result<i32, i32> {
+    // Nothing migrated on this node: skip the parse and both lookups.
+    if TRANSLATING.get(0).copied().unwrap_or(0) == 0 {
+        return Ok(TC_ACT_UNSPEC);
+    }
     let seg = Segment::parse(ctx)?;
     // node → pod: the destination is the pod.
     let to_pod = FlowKey {

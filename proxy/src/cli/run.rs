@@ -35,6 +35,11 @@ pub struct RunArgs {
     /// `endpoint add --relay`. Holds always buffer in userspace.
     #[arg(long, value_enum, default_value_t = Mechanism::Splice, env = "SHEPHERD_RELAY")]
     relay: Mechanism,
+    /// Data-plane threads (default: one per CPU). Each has its own listener
+    /// and event loop and keeps its connections, as HAProxy's and Envoy's
+    /// workers do; the control API runs on a thread of its own.
+    #[arg(long, env = "SHEPHERD_DATA_THREADS")]
+    data_threads: Option<usize>,
     /// Log filter (RUST_LOG syntax), e.g. info or shepherd=debug.
     #[arg(long, default_value = "info", env = "RUST_LOG")]
     log_level: String,
@@ -58,8 +63,15 @@ pub fn run(args: RunArgs, api_socket: PathBuf) -> anyhow::Result<ExitCode> {
         hold_buffer_total: args.hold_buffer_total,
         listen_backlog: 4096,
         relay: args.relay,
+        data_threads: args.data_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(shepherd_common::MAX_LISTENERS as usize)
+        }),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // The control plane (API, migrations) needs little CPU: one thread. The
+    // data plane starts its own threads (`relay::workers`).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(crate::agent::run(config))?;

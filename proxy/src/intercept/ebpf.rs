@@ -4,17 +4,33 @@
 //! Must never leave state behind: programs are attached as tcx links owned by
 //! this value and go away with it (or with the agent process).
 use super::{InterceptError, Interception};
-use aya::maps::{HashMap, MapData, PerCpuHashMap, SockHash};
+use aya::maps::{Array, HashMap, MapData, PerCpuHashMap, SockHash};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::Ebpf;
 use shepherd_common::{
-    EndpointConfig, EndpointKey, EndpointStats, FlowKey, Translation, LISTENER_KEY, MAP_ENDPOINTS,
-    MAP_LISTENER, MAP_STATS, MAP_TRANSLATE, PROG_INTERCEPT, PROG_RST_SHIELD,
-    PROG_TRANSLATE_DEST_IN, PROG_TRANSLATE_DEST_OUT, PROG_TRANSLATE_ORIGIN_IN,
+    EndpointConfig, EndpointKey, EndpointStats, FlowKey, Translation, MAP_ENDPOINTS, MAP_LISTENER,
+    MAP_LISTENER_COUNT, MAP_STATS, MAP_TRANSLATE, MAP_TRANSLATING, MAX_LISTENERS, PROG_INTERCEPT,
+    PROG_RST_SHIELD, PROG_TRANSLATE_DEST_IN, PROG_TRANSLATE_DEST_OUT, PROG_TRANSLATE_ORIGIN_IN,
     PROG_TRANSLATE_ORIGIN_OUT,
 };
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
+
+/// `SHEPHERD_TRANSLATE` and its entry count in `SHEPHERD_TRANSLATING`, kept
+/// in step under one lock.
+struct Translations {
+    flows: HashMap<MapData, FlowKey, Translation>,
+    count: Array<MapData, u32>,
+    installed: u32,
+}
+
+impl Translations {
+    fn publish(&mut self, n: u32) -> Result<(), InterceptError> {
+        self.count.set(0, n, 0).map_err(map_err(MAP_TRANSLATING))?;
+        self.installed = n;
+        Ok(())
+    }
+}
 
 /// The object built by `cargo xtask build-ebpf` (empty if it was not built).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shepherd.bpf.o"));
@@ -22,7 +38,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sh
 pub struct EbpfInterception {
     endpoints: Mutex<HashMap<MapData, EndpointKey, EndpointConfig>>,
     stats: Mutex<PerCpuHashMap<MapData, EndpointKey, EndpointStats>>,
-    translate: Mutex<HashMap<MapData, FlowKey, Translation>>,
+    translate: Mutex<Translations>,
     _listener: SockHash<MapData, u32>,
     /// Keeps programs and their links alive.
     _ebpf: Ebpf,
@@ -37,12 +53,12 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> InterceptError 
 
 impl EbpfInterception {
     /// Loads the programs, attaches `intercept` to `intercept_ifaces` and
-    /// `rst_shield` to `shield_ifaces` (ingress), and registers `listener` as
-    /// the socket SYNs are assigned to.
+    /// `rst_shield` to `shield_ifaces` (ingress), and registers `listeners`
+    /// (one per data-plane thread) as the sockets SYNs are assigned to.
     pub fn load(
         intercept_ifaces: &[String],
         shield_ifaces: &[String],
-        listener: &impl AsRawFd,
+        listeners: &[impl AsRawFd],
     ) -> Result<Self, InterceptError> {
         if OBJECT.is_empty() {
             return Err(InterceptError::NoObject);
@@ -81,13 +97,35 @@ impl EbpfInterception {
             HashMap::try_from(take(&mut ebpf, MAP_ENDPOINTS)?).map_err(map_err(MAP_ENDPOINTS))?;
         let stats =
             PerCpuHashMap::try_from(take(&mut ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?;
-        let translate =
-            HashMap::try_from(take(&mut ebpf, MAP_TRANSLATE)?).map_err(map_err(MAP_TRANSLATE))?;
+        let translate = Translations {
+            flows: HashMap::try_from(take(&mut ebpf, MAP_TRANSLATE)?)
+                .map_err(map_err(MAP_TRANSLATE))?,
+            count: Array::try_from(take(&mut ebpf, MAP_TRANSLATING)?)
+                .map_err(map_err(MAP_TRANSLATING))?,
+            installed: 0,
+        };
         let mut sockhash: SockHash<MapData, u32> =
             SockHash::try_from(take(&mut ebpf, MAP_LISTENER)?).map_err(map_err(MAP_LISTENER))?;
-        sockhash
-            .insert(LISTENER_KEY, listener.as_raw_fd(), 0)
-            .map_err(map_err(MAP_LISTENER))?;
+        if listeners.is_empty() || listeners.len() > MAX_LISTENERS as usize {
+            return Err(InterceptError::Map {
+                map: MAP_LISTENER,
+                detail: format!(
+                    "{} listeners given; 1 to {MAX_LISTENERS} fit",
+                    listeners.len()
+                ),
+            });
+        }
+        for (key, l) in (0u32..).zip(listeners) {
+            sockhash
+                .insert(key, l.as_raw_fd(), 0)
+                .map_err(map_err(MAP_LISTENER))?;
+        }
+        let mut count: Array<MapData, u32> = Array::try_from(take(&mut ebpf, MAP_LISTENER_COUNT)?)
+            .map_err(map_err(MAP_LISTENER_COUNT))?;
+        // The count goes in last: until then every SYN goes to listener 0.
+        count
+            .set(0, listeners.len() as u32, 0)
+            .map_err(map_err(MAP_LISTENER_COUNT))?;
         Ok(Self {
             endpoints: Mutex::new(endpoints),
             stats: Mutex::new(stats),
@@ -191,13 +229,29 @@ impl Interception for EbpfInterception {
             map: MAP_TRANSLATE,
             detail: "lock poisoned".into(),
         })?;
-        m.insert(flow, t, 0).map_err(map_err(MAP_TRANSLATE))
+        if m.flows.get(&flow, 0).is_ok() {
+            return m.flows.insert(flow, t, 0).map_err(map_err(MAP_TRANSLATE));
+        }
+        // Count first: a packet that sees the count but not yet the entry
+        // just misses the lookup.
+        let n = m.installed.saturating_add(1);
+        m.publish(n)?;
+        if let Err(e) = m.flows.insert(flow, t, 0) {
+            let n = m.installed.saturating_sub(1);
+            let _ = m.publish(n);
+            return Err(map_err(MAP_TRANSLATE)(e));
+        }
+        Ok(())
     }
 
     fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError> {
         if let Ok(mut m) = self.translate.lock() {
-            match m.remove(&flow) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            match m.flows.remove(&flow) {
+                Ok(()) => {
+                    let n = m.installed.saturating_sub(1);
+                    m.publish(n)?;
+                }
+                Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err(MAP_TRANSLATE)(e)),
             }
         }

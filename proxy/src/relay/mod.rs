@@ -4,6 +4,7 @@
 pub mod connection;
 pub mod hold_buffer;
 pub mod splice;
+pub mod workers;
 
 use crate::control::Control;
 use crate::transport::orig_dst::OrigDst;
@@ -66,7 +67,7 @@ pub async fn accept_loop(listener: TcpListener, control: Arc<Control>, orig_dst:
             tracing::warn!(%peer, %dst, "connection to an unmanaged destination; closing");
             continue;
         };
-        let _ = client.set_nodelay(true);
+        // TCP_NODELAY comes from the listener (see transport::listener).
         let ctx = control.relay_context();
         tokio::spawn(connection::relay(client, peer, dst, endpoint, ctx));
     }

@@ -35,7 +35,12 @@ pub struct MarkedConnector {
 impl BackendConnector for MarkedConnector {
     fn connect(&self, dst: SocketAddrV4, exclusive_port: bool) -> ConnectFuture<'_> {
         Box::pin(async move {
-            let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+            // Non-blocking from the start: no fcntl pair per connection.
+            let s = Socket::new(
+                Domain::IPV4,
+                Type::STREAM.nonblocking(),
+                Some(Protocol::TCP),
+            )?;
             if self.mark {
                 s.set_mark(BACKEND_MARK)?;
             }
@@ -43,7 +48,6 @@ impl BackendConnector for MarkedConnector {
                 s.bind(&SocketAddr::from(([0, 0, 0, 0], 0)).into())?;
             }
             s.set_tcp_nodelay(true)?;
-            s.set_nonblocking(true)?;
             let sock = TcpSocket::from_std_stream(s.into());
             match tokio::time::timeout(self.timeout, sock.connect(SocketAddr::V4(dst))).await {
                 Ok(r) => r,

@@ -2,12 +2,21 @@
 //! endpoints to it with `bpf_sk_assign`; `IP_TRANSPARENT` is mandatory or no
 //! SYN-ACK goes out for a non-local destination. It is bound to loopback on an
 //! ephemeral port so nothing can reach it except through the assignment.
+//!
+//! Both listeners set `TCP_NODELAY`, which accepted sockets inherit: replayed
+//! and relayed bytes never wait on Nagle, without a setsockopt per connection.
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
-/// A non-blocking transparent listener on 127.0.0.1:<ephemeral>.
-pub fn transparent_listener(backlog: i32) -> io::Result<tokio::net::TcpListener> {
+/// `n` non-blocking transparent listeners on 127.0.0.1:<ephemeral>, one per
+/// data-plane thread (each accepts only the SYNs `intercept` assigns to it).
+/// Plain std listeners: each thread registers its own with its runtime.
+pub fn transparent_listeners(n: usize, backlog: i32) -> io::Result<Vec<std::net::TcpListener>> {
+    (0..n).map(|_| transparent_listener(backlog)).collect()
+}
+
+fn transparent_listener(backlog: i32) -> io::Result<std::net::TcpListener> {
     let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     s.set_ip_transparent_v4(true).map_err(|e| {
         io::Error::new(
@@ -16,15 +25,34 @@ pub fn transparent_listener(backlog: i32) -> io::Result<tokio::net::TcpListener>
         )
     })?;
     s.set_reuse_address(true)?;
+    s.set_tcp_nodelay(true)?;
     s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).into())?;
     s.listen(backlog)?;
     s.set_nonblocking(true)?;
-    tokio::net::TcpListener::from_std(s.into())
+    Ok(s.into())
 }
 
 /// A plain listener on 127.0.0.1:<ephemeral> (unit tests: no privilege).
 pub fn plain_listener() -> io::Result<tokio::net::TcpListener> {
-    let s = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_tcp_nodelay(true)?;
+    s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).into())?;
+    s.listen(1024)?;
     s.set_nonblocking(true)?;
-    tokio::net::TcpListener::from_std(s)
+    tokio::net::TcpListener::from_std(s.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The relay relies on this instead of setting it per connection.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay() {
+        let l = plain_listener().expect("listener");
+        let addr = l.local_addr().expect("addr");
+        let _c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (s, _) = l.accept().await.expect("accept");
+        assert!(s.nodelay().expect("nodelay"), "TCP_NODELAY not inherited");
+    }
 }

@@ -25,6 +25,7 @@ pub struct Options {
     #[arg(long)]
     pub json: bool,
     /// Only these sections (migration, steady, scale, pressure); default all.
+    /// `steady:bulk`, `steady:rr` and `steady:conn` pick parts of steady.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Write the results to BENCHMARKS.md (the full run does this by default).
@@ -43,7 +44,12 @@ pub fn run(o: &Options) -> Result<()> {
         setup::run(&setup::Options::default())?;
     }
     let target = util::build_release_binaries()?;
-    let want = |s: &str| o.only.is_empty() || o.only.iter().any(|x| x == s);
+    let want = |s: &str| {
+        o.only.is_empty()
+            || o.only
+                .iter()
+                .any(|x| x == s || x.strip_prefix(s).is_some_and(|r| r.starts_with(':')))
+    };
     let mut sections: Vec<Section> = Vec::new();
     if want("migration") {
         sections.push(migration::run(o.quick, &target)?);
@@ -55,7 +61,8 @@ pub fn run(o: &Options) -> Result<()> {
         sections.push(pressure::run(o.quick, &target)?);
     }
     if want("steady") {
-        sections.push(steady::run(o.quick)?);
+        let parts = steady::Parts::from_only(&o.only)?;
+        sections.push(steady::run(o.quick, parts)?);
     }
     let machine = report::Machine::read();
     if o.json {

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use shepherd_tests::controller::{self, Cluster, Plan};
 use shepherd_tests::names::unique_prefix;
 use shepherd_tests::netns::in_netns;
-use shepherd_tests::process::{proc_stat_fields, wait_tcp_ready, Workload};
+use shepherd_tests::process::{cpu_ms, wait_tcp_ready, Workload};
 use shepherd_tests::topology::TwoNode;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -276,16 +276,6 @@ fn one(n: usize, target_dir: &Path) -> Result<ScaleResult> {
         restore_ms: step("restore"),
         base_rss_mib: base / (1024.0 * 1024.0),
     })
-}
-
-/// User + system CPU time of a process so far, in ms.
-fn cpu_ms(pid: u32) -> f64 {
-    let f = proc_stat_fields(pid).unwrap_or_default();
-    // utime and stime are stat(5)'s fields 14 and 15, in clock ticks.
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf reads a configuration value; no memory is passed.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) * 1e3 / hz.max(1.0)
 }
 
 fn rss_of(pid: u32) -> f64 {

@@ -22,7 +22,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use shepherd_tests::agent::Agent;
 use shepherd_tests::bench;
 use shepherd_tests::names::unique_prefix;
-use shepherd_tests::process::{wait_tcp_ready, Workload};
+use shepherd_tests::process::{cpu_ms, wait_tcp_ready, Workload};
 use shepherd_tests::stream::connect_in;
 use shepherd_tests::topology::SingleNode;
 use std::io::{Read, Write};
@@ -130,6 +130,7 @@ impl Variant {
 const BULK1: &str = "bulk echo, 1 conn (each way)";
 const BULK8: &str = "bulk echo, 8 conns (each way, total)";
 const CONN: &str = "new connections (connect, 1 B echo, close)";
+const CONN_CPU: &str = "proxy CPU per new connection (user + system)";
 const RR_SIZES: [(usize, &str); 2] = [(1, "1 B"), (4096, "4 KiB")];
 const PCTS: [(f64, &str); 3] = [(50.0, "p50"), (99.0, "p99"), (99.9, "p99.9")];
 
@@ -161,14 +162,56 @@ fn rr_row(size: &str, pct: &str, placement: Placement) -> String {
     format!("rr {size} {pct}{}", placement.suffix())
 }
 
+/// The variants in turn, starting at a different one in each repetition: a
+/// run's after-effects (TIME_WAIT sockets, warm caches, a CPU's frequency)
+/// then favour no variant in particular.
+fn rotated(variants: &[Variant], rep: usize) -> impl Iterator<Item = Variant> + '_ {
+    let start = rep.saturating_sub(1) % variants.len().max(1);
+    variants[start..].iter().chain(&variants[..start]).copied()
+}
+
 /// Round trips per turn when the variants take turns on their connections.
 const RR_BLOCK: usize = 1_000;
 
-pub fn run(quick: bool) -> Result<Section> {
+/// Which parts of the steady-state section run (all by default).
+#[derive(Clone, Copy)]
+pub struct Parts {
+    pub bulk: bool,
+    pub rr: bool,
+    pub conn: bool,
+}
+
+impl Parts {
+    /// From `--only`: `steady` (or nothing) is every part; `steady:bulk`,
+    /// `steady:rr` and `steady:conn` pick parts, e.g. to profile one.
+    pub fn from_only(only: &[String]) -> Result<Self> {
+        let picked: Vec<&str> = only
+            .iter()
+            .filter_map(|x| x.strip_prefix("steady:"))
+            .collect();
+        if picked.is_empty() {
+            return Ok(Self {
+                bulk: true,
+                rr: true,
+                conn: true,
+            });
+        }
+        if let Some(bad) = picked.iter().find(|p| !["bulk", "rr", "conn"].contains(p)) {
+            bail!("unknown steady part {bad:?}: use steady:bulk, steady:rr or steady:conn");
+        }
+        Ok(Self {
+            bulk: picked.contains(&"bulk"),
+            rr: picked.contains(&"rr"),
+            conn: picked.contains(&"conn"),
+        })
+    }
+}
+
+pub fn run(quick: bool, parts: Parts) -> Result<Section> {
     let t0 = Instant::now();
     // The harness guards panic on failure; their drops clean up while the
     // panic unwinds, and we turn it into an error here.
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| measure(quick)));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| measure(quick, parts)));
     let section = match r {
         Ok(r) => r?,
         Err(p) => {
@@ -184,7 +227,7 @@ pub fn run(quick: bool) -> Result<Section> {
     Ok(section)
 }
 
-fn measure(quick: bool) -> Result<Section> {
+fn measure(quick: bool, parts: Parts) -> Result<Section> {
     let sz = if quick { &QUICK } else { &FULL };
     let say = |m: &str| eprintln!("[bench steady] {m}");
     if !Path::new(HAPROXY_BIN).is_file() {
@@ -235,6 +278,7 @@ fn measure(quick: bool) -> Result<Section> {
         }
     }
     rows.push(Row::new(CONN, "conn/s", true));
+    rows.push(Row::new(CONN_CPU, "µs", false));
     let row = |rows: &[Row], name: &str| -> usize {
         rows.iter()
             .position(|r| r.name == name)
@@ -254,7 +298,7 @@ fn measure(quick: bool) -> Result<Section> {
     let mut lost = Vec::new();
     for rep in 1..=sz.reps {
         let tag = format!("rep {rep}/{}", sz.reps);
-        for v in BULK_VARIANTS {
+        for v in rotated(&BULK_VARIANTS, rep).filter(|_| parts.bulk) {
             let dst = v.dst(&t);
             let r = bench::bulk(&t.client, dst, 1, sz.bulk1_bytes).map_err(Into::into);
             let Some(b) = sample(v, "bulk 1 conn", r, &mut lost)? else {
@@ -268,7 +312,7 @@ fn measure(quick: bool) -> Result<Section> {
             let i = row(&rows, BULK1);
             rows[i].push(v.name(), b.mib_per_s());
         }
-        for v in BULK_VARIANTS {
+        for v in rotated(&BULK_VARIANTS, rep).filter(|_| parts.bulk) {
             let dst = v.dst(&t);
             let r = bench::bulk(&t.client, dst, 8, sz.bulk8_bytes_per_conn).map_err(Into::into);
             let Some(b) = sample(v, "bulk 8 conns", r, &mut lost)? else {
@@ -282,7 +326,7 @@ fn measure(quick: bool) -> Result<Section> {
             let i = row(&rows, BULK8);
             rows[i].push(v.name(), b.mib_per_s());
         }
-        for placement in PLACEMENTS {
+        for placement in PLACEMENTS.into_iter().filter(|_| parts.rr) {
             for (len, size) in RR_SIZES {
                 let samples = match placement {
                     Placement::Free => rr_interleaved(&t, len, sz),
@@ -311,10 +355,19 @@ fn measure(quick: bool) -> Result<Section> {
                 }
             }
         }
-        for v in VARIANTS {
+        for v in rotated(&VARIANTS, rep).filter(|_| parts.conn) {
             let dst = v.dst(&t);
+            // The proxy's own CPU time over the run: the rate depends on the
+            // whole box (client and pod share the 2 CPUs); this does not.
+            let proxy = match v {
+                Variant::Direct => None,
+                Variant::Haproxy | Variant::HaproxySplice => Some(haproxy.pid()),
+                Variant::Shepherd | Variant::ShepherdCopy => Some(agent.pid()),
+            };
+            let cpu0 = proxy.map(cpu_ms);
             let r =
                 bench::conn_rate(&t.client, dst, CONN_CLIENTS, sz.conn_time).map_err(Into::into);
+            let cpu = proxy.zip(cpu0).map(|(p, c0)| cpu_ms(p) - c0);
             let Some(c) = sample(v, "connection rate", r, &mut lost)? else {
                 continue;
             };
@@ -325,6 +378,10 @@ fn measure(quick: bool) -> Result<Section> {
             ));
             let i = row(&rows, CONN);
             rows[i].push(v.name(), c.per_s());
+            if let (Some(cpu), true) = (cpu, c.connections > 0) {
+                let i = row(&rows, CONN_CPU);
+                rows[i].push(v.name(), cpu * 1e3 / c.connections as f64);
+            }
         }
     }
     if !agent.is_alive() {
@@ -334,6 +391,16 @@ fn measure(quick: bool) -> Result<Section> {
         bail!("the echo pod died during the run; log:\n{}", echo.log());
     }
     haproxy.check_alive()?;
+    // Rotation changes which variant a row first saw; report them in the
+    // usual order, the baseline first.
+    for r in &mut rows {
+        r.variants.sort_by_key(|(name, _)| {
+            BULK_VARIANTS
+                .iter()
+                .position(|v| v.name() == name)
+                .unwrap_or(usize::MAX)
+        });
+    }
 
     let mut notes = vec![
         "relays measured: shepherd = splice(2) socket → pipe → socket (the agent's default; \
@@ -644,6 +711,15 @@ fn targets(rows: &[Row]) -> Vec<String> {
         "target connection rate ≥ HAProxy's: shepherd {sh:.0}/s vs haproxy {ha:.0}/s — {}",
         verdict(sh >= ha)
     ));
+    notes.push(format!(
+        "proxy CPU per new connection (medians): shepherd {:.1} µs, haproxy {:.1} µs; \
+         the rate is set by the whole box (client, proxy and pod share 2 CPUs), this by the proxy alone",
+        med(CONN_CPU, "shepherd"),
+        med(CONN_CPU, "haproxy")
+    ));
+    // A run of some parts only (`--only steady:conn`) has no figures for the
+    // others: drop their verdicts rather than print NaN.
+    notes.retain(|n| !n.contains("NaN"));
     notes
 }
 
