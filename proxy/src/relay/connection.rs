@@ -52,14 +52,17 @@ const QUIESCE_POLL: Duration = Duration::from_millis(2);
 
 enum Event {
     ModeChanged,
-    ClientRead(io::Result<usize>),
     BackendWrote(io::Result<usize>),
-    BackendRead(io::Result<usize>),
     ClientWrote(io::Result<usize>),
-    /// Splice mode: a socket is ready; the handler moves the bytes.
-    ClientReadable(io::Result<()>),
+    /// A socket has bytes; the handler reads them, spliced (`true`: into
+    /// the direction's pipe) or copied. Reads go through `try_read`, not
+    /// `AsyncRead`, whose short-read heuristic clears readiness: a read
+    /// stops short at TCP's urgent mark with more bytes queued behind it,
+    /// and those would then wait for a segment that may never come.
+    ClientReadable(io::Result<()>, bool),
+    BackendReadable(io::Result<()>, bool),
+    /// Splice mode: a socket can take the lane's bytes.
     BackendWritable(io::Result<()>),
-    BackendReadable(io::Result<()>),
     ClientWritable(io::Result<()>),
     Tick,
 }
@@ -271,9 +274,6 @@ impl Conn {
             if self.down_spare.capacity() < 4096 {
                 self.down_spare.reserve(READ_CHUNK);
             }
-            let target = self.up.read_target(room.max(1));
-            let limit = target.limit;
-            let mut client_dst = target.buf.limit(limit);
             let budget = self.ctx.budget.clone();
             let (backend_w, backend_r) = match self.backend.as_mut() {
                 Some(b) => (Some(&mut b.w), Some(&mut b.r)),
@@ -300,8 +300,8 @@ impl Conn {
                 },
                 e = to_backend(backend_w, &self.batch, up_lane_busy && hold.is_none()) => e,
                 e = to_client(&mut self.client_w, &self.down), if write_client => e,
-                e = from_backend(backend_r, &mut self.down_spare, splice_down), if read_backend => e,
-                e = from_client(&mut self.client_r, &mut client_dst, splice_up), if read_client => e,
+                e = from_backend(backend_r, splice_down), if read_backend => e,
+                e = from_client(&mut self.client_r, splice_up), if read_client => e,
                 _ = tokio::time::sleep(QUIESCE_POLL), if tick => Event::Tick,
                 _ = wait_budget(&budget), if budget_blocked => Event::Tick,
                 }
@@ -353,28 +353,19 @@ impl Conn {
                 }
                 self.mode = new;
             }
-            Event::ClientRead(r) => self.client_read(r)?,
-            Event::ClientReadable(Err(e)) => return Err(format!("client read failed: {e}")),
-            Event::ClientReadable(Ok(())) => {
-                let max = self.room;
-                match self.up_lane.fill_from(self.client_r.as_ref(), max) {
+            Event::ClientReadable(Err(e), _) => return Err(format!("client read failed: {e}")),
+            Event::ClientReadable(Ok(()), false) => self.copy_from_client()?,
+            Event::ClientReadable(Ok(()), true) => {
+                match self.up_lane.fill_from(self.client_r.as_ref(), self.room) {
                     Ok(Filled::Bytes(n)) => {
                         self.up_bulk = n >= SPLICE_MIN;
                         self.info.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Ok(Filled::Eof) => self.client_eof = true,
                     Ok(Filled::WouldBlock) => {}
-                    Ok(Filled::NoPipe | Filled::Stuck) => {
-                        // Copy this read instead (no pipe to be had, or urgent
-                        // data that only a plain read gets past).
-                        let target = self.up.read_target(max.max(1));
-                        let limit = target.limit;
-                        let r = self.client_r.try_read_buf(&mut target.buf.limit(limit));
-                        match r {
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                            r => self.client_read(r)?,
-                        }
-                    }
+                    // No pipe to be had, or urgent data that only a plain
+                    // read gets past: copy this read instead.
+                    Ok(Filled::NoPipe | Filled::Stuck) => self.copy_from_client()?,
                     Err(e) => return Err(format!("client read failed: {e}")),
                 }
             }
@@ -391,11 +382,14 @@ impl Conn {
                     return Err(self.backend_failed("write to", e).await);
                 }
             }
-            Event::BackendReadable(r) => {
-                let filled = match (r, self.backend.as_ref()) {
-                    (Ok(()), Some(b)) => self.down_lane.fill_from(b.r.as_ref(), PIPE_SIZE),
-                    (Ok(()), None) => Ok(Filled::WouldBlock),
-                    (Err(e), _) => Err(e),
+            Event::BackendReadable(Err(e), _) => {
+                return Err(self.backend_failed("read from", e).await)
+            }
+            Event::BackendReadable(Ok(()), false) => self.copy_from_backend().await?,
+            Event::BackendReadable(Ok(()), true) => {
+                let filled = match self.backend.as_ref() {
+                    Some(b) => self.down_lane.fill_from(b.r.as_ref(), PIPE_SIZE),
+                    None => Ok(Filled::WouldBlock),
                 };
                 match filled {
                     Ok(Filled::Bytes(n)) => {
@@ -405,18 +399,10 @@ impl Conn {
                     Ok(Filled::Eof) => self.backend_eof = true,
                     Ok(Filled::WouldBlock) => {}
                     Ok(Filled::NoPipe | Filled::Stuck) => {
-                        // Copy this read instead, as on the client side.
-                        let r = match self.backend.as_ref() {
-                            Some(b) => b.r.try_read_buf(&mut self.down_spare),
-                            None => Err(io::ErrorKind::WouldBlock.into()),
-                        };
-                        match r {
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                            r => {
-                                self.backend_read(r).await?;
-                                self.down_bulk = false;
-                            }
-                        }
+                        // As on the client side; the next read decides
+                        // afresh whether to splice.
+                        self.copy_from_backend().await?;
+                        self.down_bulk = false;
                     }
                     Err(e) => return Err(self.backend_failed("read from", e).await),
                 }
@@ -448,7 +434,6 @@ impl Conn {
                 }
             }
             Event::BackendWrote(Err(e)) => return Err(self.backend_failed("write to", e).await),
-            Event::BackendRead(r) => self.backend_read(r).await?,
             Event::ClientWrote(Ok(n)) => self.down.advance(n),
             Event::ClientWrote(Err(e)) => return Err(format!("client write failed: {e}")),
         }
@@ -494,6 +479,29 @@ impl Conn {
         let reason = format!("{op} backend {} failed: {e}", self.info.orig_dst);
         self.fail_backend(&reason).await;
         reason
+    }
+
+    /// Reads what the client sent into the hold buffer (as much as `room`
+    /// allows); nothing if it turns out there was nothing.
+    fn copy_from_client(&mut self) -> Result<(), String> {
+        let target = self.up.read_target(self.room.max(1));
+        let limit = target.limit;
+        match self.client_r.try_read_buf(&mut target.buf.limit(limit)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            r => self.client_read(r),
+        }
+    }
+
+    /// Reads what the pod sent into `down`.
+    async fn copy_from_backend(&mut self) -> Result<(), String> {
+        let r = match self.backend.as_ref() {
+            Some(b) => b.r.try_read_buf(&mut self.down_spare),
+            None => return Ok(()),
+        };
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            r => self.backend_read(r).await,
+        }
     }
 
     /// A buffered read from the client finished.
@@ -607,24 +615,15 @@ async fn to_client(w: &mut OwnedWriteHalf, down: &Bytes) -> Event {
     }
 }
 
-async fn from_backend(r: Option<&mut OwnedReadHalf>, buf: &mut BytesMut, splice: bool) -> Event {
+async fn from_backend(r: Option<&mut OwnedReadHalf>, splice: bool) -> Event {
     match r {
-        Some(r) if splice => Event::BackendReadable(r.readable().await),
-        Some(r) => Event::BackendRead(r.read_buf(buf).await),
+        Some(r) => Event::BackendReadable(r.readable().await, splice),
         None => pending().await,
     }
 }
 
-async fn from_client(
-    r: &mut OwnedReadHalf,
-    buf: &mut bytes::buf::Limit<&mut BytesMut>,
-    splice: bool,
-) -> Event {
-    if splice {
-        Event::ClientReadable(r.readable().await)
-    } else {
-        Event::ClientRead(r.read_buf(buf).await)
-    }
+async fn from_client(r: &mut OwnedReadHalf, splice: bool) -> Event {
+    Event::ClientReadable(r.readable().await, splice)
 }
 
 async fn wait_budget(budget: &Budget) {
