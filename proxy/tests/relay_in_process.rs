@@ -92,10 +92,12 @@ async fn rig(m: Mechanism, per_conn_cap: usize, total_cap: usize, deadline: Dura
         .expect("add endpoint");
     let listener = plain_listener().expect("listener");
     let proxy = listener.local_addr().expect("addr");
+    static ACCEPTED: AtomicU64 = AtomicU64::new(0);
     tokio::spawn(shepherd::relay::accept_loop(
         listener,
         control.clone(),
         Arc::new(Fixed(backend)),
+        &ACCEPTED,
     ));
     Rig {
         control,

@@ -2,7 +2,7 @@
 use super::{lock, Control};
 use crate::api::types::EndpointInfo;
 use crate::migration::Phase;
-use crate::relay::splice;
+use crate::relay::{splice, workers};
 use std::sync::atomic::Ordering;
 
 impl Control {
@@ -42,6 +42,16 @@ impl Control {
             "counter",
             "Relayed connections accepted.",
             per_ep(&|e| e.connections_total as f64),
+        );
+        metric(
+            "shepherd_data_thread_accepted_total",
+            "counter",
+            "Connections accepted by each data-plane thread (intercept spreads them by flow hash).",
+            workers::accepted_per_thread()
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| (format!("{{thread=\"{i}\"}}"), n as f64))
+                .collect(),
         );
         metric(
             "shepherd_spliced_bytes_total",

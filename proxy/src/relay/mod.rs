@@ -8,6 +8,7 @@ pub mod workers;
 
 use crate::control::Control;
 use crate::transport::orig_dst::OrigDst;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
@@ -42,8 +43,14 @@ impl std::fmt::Display for Mechanism {
     }
 }
 
-/// Accepts intercepted connections until the listener fails.
-pub async fn accept_loop(listener: TcpListener, control: Arc<Control>, orig_dst: Arc<dyn OrigDst>) {
+/// Accepts intercepted connections until the listener fails, counting them
+/// in `accepted`.
+pub async fn accept_loop(
+    listener: TcpListener,
+    control: Arc<Control>,
+    orig_dst: Arc<dyn OrigDst>,
+    accepted: &AtomicU64,
+) {
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -54,6 +61,7 @@ pub async fn accept_loop(listener: TcpListener, control: Arc<Control>, orig_dst:
                 continue;
             }
         };
+        accepted.fetch_add(1, Ordering::Relaxed);
         let dst = match orig_dst.orig_dst(&client) {
             Ok(d) => d,
             Err(e) => {

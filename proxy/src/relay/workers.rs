@@ -10,9 +10,22 @@ use super::accept_loop;
 use crate::control::Control;
 use crate::transport::orig_dst::OrigDst;
 use std::io;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use tokio::sync::watch;
+
+/// Connections each data-plane thread has accepted (for `/metrics`: an
+/// uneven spread shows here). Set once, when the data plane starts.
+static ACCEPTED: OnceLock<Box<[AtomicU64]>> = OnceLock::new();
+
+/// Connections accepted so far by each data-plane thread, in thread order.
+pub fn accepted_per_thread() -> Vec<u64> {
+    ACCEPTED
+        .get()
+        .map(|a| a.iter().map(|c| c.load(Ordering::Relaxed)).collect())
+        .unwrap_or_default()
+}
 
 /// The running data-plane threads. Dropping it stops them: their accept
 /// loops end and their connections are dropped (closed).
@@ -28,12 +41,17 @@ impl DataPlane {
         control: Arc<Control>,
         orig_dst: Arc<dyn OrigDst>,
     ) -> io::Result<Self> {
+        let n = listeners.len();
+        let counters = ACCEPTED.get_or_init(|| (0..n).map(|_| AtomicU64::new(0)).collect());
         let (stop, _) = watch::channel(false);
         let mut plane = Self {
             stop,
             threads: Vec::new(),
         };
         for (i, listener) in listeners.into_iter().enumerate() {
+            let Some(accepted) = counters.get(i) else {
+                break;
+            };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -51,7 +69,7 @@ impl DataPlane {
                             }
                         };
                         tokio::select! {
-                            _ = accept_loop(listener, control, orig_dst) => {}
+                            _ = accept_loop(listener, control, orig_dst, accepted) => {}
                             _ = stop.wait_for(|s| *s) => {}
                         }
                     });
