@@ -377,15 +377,20 @@ pub fn start_single(t: &crate::topology::SingleNode, extra: &[&str]) -> Agent {
 
 /// The two agents of a [`TwoNode`](crate::topology::TwoNode) migration: the
 /// origin on node A and the destination on node B, each intercepting on its
-/// fabric interface and shielding (and translating) on its pod interface.
-pub fn start_pair(t: &crate::topology::TwoNode) -> (Agent, Agent) {
-    let args = [
+/// fabric interface and shielding (and translating) on its pod interface,
+/// plus `extra` arguments for both.
+pub fn start_pair(t: &crate::topology::TwoNode, extra: &[&str]) -> (Agent, Agent) {
+    let mut args = vec![
         "--intercept-iface",
         t.node_fabric_if(),
         "--shield-iface",
         t.node_pod_if(),
     ];
-    (Agent::start(&t.node_a, args), Agent::start(&t.node_b, args))
+    args.extend_from_slice(extra);
+    (
+        Agent::start(&t.node_a, args.clone()),
+        Agent::start(&t.node_b, args),
+    )
 }
 
 #[cfg(test)]

@@ -93,7 +93,9 @@ impl World {
     }
 
     fn finish(dir: tempfile::TempDir, t: TwoNode, pod: Workload, ports: &[u16]) -> World {
-        let (origin, dest) = shepherd_tests::agent::start_pair(&t);
+        // Two data threads whatever the machine's default: holds,
+        // quiescence and replays then cross threads in every test.
+        let (origin, dest) = shepherd_tests::agent::start_pair(&t, &["--data-threads", "2"]);
         let eps: Vec<String> = ports.iter().map(|p| t.pod_addr(*p).to_string()).collect();
         let mut add = vec!["endpoint", "add"];
         add.extend(eps.iter().map(String::as_str));

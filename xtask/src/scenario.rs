@@ -89,7 +89,7 @@ pub fn migrate_once(echo: &Path, dir: &Path, sc: &Scenario, say: &dyn Fn(&str)) 
     let ep = t.pod_addr(PORT);
     wait_tcp_ready(&t.client, SocketAddr::V4(ep), Duration::from_secs(10))
         .context("the echo pod did not come up")?;
-    let (origin, dest) = shepherd_tests::agent::start_pair(&t);
+    let (origin, dest) = shepherd_tests::agent::start_pair(&t, &[]);
     if shepherd {
         let out = origin.cli(&["endpoint", "add", &ep.to_string()]);
         if !out.status.success() {

@@ -144,7 +144,7 @@ fn one(n: usize, target_dir: &Path) -> Result<ScaleResult> {
         &scratch.path().join("pod.log"),
     );
     wait_tcp_ready(&t.client, SocketAddr::V4(ep), Duration::from_secs(10))?;
-    let (origin, dest) = shepherd_tests::agent::start_pair(&t);
+    let (origin, dest) = shepherd_tests::agent::start_pair(&t, &[]);
     let out = origin.cli(&["endpoint", "add", &ep.to_string()]);
     if !out.status.success() {
         bail!("endpoint add: {}", String::from_utf8_lossy(&out.stderr));
