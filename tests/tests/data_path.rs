@@ -721,6 +721,9 @@ fn late_segment_of_a_closed_proxied_flow_is_dropped_not_reset() {
     }
     std::thread::sleep(Duration::from_millis(300));
     w.assert_no_rst();
+    // The operator can see the drops.
+    let eps = w.agent.cli_json(&["endpoint", "ls"]);
+    assert_eq!(u(&eps["endpoints"][0], "strays_dropped"), 3, "{eps}");
 }
 
 /// The pod dies during a hold and no release comes: the deadline aborts, the

@@ -135,6 +135,10 @@ pub struct EndpointStats {
     pub rsts_shielded: u64,
     /// Packets of migrated flows whose address `translate_*` rewrote.
     pub translated: u64,
+    /// Stray segments `intercept` dropped: non-SYN segments of a flow it
+    /// handed to the proxy whose proxy socket is gone (forwarded, the pod
+    /// would answer them with an RST to the client).
+    pub strays_dropped: u64,
 }
 
 /// A proxy→pod backend flow, identified from the node's side: the proxy's
@@ -192,9 +196,10 @@ mod tests {
         assert_eq!(offset_of!(EndpointKey, addr), 0);
         assert_eq!(offset_of!(EndpointKey, port), 4);
         assert_eq!(size_of::<EndpointConfig>(), 8);
-        assert_eq!(size_of::<EndpointStats>(), 48);
+        assert_eq!(size_of::<EndpointStats>(), 56);
         assert_eq!(offset_of!(EndpointStats, rsts_shielded), 32);
         assert_eq!(offset_of!(EndpointStats, translated), 40);
+        assert_eq!(offset_of!(EndpointStats, strays_dropped), 48);
         assert_eq!(size_of::<FlowKey>(), 8);
         assert_eq!(offset_of!(FlowKey, node_port), 4);
         assert_eq!(offset_of!(FlowKey, pod_port), 6);

@@ -158,6 +158,10 @@ fn try_intercept(ctx: &TcContext) -> Result<i32, i32> {
     // SAFETY: the value is plain data and only tested for presence.
     if !is_syn && unsafe { PROXIED.get(flow) }.is_some() {
         // A proxied flow whose proxy socket is gone: see `PROXIED`.
+        if let Some(stats) = STATS.get_ptr_mut(key) {
+            // SAFETY: per-CPU value, no concurrent writer on this CPU.
+            unsafe { (*stats).strays_dropped += 1 };
+        }
         return Ok(TC_ACT_SHOT);
     }
     if !is_syn || cfg.flags & EP_INTERCEPT == 0 {

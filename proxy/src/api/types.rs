@@ -29,6 +29,9 @@ pub struct EndpointInfo {
     pub assign_failures: u64,
     pub rsts_shielded: u64,
     pub packets_translated: u64,
+    /// Late segments of closed proxied flows dropped instead of reaching
+    /// the pod (which would reset the client).
+    pub strays_dropped: u64,
     /// Where backend connections go (differs from `endpoint` after a
     /// migration to a new address).
     pub backend: SocketAddrV4,

@@ -84,6 +84,12 @@ impl Control {
             per_ep(&|e| e.rsts_shielded as f64),
         );
         metric(
+            "shepherd_stray_segments_dropped_total",
+            "counter",
+            "Late segments of closed proxied flows dropped by eBPF (the pod would have reset the client).",
+            per_ep(&|e| e.strays_dropped as f64),
+        );
+        metric(
             "shepherd_hold_buffer_bytes",
             "gauge",
             "Client bytes queued in hold buffers.",

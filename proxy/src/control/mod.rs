@@ -201,6 +201,7 @@ impl Control {
             assign_failures: k.assign_failures,
             rsts_shielded: k.rsts_shielded,
             packets_translated: k.translated,
+            strays_dropped: k.strays_dropped,
             backend: state.backend(),
             relay: state.relay(),
         })

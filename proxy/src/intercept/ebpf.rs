@@ -220,6 +220,7 @@ impl Interception for EbpfInterception {
             acc.assign_failures += s.assign_failures;
             acc.rsts_shielded += s.rsts_shielded;
             acc.translated += s.translated;
+            acc.strays_dropped += s.strays_dropped;
             acc
         })
     }
