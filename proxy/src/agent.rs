@@ -54,7 +54,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         intercept.clone(),
         relay,
     );
-    let data_plane =
+    let (data_plane, mut failure) =
         relay::workers::DataPlane::start(listeners, control.clone(), Arc::new(LocalAddr))
             .context("starting the data-plane threads")?;
     let app = api::router(control.clone());
@@ -65,7 +65,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         data_threads = config.data_threads,
         "shepherd agent ready"
     );
-    let server = axum::serve(api_listener, app).with_graceful_shutdown(shutdown_signal());
+    // Stop on SIGTERM/SIGINT, or when a data-plane thread dies: its
+    // connections are gone and its share of new ones would not be proxied,
+    // so exit with an error and let the supervisor restart the agent.
+    let (died_tx, died_rx) = tokio::sync::oneshot::channel::<String>();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            why = failure.wait() => {
+                tracing::error!(reason = %why, "a data-plane thread died; stopping the agent");
+                let _ = died_tx.send(why);
+            }
+        }
+    };
+    let server = axum::serve(api_listener, app).with_graceful_shutdown(stop);
     let served = server.await;
     tracing::info!("shutting down");
     drop(data_plane);
@@ -73,6 +86,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     drop(control);
     drop(intercept);
     served.context("API server failed")?;
+    if let Ok(why) = died_rx.await {
+        anyhow::bail!("{why}; restart the agent (connections it relayed were closed)");
+    }
     Ok(())
 }
 

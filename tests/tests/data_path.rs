@@ -222,6 +222,33 @@ fn every_data_thread_serves_its_share_of_connections() {
     w.assert_no_rst();
 }
 
+/// Under a SYN flood the kernel answers from a full SYN queue with SYN
+/// cookies and keeps no request socket, so the handshake's last ACK finds
+/// no socket. `intercept` must hand it to the listener (which checks the
+/// cookie and creates the connection), not drop it as a stray of a closed
+/// flow. `tcp_syncookies=2` makes every handshake a cookie handshake.
+#[test]
+fn syn_cookie_handshakes_complete() {
+    privileged!();
+    let mut w = World::new("sc", &[]);
+    w.t.node.sysctl("net.ipv4.tcp_syncookies", "2");
+    w.register();
+    for i in 0..10u8 {
+        let (mut s, _) = connect_in(&w.t.client, w.ep()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let msg = [b'a' + i; 32];
+        s.write_all(&msg).expect("write");
+        let mut back = [0u8; 32];
+        s.read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("cookie connection {i} never completed: {e}"));
+        assert_eq!(back, msg, "connection {i}");
+    }
+    let eps = w.agent.cli_json(&["endpoint", "ls"]);
+    assert_eq!(u(&eps["endpoints"][0], "strays_dropped"), 0, "{eps}");
+    w.assert_no_rst();
+}
+
 /// 2. Hold 2 s (the pod frozen with SIGSTOP meanwhile) while clients stream a
 ///    counter every 10 ms; release: every value exactly once and in order, no
 ///    RST, longest pause ≤ hold + 200 ms.

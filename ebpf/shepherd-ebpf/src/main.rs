@@ -25,14 +25,16 @@ mod parse;
 mod translate;
 
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_tuple, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{bpf_sock, bpf_sock_tuple, tcphdr, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     cty::c_void,
-    helpers::generated::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::generated::{
+        bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie,
+    },
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
     programs::TcContext,
 };
-use parse::{Segment, TCP_ACK, TCP_RST, TCP_SYN};
+use parse::{Segment, ETH_HLEN, TCP_ACK, TCP_RST, TCP_SYN};
 use shepherd_common::{
     EndpointConfig, EndpointKey, EndpointStats, FlowKey, Translation, BACKEND_MARK, EP_INTERCEPT,
     EP_SHIELD, INTERCEPT_MARK, LISTENER_KEY, MAX_LISTENERS, ROLE_DEST, ROLE_ORIGIN,
@@ -157,6 +159,14 @@ fn try_intercept(ctx: &TcContext) -> Result<i32, i32> {
     };
     // SAFETY: the value is plain data and only tested for presence.
     if !is_syn && unsafe { PROXIED.get(flow) }.is_some() {
+        // No socket, but the kernel may have answered the SYN with a cookie
+        // (its SYN queue was full) and kept no request socket: then this
+        // ACK completes the handshake, and the listener must have it.
+        if seg.flags & TCP_ACK != 0 && cookie_ack_to_listener(ctx, &seg, &flow).is_ok() {
+            ctx.set_mark(INTERCEPT_MARK);
+            count(&key, ctx.len(), false, false);
+            return Ok(TC_ACT_OK);
+        }
         // A proxied flow whose proxy socket is gone: see `PROXIED`.
         if let Some(stats) = STATS.get_ptr_mut(key) {
             // SAFETY: per-CPU value, no concurrent writer on this CPU.
@@ -242,17 +252,7 @@ fn existing_socket_state(ctx: &TcContext, seg: &Segment) -> Option<u32> {
 /// listener if that one is missing.
 #[inline(never)]
 fn assign_to_listener(ctx: &TcContext, flow: &ProxiedFlow) -> Result<(), i64> {
-    let n = LISTENER_COUNT.get(0).copied().unwrap_or(1);
-    let mut key = if n > 1 {
-        flow_hash(flow) % n
-    } else {
-        LISTENER_KEY
-    };
-    let mut sk = listener(&key);
-    if sk.is_null() && key != LISTENER_KEY {
-        key = LISTENER_KEY;
-        sk = listener(&key);
-    }
+    let sk = flow_listener(flow);
     if sk.is_null() {
         return Err(-2);
     }
@@ -264,6 +264,57 @@ fn assign_to_listener(ctx: &TcContext, flow: &ProxiedFlow) -> Result<(), i64> {
         return Err(ret);
     }
     Ok(())
+}
+
+/// If this ACK carries a valid SYN cookie of the flow's listener, hands it
+/// to that listener (which then creates the connection).
+#[inline(never)]
+fn cookie_ack_to_listener(ctx: &TcContext, seg: &Segment, flow: &ProxiedFlow) -> Result<(), i64> {
+    let mut iph: [u8; 20] = ctx.load(ETH_HLEN).map_err(|_| -1i64)?;
+    let mut th: [u8; 20] = ctx.load(seg.l4_off).map_err(|_| -1i64)?;
+    let sk = flow_listener(flow);
+    if sk.is_null() {
+        return Err(-2);
+    }
+    // SAFETY: sk is a referenced listening socket; iph and th are 20
+    // readable bytes on the stack (the helper reads the addresses, ports,
+    // sequence and acknowledgment numbers).
+    let mut ret = unsafe {
+        bpf_tcp_check_syncookie(
+            sk,
+            iph.as_mut_ptr() as *mut c_void,
+            20,
+            th.as_mut_ptr() as *mut tcphdr,
+            20,
+        )
+    };
+    if ret == 0 {
+        // SAFETY: ctx is the skb; sk is a referenced full listening socket.
+        ret = unsafe { bpf_sk_assign(ctx.skb.skb as *mut c_void, sk, 0) };
+    }
+    // SAFETY: release the reference taken by the lookup, exactly once.
+    unsafe { bpf_sk_release(sk) };
+    if ret != 0 {
+        return Err(ret);
+    }
+    Ok(())
+}
+
+/// The flow's listener (a referenced socket the caller must release), or
+/// null: `LISTENER[hash % n]`, else the first.
+#[inline(always)]
+fn flow_listener(flow: &ProxiedFlow) -> *mut c_void {
+    let n = LISTENER_COUNT.get(0).copied().unwrap_or(1);
+    let key = if n > 1 {
+        flow_hash(flow) % n
+    } else {
+        LISTENER_KEY
+    };
+    let sk = listener(&key);
+    if sk.is_null() && key != LISTENER_KEY {
+        return listener(&LISTENER_KEY);
+    }
+    sk
 }
 
 /// The listener at `key` (a referenced socket the caller must release), or

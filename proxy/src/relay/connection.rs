@@ -23,7 +23,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -571,12 +571,15 @@ impl Conn {
             let _ = self.client_w.shutdown().await;
             // Read until the client's FIN so closing does not turn unread bytes
             // into a RST.
+            // `try_read` until EAGAIN, as everywhere (see `Event`): a read
+            // that stops at an urgent mark must not end the drain.
             let mut sink = vec![0u8; READ_CHUNK];
-            if !self.client_eof {
-                while let Ok(n) = self.client_r.read(&mut sink).await {
-                    if n == 0 {
-                        break;
-                    }
+            while !self.client_eof && self.client_r.readable().await.is_ok() {
+                match self.client_r.try_read(&mut sink) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
                 }
             }
         })

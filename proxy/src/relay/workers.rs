@@ -34,49 +34,118 @@ pub struct DataPlane {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// Resolves when a data-plane thread has ended on its own (failed to start,
+/// lost its listener, or panicked), with what happened. Its connections are
+/// gone and SYNs hashed to its listener would go elsewhere or unproxied: the
+/// agent must stop (and be restarted) rather than limp on.
+pub struct Failure(tokio::sync::mpsc::UnboundedReceiver<String>);
+
+impl Failure {
+    pub async fn wait(&mut self) -> String {
+        self.0
+            .recv()
+            .await
+            .unwrap_or_else(|| "every data-plane thread stopped".into())
+    }
+}
+
+/// Sends the thread's epitaph when it ends, however it ends (a panic
+/// included), unless the data plane is stopping.
+struct Epitaph {
+    thread: usize,
+    why: Option<String>,
+    stop: watch::Receiver<bool>,
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+impl Epitaph {
+    fn ended(mut self, why: String) {
+        self.why = Some(why);
+    }
+}
+
+impl Drop for Epitaph {
+    fn drop(&mut self) {
+        if *self.stop.borrow() {
+            return;
+        }
+        let why = self.why.take().unwrap_or_else(|| {
+            if std::thread::panicking() {
+                "panicked".into()
+            } else {
+                "stopped".into()
+            }
+        });
+        let _ = self
+            .tx
+            .send(format!("data-plane thread {} {why}", self.thread));
+    }
+}
+
 impl DataPlane {
-    /// One thread per listener.
+    /// One thread per listener. One data plane per process (the per-thread
+    /// counters behind `/metrics` are process-wide).
     pub fn start(
         listeners: Vec<std::net::TcpListener>,
         control: Arc<Control>,
         orig_dst: Arc<dyn OrigDst>,
-    ) -> io::Result<Self> {
+    ) -> io::Result<(Self, Failure)> {
         let n = listeners.len();
         let counters = ACCEPTED.get_or_init(|| (0..n).map(|_| AtomicU64::new(0)).collect());
+        if counters.len() != n {
+            return Err(io::Error::other(
+                "a data plane was already started in this process",
+            ));
+        }
         let (stop, _) = watch::channel(false);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let mut plane = Self {
             stop,
             threads: Vec::new(),
         };
-        for (i, listener) in listeners.into_iter().enumerate() {
-            let Some(accepted) = counters.get(i) else {
-                break;
-            };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+        for ((i, listener), accepted) in listeners.into_iter().enumerate().zip(counters.iter()) {
             let (control, orig_dst) = (control.clone(), orig_dst.clone());
-            let mut stop = plane.stop.subscribe();
+            let epitaph = Epitaph {
+                thread: i,
+                why: None,
+                stop: plane.stop.subscribe(),
+                tx: tx.clone(),
+            };
             let thread = std::thread::Builder::new()
                 .name(format!("shepherd-data-{i}"))
                 .spawn(move || {
-                    rt.block_on(async move {
+                    // Built here, not by the caller: a runtime must not be
+                    // dropped inside the caller's async context if the spawn
+                    // fails.
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            return epitaph.ended(format!("could not build its runtime: {e}"));
+                        }
+                    };
+                    let mut stop = epitaph.stop.clone();
+                    let ended = rt.block_on(async {
                         let listener = match tokio::net::TcpListener::from_std(listener) {
                             Ok(l) => l,
-                            Err(e) => {
-                                tracing::error!(thread = i, error = %e, "cannot register the listener; this thread accepts nothing");
-                                return;
-                            }
+                            Err(e) => return Some(format!("could not register its listener: {e}")),
                         };
                         tokio::select! {
-                            _ = accept_loop(listener, control, orig_dst, accepted) => {}
-                            _ = stop.wait_for(|s| *s) => {}
+                            _ = accept_loop(listener, control, orig_dst, accepted) => {
+                                Some("lost its listener".to_string())
+                            }
+                            _ = stop.wait_for(|s| *s) => None,
                         }
                     });
+                    if let Some(why) = ended {
+                        epitaph.ended(why);
+                    }
                 })?;
             plane.threads.push(thread);
         }
-        Ok(plane)
+        Ok((plane, Failure(rx)))
     }
 }
 
