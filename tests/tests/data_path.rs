@@ -71,6 +71,24 @@ impl World {
         std::fs::read_to_string(self.dir.path().join("peers.log")).unwrap_or_default()
     }
 
+    /// A new connection to the endpoint: 64 bytes of `fill` out, the same
+    /// 64 back (5 s at most), then closed.
+    fn one_echo(&self, fill: u8) -> std::io::Result<()> {
+        let (mut s, _) = connect_in(&self.t.client, self.ep())?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let msg = [fill; 64];
+        s.write_all(&msg)?;
+        let mut back = [0u8; 64];
+        s.read_exact(&mut back)?;
+        if back != msg {
+            return Err(std::io::Error::other(format!(
+                "echo differs: sent {fill:#x}s, got {:?}",
+                &back[..8]
+            )));
+        }
+        Ok(())
+    }
+
     fn status(&self, id: &str) -> Value {
         self.agent.cli_json(&["migrate", "status", "--id", id])
     }
@@ -193,15 +211,8 @@ fn every_data_thread_serves_its_share_of_connections() {
     let mut w = World::new("dt", &["--data-threads", "3"]);
     w.register();
     for i in 0..60u8 {
-        let (mut s, _) = connect_in(&w.t.client, w.ep()).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        let msg = [b'a' + i % 26; 64];
-        s.write_all(&msg).expect("write");
-        let mut back = [0u8; 64];
-        s.read_exact(&mut back)
+        w.one_echo(b'a' + i % 26)
             .unwrap_or_else(|e| panic!("connection {i} was never served: {e}"));
-        assert_eq!(back, msg, "connection {i}");
     }
     let eps = w.agent.cli_json(&["endpoint", "ls"]);
     assert!(u(&eps["endpoints"][0], "syns_assigned") >= 60, "{eps}");
@@ -234,15 +245,8 @@ fn syn_cookie_handshakes_complete() {
     w.t.node.sysctl("net.ipv4.tcp_syncookies", "2");
     w.register();
     for i in 0..10u8 {
-        let (mut s, _) = connect_in(&w.t.client, w.ep()).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        let msg = [b'a' + i; 32];
-        s.write_all(&msg).expect("write");
-        let mut back = [0u8; 32];
-        s.read_exact(&mut back)
+        w.one_echo(b'a' + i)
             .unwrap_or_else(|e| panic!("cookie connection {i} never completed: {e}"));
-        assert_eq!(back, msg, "connection {i}");
     }
     let eps = w.agent.cli_json(&["endpoint", "ls"]);
     assert_eq!(u(&eps["endpoints"][0], "strays_dropped"), 0, "{eps}");
