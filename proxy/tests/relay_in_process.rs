@@ -65,6 +65,40 @@ async fn echo_backend() -> (SocketAddrV4, Arc<AtomicUsize>) {
 }
 
 async fn rig(m: Mechanism, per_conn_cap: usize, total_cap: usize, deadline: Duration) -> Rig {
+    let (control, endpoint, backend_seen, intercept) =
+        control_for(m, per_conn_cap, total_cap, deadline).await;
+    let listener = plain_listener().expect("listener");
+    let proxy = listener.local_addr().expect("addr");
+    static ACCEPTED: AtomicU64 = AtomicU64::new(0);
+    let backend = endpoint.0;
+    tokio::spawn(shepherd::relay::accept_loop(
+        listener,
+        control.clone(),
+        Arc::new(Fixed(backend)),
+        &ACCEPTED,
+    ));
+    Rig {
+        control,
+        proxy,
+        endpoint,
+        backend_seen,
+        intercept,
+    }
+}
+
+/// A control plane with one endpoint: an echo backend (its received-byte
+/// count alongside).
+async fn control_for(
+    m: Mechanism,
+    per_conn_cap: usize,
+    total_cap: usize,
+    deadline: Duration,
+) -> (
+    Arc<Control>,
+    EndpointAddr,
+    Arc<AtomicUsize>,
+    Arc<RecordingInterception>,
+) {
     let (backend, backend_seen) = echo_backend().await;
     let relay = RelayContext {
         connector: Arc::new(MarkedConnector {
@@ -90,22 +124,7 @@ async fn rig(m: Mechanism, per_conn_cap: usize, total_cap: usize, deadline: Dura
     control
         .add_endpoints(&[endpoint], None)
         .expect("add endpoint");
-    let listener = plain_listener().expect("listener");
-    let proxy = listener.local_addr().expect("addr");
-    static ACCEPTED: AtomicU64 = AtomicU64::new(0);
-    tokio::spawn(shepherd::relay::accept_loop(
-        listener,
-        control.clone(),
-        Arc::new(Fixed(backend)),
-        &ACCEPTED,
-    ));
-    Rig {
-        control,
-        proxy,
-        endpoint,
-        backend_seen,
-        intercept,
-    }
+    (control, endpoint, backend_seen, intercept)
 }
 
 fn hold_req(ep: EndpointAddr) -> HoldRequest {
@@ -650,6 +669,68 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
         "completed"
     );
     assert!(r.control.incoming_status("nope").is_err());
+}
+
+/// The agent's data plane: two threads, each its own runtime and listener,
+/// driven by a control plane on the test's runtime. A hold and a release
+/// reach connections on both threads; stopping the plane reports no failure,
+/// returns, and closes the connections. (The only test that starts a
+/// `DataPlane`: one per process.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_plane_threads_hold_replay_and_stop() {
+    use shepherd::relay::workers::{accepted_per_thread, DataPlane};
+    let (control, endpoint, _, _) =
+        control_for(Mechanism::Splice, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let listeners: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.set_nonblocking(true).expect("nonblocking");
+            l
+        })
+        .collect();
+    let addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr"))
+        .collect();
+    let (plane, mut failure) =
+        DataPlane::start(listeners, control.clone(), Arc::new(Fixed(endpoint.0))).expect("start");
+    let mut clients = Vec::new();
+    for a in &addrs {
+        let mut c = TcpStream::connect(a).await.expect("connect");
+        c.write_all(b"hello;").await.expect("write");
+        assert_eq!(read_exact_timeout(&mut c, 6).await, b"hello;");
+        clients.push(c);
+    }
+    assert_eq!(accepted_per_thread(), vec![1, 1]);
+    control
+        .hold("dp", &hold_req(endpoint))
+        .await
+        .expect("hold reaches both threads' connections and quiesces");
+    for c in &mut clients {
+        c.write_all(b"held;").await.expect("write");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(control.status("dp").expect("status").bytes_held, 10);
+    control
+        .release("dp", ReleaseMode::Resume, None)
+        .expect("release");
+    for c in &mut clients {
+        assert_eq!(read_exact_timeout(c, 5).await, b"held;");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), failure.wait())
+            .await
+            .is_err(),
+        "no data-plane thread may have failed"
+    );
+    tokio::task::spawn_blocking(move || drop(plane))
+        .await
+        .expect("the data plane stops");
+    for c in &mut clients {
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await;
+        assert!(r.is_ok(), "a stopped data plane leaves no connection open");
+    }
 }
 
 /// Every scenario runs with each forwarding mechanism: holds and replays must
