@@ -28,10 +28,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const TERM_TIMEOUT: Duration = Duration::from_secs(5);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The `shepherd` binary: `$SHEPHERD_BIN`, else `target/release/shepherd`, else
-/// `target/debug/shepherd` (looked for in `$CARGO_TARGET_DIR`, then next to
-/// the running test executable, then in the workspace's `target/`). Panics if
-/// none exists.
+/// The `shepherd` binary: `$SHEPHERD_BIN` (set by `cargo xtask ci` and
+/// `bench`), else the most recently built of `target/{release,debug}/shepherd`
+/// (looked for in `$CARGO_TARGET_DIR`, next to the running test executable,
+/// and in the workspace's `target/`). Panics if none exists.
 pub fn shepherd_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("SHEPHERD_BIN") {
         let p = PathBuf::from(p);
@@ -52,13 +52,15 @@ pub fn shepherd_bin() -> PathBuf {
         .parent()
         .expect("tests crate lives inside the workspace");
     target_dirs.push(workspace.join("target"));
-    for profile in ["release", "debug"] {
-        for d in &target_dirs {
-            let p = d.join(profile).join("shepherd");
-            if p.is_file() {
-                return p;
-            }
-        }
+    // The most recently built of them: a stale release build must not
+    // shadow the debug build a developer just made (or the reverse).
+    let newest = target_dirs
+        .iter()
+        .flat_map(|d| ["release", "debug"].map(|profile| d.join(profile).join("shepherd")))
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max_by_key(|(built, _)| *built);
+    if let Some((_, p)) = newest {
+        return p;
     }
     panic!(
         "shepherd binary not found (looked in {target_dirs:?}); run `cargo build --release -p shepherd` \
