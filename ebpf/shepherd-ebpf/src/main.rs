@@ -162,7 +162,7 @@ fn try_intercept(ctx: &TcContext) -> Result<i32, i32> {
         // No socket, but the kernel may have answered the SYN with a cookie
         // (its SYN queue was full) and kept no request socket: then this
         // ACK completes the handshake, and the listener must have it.
-        if seg.flags & TCP_ACK != 0 && cookie_ack_to_listener(ctx, &seg, &flow).is_ok() {
+        if seg.flags & TCP_ACK != 0 && to_listener(ctx, &flow, Some(&seg)).is_ok() {
             ctx.set_mark(INTERCEPT_MARK);
             count(&key, ctx.len(), false, false);
             return Ok(TC_ACT_OK);
@@ -178,7 +178,7 @@ fn try_intercept(ctx: &TcContext) -> Result<i32, i32> {
         // Not ours: a flow from before registration, or a draining endpoint.
         return Ok(TC_ACT_UNSPEC);
     }
-    if assign_to_listener(ctx, &flow).is_err() {
+    if to_listener(ctx, &flow, None).is_err() {
         count(&key, ctx.len(), false, true);
         return Ok(TC_ACT_UNSPEC);
     }
@@ -247,47 +247,42 @@ fn existing_socket_state(ctx: &TcContext, seg: &Segment) -> Option<u32> {
     Some(state)
 }
 
-/// Hands the SYN to one of the proxy's transparent listeners, chosen by a
-/// hash of the flow so each data-plane thread gets its share; the first
-/// listener if that one is missing.
+/// Hands the segment to the flow's listener (see `flow_listener`): a SYN
+/// always; with `cookie_ack`, an ACK only if it carries a valid SYN cookie of
+/// that listener (which then creates the connection).
 #[inline(never)]
-fn assign_to_listener(ctx: &TcContext, flow: &ProxiedFlow) -> Result<(), i64> {
-    let sk = flow_listener(flow);
-    if sk.is_null() {
-        return Err(-2);
-    }
-    // SAFETY: ctx is the skb; sk is a referenced full listening socket.
-    let ret = unsafe { bpf_sk_assign(ctx.skb.skb as *mut c_void, sk, 0) };
-    // SAFETY: release the reference taken by the lookup, exactly once.
-    unsafe { bpf_sk_release(sk) };
-    if ret != 0 {
-        return Err(ret);
-    }
-    Ok(())
-}
-
-/// If this ACK carries a valid SYN cookie of the flow's listener, hands it
-/// to that listener (which then creates the connection).
-#[inline(never)]
-fn cookie_ack_to_listener(ctx: &TcContext, seg: &Segment, flow: &ProxiedFlow) -> Result<(), i64> {
-    let mut iph: [u8; 20] = ctx.load(ETH_HLEN).map_err(|_| -1i64)?;
-    let mut th: [u8; 20] = ctx.load(seg.l4_off).map_err(|_| -1i64)?;
-    let sk = flow_listener(flow);
-    if sk.is_null() {
-        return Err(-2);
-    }
-    // SAFETY: sk is a referenced listening socket; iph and th are 20
-    // readable bytes on the stack (the helper reads the addresses, ports,
-    // sequence and acknowledgment numbers).
-    let mut ret = unsafe {
-        bpf_tcp_check_syncookie(
-            sk,
-            iph.as_mut_ptr() as *mut c_void,
-            20,
-            th.as_mut_ptr() as *mut tcphdr,
-            20,
-        )
+fn to_listener(
+    ctx: &TcContext,
+    flow: &ProxiedFlow,
+    cookie_ack: Option<&Segment>,
+) -> Result<(), i64> {
+    // The IPv4 and TCP headers, for the cookie check (it reads the
+    // addresses, ports, sequence and acknowledgment numbers).
+    let headers: Option<([u8; 20], [u8; 20])> = match cookie_ack {
+        Some(seg) => Some((
+            ctx.load(ETH_HLEN).map_err(|_| -1i64)?,
+            ctx.load(seg.l4_off).map_err(|_| -1i64)?,
+        )),
+        None => None,
     };
+    let sk = flow_listener(flow);
+    if sk.is_null() {
+        return Err(-2);
+    }
+    let mut ret = 0;
+    if let Some((mut iph, mut th)) = headers {
+        // SAFETY: sk is a referenced listening socket; iph and th are 20
+        // readable bytes on the stack.
+        ret = unsafe {
+            bpf_tcp_check_syncookie(
+                sk,
+                iph.as_mut_ptr() as *mut c_void,
+                20,
+                th.as_mut_ptr() as *mut tcphdr,
+                20,
+            )
+        };
+    }
     if ret == 0 {
         // SAFETY: ctx is the skb; sk is a referenced full listening socket.
         ret = unsafe { bpf_sk_assign(ctx.skb.skb as *mut c_void, sk, 0) };
