@@ -683,9 +683,9 @@ async fn data_plane_threads_hold_replay_and_stop() {
         control_for(Mechanism::Splice, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
     let listeners: Vec<std::net::TcpListener> = (0..2)
         .map(|_| {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.set_nonblocking(true).expect("nonblocking");
-            l
+            plain_listener()
+                .and_then(TcpListener::into_std)
+                .expect("listener")
         })
         .collect();
     let addrs: Vec<SocketAddr> = listeners

@@ -63,6 +63,15 @@ impl EbpfInterception {
         if OBJECT.is_empty() {
             return Err(InterceptError::NoObject);
         }
+        if listeners.is_empty() || listeners.len() > MAX_LISTENERS as usize {
+            return Err(InterceptError::Map {
+                map: MAP_LISTENER,
+                detail: format!(
+                    "{} listeners given; 1 to {MAX_LISTENERS} fit",
+                    listeners.len()
+                ),
+            });
+        }
         for iface in intercept_ifaces.iter().chain(shield_ifaces) {
             if nix_if_index(iface).is_none() {
                 return Err(InterceptError::NoSuchInterface(iface.clone()));
@@ -106,15 +115,6 @@ impl EbpfInterception {
         };
         let mut sockhash: SockHash<MapData, u32> =
             SockHash::try_from(take(&mut ebpf, MAP_LISTENER)?).map_err(map_err(MAP_LISTENER))?;
-        if listeners.is_empty() || listeners.len() > MAX_LISTENERS as usize {
-            return Err(InterceptError::Map {
-                map: MAP_LISTENER,
-                detail: format!(
-                    "{} listeners given; 1 to {MAX_LISTENERS} fit",
-                    listeners.len()
-                ),
-            });
-        }
         for (key, l) in (0u32..).zip(listeners) {
             sockhash
                 .insert(key, l.as_raw_fd(), 0)

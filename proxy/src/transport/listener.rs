@@ -13,33 +13,32 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 /// data-plane thread (each accepts only the SYNs `intercept` assigns to it).
 /// Plain std listeners: each thread registers its own with its runtime.
 pub fn transparent_listeners(n: usize, backlog: i32) -> io::Result<Vec<std::net::TcpListener>> {
-    (0..n).map(|_| transparent_listener(backlog)).collect()
+    (0..n).map(|_| loopback_listener(backlog, true)).collect()
 }
 
-fn transparent_listener(backlog: i32) -> io::Result<std::net::TcpListener> {
+/// A plain listener on 127.0.0.1:<ephemeral> (unit tests: no privilege).
+pub fn plain_listener() -> io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::from_std(loopback_listener(1024, false)?)
+}
+
+/// A non-blocking `TCP_NODELAY` listener on 127.0.0.1:<ephemeral>;
+/// `IP_TRANSPARENT` if `transparent`.
+fn loopback_listener(backlog: i32, transparent: bool) -> io::Result<std::net::TcpListener> {
     let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    s.set_ip_transparent_v4(true).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("IP_TRANSPARENT (needs CAP_NET_ADMIN): {e}"),
-        )
-    })?;
-    s.set_reuse_address(true)?;
+    if transparent {
+        s.set_ip_transparent_v4(true).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("IP_TRANSPARENT (needs CAP_NET_ADMIN): {e}"),
+            )
+        })?;
+        s.set_reuse_address(true)?;
+    }
     s.set_tcp_nodelay(true)?;
     s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).into())?;
     s.listen(backlog)?;
     s.set_nonblocking(true)?;
     Ok(s.into())
-}
-
-/// A plain listener on 127.0.0.1:<ephemeral> (unit tests: no privilege).
-pub fn plain_listener() -> io::Result<tokio::net::TcpListener> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    s.set_tcp_nodelay(true)?;
-    s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).into())?;
-    s.listen(1024)?;
-    s.set_nonblocking(true)?;
-    tokio::net::TcpListener::from_std(s.into())
 }
 
 #[cfg(test)]
