@@ -406,7 +406,8 @@ fn measure(quick: bool, parts: Parts) -> Result<Section> {
         "relays measured: shepherd = splice(2) socket → pipe → socket (the agent's default; \
          pipes of 256 KiB from a node-wide pool of ≤ 256, taken only while bytes are in \
          flight); shepherd-copy = read into a userspace buffer, write it out; both one tokio \
-         task per connection on the multi-thread runtime, two endpoints of one agent"
+         task per connection on the agent's data-plane threads (its default: one per two CPUs), two \
+         endpoints of one agent"
             .to_string(),
         format!(
             "paths: direct = pod port {DIRECT_PORT} forwarded by the node's kernel; shepherd = pod \
@@ -452,7 +453,7 @@ fn measure(quick: bool, parts: Parts) -> Result<Section> {
         notes.push("--quick: small sizes, one repetition; indicative only".into());
     }
     notes.extend(lost);
-    notes.extend(targets(&rows));
+    notes.extend(targets(&rows, parts));
     Ok(Section {
         title: "Steady-state overhead: direct vs Shepherd vs HAProxy".into(),
         rows,
@@ -632,7 +633,8 @@ fn check_paths(t: &SingleNode, agent: &Agent) -> Result<()> {
 }
 
 /// Targets of the issue, checked on the medians.
-fn targets(rows: &[Row]) -> Vec<String> {
+/// Verdicts against the issue's targets, for the parts that ran.
+fn targets(rows: &[Row], parts: Parts) -> Vec<String> {
     let med = |name: &str, variant: &str| -> f64 {
         rows.iter()
             .find(|r| r.name == name)
@@ -642,23 +644,25 @@ fn targets(rows: &[Row]) -> Vec<String> {
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     let mut notes = Vec::new();
 
-    let bulk: Vec<(String, bool)> = [(BULK1, "1 conn"), (BULK8, "8 conns")]
-        .iter()
-        .map(|(name, short)| {
-            let r = med(name, "shepherd") / med(name, "direct");
-            (format!("{short} {r:.2}x"), r >= 0.9)
-        })
-        .collect();
-    notes.push(format!(
-        "target bulk ≥ 0.9x direct: {} — {}",
-        bulk.iter()
-            .map(|(s, _)| s.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
-        verdict(bulk.iter().all(|(_, ok)| *ok))
-    ));
+    if parts.bulk {
+        let bulk: Vec<(String, bool)> = [(BULK1, "1 conn"), (BULK8, "8 conns")]
+            .iter()
+            .map(|(name, short)| {
+                let r = med(name, "shepherd") / med(name, "direct");
+                (format!("{short} {r:.2}x"), r >= 0.9)
+            })
+            .collect();
+        notes.push(format!(
+            "target bulk ≥ 0.9x direct: {} — {}",
+            bulk.iter()
+                .map(|(s, _)| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            verdict(bulk.iter().all(|(_, ok)| *ok))
+        ));
+    }
 
-    for placement in PLACEMENTS {
+    for placement in PLACEMENTS.into_iter().filter(|_| parts.rr) {
         let mut p50 = Vec::new();
         let mut p99 = Vec::new();
         for (_, size) in RR_SIZES {
@@ -695,31 +699,32 @@ fn targets(rows: &[Row]) -> Vec<String> {
         }
     }
 
-    let ratio = |name: &str| med(name, "shepherd") / med(name, "shepherd-copy");
-    notes.push(format!(
-        "relay mechanism, splice vs copy (medians): bulk 1 conn {:.2}x, bulk 8 conns {:.2}x, \
-         rr 1 B p50 on 1 CPU {:+.1} µs, new connections {:.2}x",
-        ratio(BULK1),
-        ratio(BULK8),
-        med(&rr_row("1 B", "p50", Placement::OneCpu), "shepherd")
-            - med(&rr_row("1 B", "p50", Placement::OneCpu), "shepherd-copy"),
-        ratio(CONN),
-    ));
+    if parts.bulk && parts.rr && parts.conn {
+        let ratio = |name: &str| med(name, "shepherd") / med(name, "shepherd-copy");
+        notes.push(format!(
+            "relay mechanism, splice vs copy (medians): bulk 1 conn {:.2}x, bulk 8 conns {:.2}x, \
+             rr 1 B p50 on 1 CPU {:+.1} µs, new connections {:.2}x",
+            ratio(BULK1),
+            ratio(BULK8),
+            med(&rr_row("1 B", "p50", Placement::OneCpu), "shepherd")
+                - med(&rr_row("1 B", "p50", Placement::OneCpu), "shepherd-copy"),
+            ratio(CONN),
+        ));
+    }
 
-    let (sh, ha) = (med(CONN, "shepherd"), med(CONN, "haproxy"));
-    notes.push(format!(
-        "target connection rate ≥ HAProxy's: shepherd {sh:.0}/s vs haproxy {ha:.0}/s — {}",
-        verdict(sh >= ha)
-    ));
-    notes.push(format!(
-        "proxy CPU per new connection (medians): shepherd {:.1} µs, haproxy {:.1} µs; \
-         the rate is set by the whole box (client, proxy and pod share 2 CPUs), this by the proxy alone",
-        med(CONN_CPU, "shepherd"),
-        med(CONN_CPU, "haproxy")
-    ));
-    // A run of some parts only (`--only steady:conn`) has no figures for the
-    // others: drop their verdicts rather than print NaN.
-    notes.retain(|n| !n.contains("NaN"));
+    if parts.conn {
+        let (sh, ha) = (med(CONN, "shepherd"), med(CONN, "haproxy"));
+        notes.push(format!(
+            "target connection rate ≥ HAProxy's: shepherd {sh:.0}/s vs haproxy {ha:.0}/s — {}",
+            verdict(sh >= ha)
+        ));
+        notes.push(format!(
+            "proxy CPU per new connection (medians): shepherd {:.1} µs, haproxy {:.1} µs; \
+             the rate is set by the whole box (client, proxy and pod share 2 CPUs), this by the proxy alone",
+            med(CONN_CPU, "shepherd"),
+            med(CONN_CPU, "haproxy")
+        ));
+    }
     notes
 }
 
