@@ -141,23 +141,39 @@ pub struct EndpointStats {
     pub strays_dropped: u64,
 }
 
-/// A proxy→pod backend flow, identified from the node's side: the proxy's
-/// (node) address and port, and the pod's port. All in network byte order.
+/// A proxy→pod backend flow as one of its packets shows it on the wire: the
+/// proxy's (node) address and port, and the pod's address and port. All in
+/// network byte order.
+///
+/// The pod's address is part of the key because the node's port alone does
+/// not tell two backend flows apart: `connect()` reuses a local port for
+/// different destinations, so flows to two pods that listen on the same
+/// port may share the node's (address, port). Both pods may migrate at once
+/// (a node drain). Userspace installs each migrated flow twice: under the
+/// pod's old address and under its new one, since a packet carries one or
+/// the other depending on which side of the rewrite it is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub node_addr: u32,
+    pub pod_addr: u32,
     pub node_port: u16,
     pub pod_port: u16,
 }
 
 impl FlowKey {
-    pub const fn new(node: [u8; 4], node_port: u16, pod_port: u16) -> Self {
+    pub const fn new(node: [u8; 4], node_port: u16, pod: [u8; 4], pod_port: u16) -> Self {
         Self {
             node_addr: u32::from_ne_bytes(node),
+            pod_addr: u32::from_ne_bytes(pod),
             node_port: u16::from_ne_bytes(node_port.to_be_bytes()),
             pod_port: u16::from_ne_bytes(pod_port.to_be_bytes()),
         }
+    }
+
+    /// The same flow as it looks with the pod at `pod_addr` (network order).
+    pub const fn with_pod_addr(self, pod_addr: u32) -> Self {
+        Self { pod_addr, ..self }
     }
 }
 
@@ -200,9 +216,10 @@ mod tests {
         assert_eq!(offset_of!(EndpointStats, rsts_shielded), 32);
         assert_eq!(offset_of!(EndpointStats, translated), 40);
         assert_eq!(offset_of!(EndpointStats, strays_dropped), 48);
-        assert_eq!(size_of::<FlowKey>(), 8);
-        assert_eq!(offset_of!(FlowKey, node_port), 4);
-        assert_eq!(offset_of!(FlowKey, pod_port), 6);
+        assert_eq!(size_of::<FlowKey>(), 12);
+        assert_eq!(offset_of!(FlowKey, pod_addr), 4);
+        assert_eq!(offset_of!(FlowKey, node_port), 8);
+        assert_eq!(offset_of!(FlowKey, pod_port), 10);
         assert_eq!(size_of::<Translation>(), 16);
         assert_eq!(offset_of!(Translation, role), 8);
     }

@@ -58,8 +58,9 @@ static LISTENER: SockHash<u32> = SockHash::with_max_entries(MAX_LISTENERS, 0);
 #[map(name = "SHEPHERD_LISTENER_COUNT")]
 static LISTENER_COUNT: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Key: migrated backend flow. Value: old and new pod address. Written by
-/// userspace.
+/// Key: migrated backend flow, once under the pod's old address and once
+/// under its new one (see `FlowKey`), so 32768 flows fit. Value: old and new
+/// pod address. Written by userspace.
 #[map(name = "SHEPHERD_TRANSLATE")]
 static TRANSLATE: HashMap<FlowKey, Translation> = HashMap::with_max_entries(65536, 0);
 

@@ -1,9 +1,11 @@
 //! Address translation of migrated backend flows.
 //!
-//! A flow is known by its node side (address, port) and the pod's port. A
-//! packet belongs to it in either orientation: node→pod (the pod address is
-//! the destination) or pod→node (the pod address is the source). Only when
-//! the pod-side address is the one we translate *from* is anything changed.
+//! A flow is known by its node side (address, port) and its pod side
+//! (address, port); userspace installs it under both the old and the new pod
+//! address (see `FlowKey`). A packet belongs to it in either orientation:
+//! node→pod (the pod address is the destination) or pod→node (the pod
+//! address is the source). Only when the pod-side address is the one we
+//! translate *from* is anything changed.
 use crate::parse::{Segment, ETH_HLEN};
 use crate::{count_translated, TRANSLATE, TRANSLATING};
 use aya_ebpf::{
@@ -31,6 +33,7 @@ pub fn rewrite(ctx: &TcContext, dir: Direction, role: u32) -> Result<i32, i32> {
     // node → pod: the destination is the pod.
     let to_pod = FlowKey {
         node_addr: seg.saddr,
+        pod_addr: seg.daddr,
         node_port: seg.sport,
         pod_port: seg.dport,
     };
@@ -56,6 +59,7 @@ pub fn rewrite(ctx: &TcContext, dir: Direction, role: u32) -> Result<i32, i32> {
     // pod → node: the source is the pod.
     let from_pod = FlowKey {
         node_addr: seg.daddr,
+        pod_addr: seg.saddr,
         node_port: seg.dport,
         pod_port: seg.sport,
     };

@@ -261,8 +261,12 @@ impl Control {
             let Some(old) = old.filter(|o| *o != to) else {
                 continue;
             };
-            let key =
-                shepherd_common::FlowKey::new(f.node.ip().octets(), f.node.port(), f.pod_port);
+            let key = shepherd_common::FlowKey::new(
+                f.node.ip().octets(),
+                f.node.port(),
+                old.octets(),
+                f.pod_port,
+            );
             self.intercept.set_translation(
                 key,
                 shepherd_common::Translation {

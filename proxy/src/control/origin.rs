@@ -395,7 +395,12 @@ impl Control {
             let Some(SocketAddr::V4(node)) = c.backend_local.lock().ok().and_then(|l| *l) else {
                 continue;
             };
-            let key = FlowKey::new(node.ip().octets(), node.port(), c.orig_dst.port());
+            let key = FlowKey::new(
+                node.ip().octets(),
+                node.port(),
+                c.orig_dst.ip().octets(),
+                c.orig_dst.port(),
+            );
             if installed.contains(&key) && !c.mark_translated(key) {
                 state.remove_translation(key);
             }

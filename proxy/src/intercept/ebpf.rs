@@ -136,6 +136,73 @@ impl EbpfInterception {
     }
 }
 
+impl EbpfInterception {
+    /// Runs the loaded program `program` once on `frame` (an Ethernet frame)
+    /// with `BPF_PROG_TEST_RUN`, and returns its verdict and the frame as the
+    /// program left it. The packet touches no interface; this exists so that
+    /// tests can check the programs' packet logic against the real maps.
+    #[doc(hidden)]
+    pub fn test_run(&self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>), InterceptError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let fail =
+            |detail: String| InterceptError::Load(format!("test run of {program}: {detail}"));
+        let prog = self
+            ._ebpf
+            .program(program)
+            .ok_or_else(|| fail("no such program".into()))?;
+        let fd = prog.fd().map_err(|e| fail(e.to_string()))?;
+        let mut out = vec![0u8; frame.len() + 256];
+        // `union bpf_attr`'s `test` member, up to `batch_size` (kernel 5.18+
+        // layout; the kernel zero-checks what it does not know).
+        #[repr(C)]
+        #[derive(Default)]
+        struct TestRunAttr {
+            prog_fd: u32,
+            retval: u32,
+            data_size_in: u32,
+            data_size_out: u32,
+            data_in: u64,
+            data_out: u64,
+            repeat: u32,
+            duration: u32,
+            ctx_size_in: u32,
+            ctx_size_out: u32,
+            ctx_in: u64,
+            ctx_out: u64,
+            flags: u32,
+            cpu: u32,
+            batch_size: u32,
+            _pad: u32,
+        }
+        let mut attr = TestRunAttr {
+            prog_fd: fd.as_fd().as_raw_fd() as u32,
+            data_size_in: frame.len() as u32,
+            data_size_out: out.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat: 1,
+            ..Default::default()
+        };
+        const BPF_PROG_TEST_RUN: libc::c_long = 10;
+        // SAFETY: `attr` is a valid `bpf_attr.test` for its size; the kernel
+        // reads `frame` and writes at most `data_size_out` bytes to `out`,
+        // both live for the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &mut attr as *mut TestRunAttr,
+                std::mem::size_of::<TestRunAttr>(),
+            )
+        };
+        if r < 0 {
+            return Err(fail(std::io::Error::last_os_error().to_string()));
+        }
+        out.truncate(attr.data_size_out as usize);
+        Ok((attr.retval, out))
+    }
+}
+
 fn attach(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -230,15 +297,35 @@ impl Interception for EbpfInterception {
             map: MAP_TRANSLATE,
             detail: "lock poisoned".into(),
         })?;
-        if m.flows.get(&flow, 0).is_ok() {
-            return m.flows.insert(flow, t, 0).map_err(map_err(MAP_TRANSLATE));
+        // Under the old pod address (what node→pod packets carry at the
+        // origin) and the new one (what pod→node packets carry there); the
+        // destination sees the same two. See `FlowKey`.
+        let old = flow.with_pod_addr(t.old_addr);
+        let new = flow.with_pod_addr(t.new_addr);
+        if let Ok(prev) = m.flows.get(&old, 0) {
+            if prev.new_addr != t.new_addr {
+                let _ = m.flows.remove(&old.with_pod_addr(prev.new_addr));
+                let n = m.installed.saturating_sub(1);
+                m.publish(n)?;
+            }
+            m.flows.insert(old, t, 0).map_err(map_err(MAP_TRANSLATE))?;
+            if m.flows.get(&new, 0).is_err() {
+                let n = m.installed.saturating_add(1);
+                m.publish(n)?;
+            }
+            return m.flows.insert(new, t, 0).map_err(map_err(MAP_TRANSLATE));
         }
-        // Count first: a packet that sees the count but not yet the entry
+        // Count first: a packet that sees the count but not yet the entries
         // just misses the lookup.
-        let n = m.installed.saturating_add(1);
+        let n = m.installed.saturating_add(2);
         m.publish(n)?;
-        if let Err(e) = m.flows.insert(flow, t, 0) {
-            let n = m.installed.saturating_sub(1);
+        let inserted = m
+            .flows
+            .insert(old, t, 0)
+            .and_then(|()| m.flows.insert(new, t, 0));
+        if let Err(e) = inserted {
+            let _ = m.flows.remove(&old);
+            let n = m.installed.saturating_sub(2);
             let _ = m.publish(n);
             return Err(map_err(MAP_TRANSLATE)(e));
         }
@@ -246,8 +333,17 @@ impl Interception for EbpfInterception {
     }
 
     fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError> {
-        if let Ok(mut m) = self.translate.lock() {
-            match m.flows.remove(&flow) {
+        let Ok(mut m) = self.translate.lock() else {
+            return Ok(());
+        };
+        // `flow` is keyed by the old pod address; its entry names the new one.
+        let t = match m.flows.get(&flow, 0) {
+            Ok(t) => t,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(()),
+            Err(e) => return Err(map_err(MAP_TRANSLATE)(e)),
+        };
+        for key in [flow, flow.with_pod_addr(t.new_addr)] {
+            match m.flows.remove(&key) {
                 Ok(()) => {
                     let n = m.installed.saturating_sub(1);
                     m.publish(n)?;

@@ -53,7 +53,7 @@ pub trait Interception: Send + Sync {
 #[derive(Default)]
 pub struct RecordingInterception {
     pub entries: Mutex<std::collections::HashMap<(u32, u16), u32>>,
-    pub translations: Mutex<std::collections::HashMap<(u32, u16, u16), Translation>>,
+    pub translations: Mutex<std::collections::HashMap<FlowKey, Translation>>,
 }
 
 impl Interception for RecordingInterception {
@@ -74,13 +74,13 @@ impl Interception for RecordingInterception {
     }
     fn set_translation(&self, flow: FlowKey, t: Translation) -> Result<(), InterceptError> {
         if let Ok(mut m) = self.translations.lock() {
-            m.insert((flow.node_addr, flow.node_port, flow.pod_port), t);
+            m.insert(flow, t);
         }
         Ok(())
     }
     fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError> {
         if let Ok(mut m) = self.translations.lock() {
-            m.remove(&(flow.node_addr, flow.node_port, flow.pod_port));
+            m.remove(&flow);
         }
         Ok(())
     }

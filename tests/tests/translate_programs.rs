@@ -1,0 +1,155 @@
+//! The `translate_*` programs, run with `BPF_PROG_TEST_RUN` on crafted
+//! frames against the agent's real maps (its own `EbpfInterception`, no
+//! interface attached, nothing on any wire): each migrated backend flow gets
+//! its own pod's new address, with valid checksums, even when flows to two
+//! pods share the node's (address, port), which `connect()` allows and a
+//! node drain that moves both pods at once exercises.
+
+use etherparse::{Ipv4HeaderSlice, PacketBuilder, TcpHeaderSlice};
+use shepherd::intercept::ebpf::EbpfInterception;
+use shepherd::intercept::Interception;
+use shepherd_common::{FlowKey, Translation, ROLE_DEST, ROLE_ORIGIN};
+use shepherd_tests::privileged;
+use std::net::{Ipv4Addr, TcpListener};
+
+const TC_ACT_UNSPEC: u32 = u32::MAX;
+const NODE: [u8; 4] = [10, 99, 0, 1];
+const NODE_PORT: u16 = 40000;
+const POD_PORT: u16 = 6379;
+const POD_A: [u8; 4] = [10, 99, 1, 1];
+const POD_A_NEW: [u8; 4] = [10, 99, 2, 1];
+const POD_B: [u8; 4] = [10, 99, 1, 2];
+const POD_B_NEW: [u8; 4] = [10, 99, 2, 2];
+/// A third pod on the same port that did not migrate.
+const POD_C: [u8; 4] = [10, 99, 1, 3];
+
+fn load() -> (EbpfInterception, TcpListener) {
+    // The sockhash needs one listener; a plain one is enough here.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a listener");
+    let ic = EbpfInterception::load(&[], &[], std::slice::from_ref(&listener))
+        .unwrap_or_else(|e| panic!("load the eBPF object: {e}"));
+    (ic, listener)
+}
+
+fn frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([1; 6], [2; 6])
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1234, 64000)
+        .ack(99)
+        .write(&mut out, b"held bytes")
+        .expect("build frame");
+    out
+}
+
+fn translation(old: [u8; 4], new: [u8; 4], role: u32) -> Translation {
+    Translation {
+        old_addr: u32::from_ne_bytes(old),
+        new_addr: u32::from_ne_bytes(new),
+        role,
+        _pad: 0,
+    }
+}
+
+/// Runs `program` on a frame src → dst; returns the (source, destination)
+/// it left with, after checking the verdict and both checksums.
+fn run(
+    ic: &EbpfInterception,
+    program: &str,
+    (src, sport): ([u8; 4], u16),
+    (dst, dport): ([u8; 4], u16),
+) -> (Ipv4Addr, Ipv4Addr) {
+    let (verdict, out) = ic
+        .test_run(program, &frame(src, sport, dst, dport))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        verdict, TC_ACT_UNSPEC,
+        "{program} must never decide a verdict"
+    );
+    let ip = Ipv4HeaderSlice::from_slice(&out[14..]).expect("IPv4 header");
+    let ip_len = usize::from(ip.ihl()) * 4;
+    assert_eq!(
+        ip.header_checksum(),
+        ip.to_header().calc_header_checksum(),
+        "{program}: IP checksum"
+    );
+    let tcp = TcpHeaderSlice::from_slice(&out[14 + ip_len..]).expect("TCP header");
+    let payload = &out[14 + ip_len + tcp.slice().len()..];
+    assert_eq!(payload, b"held bytes", "{program}: payload");
+    assert_eq!(
+        tcp.checksum(),
+        tcp.calc_checksum_ipv4(&ip, payload).expect("checksum"),
+        "{program}: TCP checksum"
+    );
+    (ip.source_addr(), ip.destination_addr())
+}
+
+fn a(o: [u8; 4]) -> Ipv4Addr {
+    Ipv4Addr::from(o)
+}
+
+#[test]
+fn flows_sharing_a_node_port_translate_to_their_own_pods() {
+    privileged!();
+    let (ic, _listener) = load();
+    let node = (NODE, NODE_PORT);
+    let flow = |pod: [u8; 4]| FlowKey::new(NODE, NODE_PORT, pod, POD_PORT);
+    // Two pods, same port, both migrated at once, their backend flows on the
+    // same node port (the origin's side).
+    ic.set_translation(flow(POD_A), translation(POD_A, POD_A_NEW, ROLE_ORIGIN))
+        .expect("translate A");
+    ic.set_translation(flow(POD_B), translation(POD_B, POD_B_NEW, ROLE_ORIGIN))
+        .expect("translate B");
+
+    // Out (node → pod): old address → new.
+    let out = "translate_origin_out";
+    assert_eq!(run(&ic, out, node, (POD_A, POD_PORT)).1, a(POD_A_NEW));
+    assert_eq!(run(&ic, out, node, (POD_B, POD_PORT)).1, a(POD_B_NEW));
+    // In (pod → node): new address → old, which the proxy's socket knows.
+    let inn = "translate_origin_in";
+    assert_eq!(run(&ic, inn, (POD_A_NEW, POD_PORT), node).0, a(POD_A));
+    assert_eq!(run(&ic, inn, (POD_B_NEW, POD_PORT), node).0, a(POD_B));
+    // A pod that did not migrate, on the same node port: untouched.
+    assert_eq!(run(&ic, out, node, (POD_C, POD_PORT)).1, a(POD_C));
+    assert_eq!(run(&ic, inn, (POD_C, POD_PORT), node).0, a(POD_C));
+    // The destination's programs ignore the origin's entries.
+    assert_eq!(
+        run(&ic, "translate_dest_in", (POD_A, POD_PORT), node).0,
+        a(POD_A)
+    );
+
+    // A's connection closes: its entries go, B's stay.
+    ic.remove_translation(flow(POD_A)).expect("untranslate A");
+    assert_eq!(run(&ic, out, node, (POD_A, POD_PORT)).1, a(POD_A));
+    assert_eq!(run(&ic, inn, (POD_A_NEW, POD_PORT), node).0, a(POD_A_NEW));
+    assert_eq!(run(&ic, out, node, (POD_B, POD_PORT)).1, a(POD_B_NEW));
+    assert_eq!(run(&ic, inn, (POD_B_NEW, POD_PORT), node).0, a(POD_B));
+    ic.remove_translation(flow(POD_B)).expect("untranslate B");
+    assert_eq!(run(&ic, out, node, (POD_B, POD_PORT)).1, a(POD_B));
+}
+
+#[test]
+fn destination_translates_restored_sockets_per_pod() {
+    privileged!();
+    let (ic, _listener) = load();
+    // The destination sees the origin's proxy as the node side.
+    let origin = (NODE, NODE_PORT);
+    let flow = |pod: [u8; 4]| FlowKey::new(NODE, NODE_PORT, pod, POD_PORT);
+    ic.set_translation(flow(POD_A), translation(POD_A, POD_A_NEW, ROLE_DEST))
+        .expect("translate A");
+    ic.set_translation(flow(POD_B), translation(POD_B, POD_B_NEW, ROLE_DEST))
+        .expect("translate B");
+    // From the restored pod (still bound to its old address): old → new.
+    let inn = "translate_dest_in";
+    assert_eq!(run(&ic, inn, (POD_A, POD_PORT), origin).0, a(POD_A_NEW));
+    assert_eq!(run(&ic, inn, (POD_B, POD_PORT), origin).0, a(POD_B_NEW));
+    // To it (the wire carries only the new address): new → old.
+    let out = "translate_dest_out";
+    assert_eq!(run(&ic, out, origin, (POD_A_NEW, POD_PORT)).1, a(POD_A));
+    assert_eq!(run(&ic, out, origin, (POD_B_NEW, POD_PORT)).1, a(POD_B));
+    // The origin's programs ignore the destination's entries.
+    assert_eq!(
+        run(&ic, "translate_origin_out", origin, (POD_A, POD_PORT)).1,
+        a(POD_A)
+    );
+}
