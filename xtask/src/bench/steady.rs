@@ -434,10 +434,12 @@ fn measure(quick: bool, parts: Parts) -> Result<Section> {
         ),
         "rr placement: the plain rr rows let the scheduler place the client, the proxy and the \
          pod, so they include cross-CPU wake-ups (3 processes on the proxied paths, 2 direct), \
-         which on a VM whose idle vCPUs halt cost ~10 µs or more each; where the scheduler puts \
-         a proxy's thread decides whether a round trip crosses CPUs twice or four times, so \
-         these rows are bimodal (about 55 or 75 µs at p50 for either proxy here) and a run \
-         tends to keep one mode; the \"all on 1 CPU\" rows pin the client thread, the echo pod, \
+         which on a VM whose idle vCPUs halt cost ~12 µs more than a local one (perf sched: \
+         median 16 vs 4 µs from waking to running); where the scheduler puts a proxy's thread \
+         decides how many round trips cross CPUs (a thread beside the pod with the client \
+         alone: twice, every time; a thread that follows its waker: sometimes not at all), a \
+         woken thread returns to its idle previous CPU so a placement tends to last, and these \
+         rows measure the scheduler more than the relay (see BENCHMARKS.md); the \"all on 1 CPU\" rows pin the client thread, the echo pod, \
          the agent and HAProxy to one CPU (taskset), so they measure the path's own CPU cost per \
          round trip; the \"client on its own CPU\" rows pin the client thread to CPU 0 and the \
          rest to CPU 1, so every path crosses CPUs exactly twice per round trip, as with a \
