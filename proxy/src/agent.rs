@@ -57,6 +57,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (data_plane, mut failure) =
         relay::workers::DataPlane::start(listeners, control.clone(), Arc::new(LocalAddr))
             .context("starting the data-plane threads")?;
+    let sweeper = spawn_ended_flow_sweep(&control);
     let app = api::router(control.clone());
     tracing::info!(
         socket = %socket_path.display(),
@@ -81,6 +82,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let server = axum::serve(api_listener, app).with_graceful_shutdown(stop);
     let served = server.await;
     tracing::info!("shutting down");
+    sweeper.abort();
     drop(data_plane);
     routing.remove().await;
     drop(control);
@@ -90,6 +92,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         anyhow::bail!("{why}; restart the agent (connections it relayed were closed)");
     }
     Ok(())
+}
+
+/// Every 10 s, removes the translations of migrated flows that ended on
+/// this node as a destination (see `Control::sweep_ended_flows`).
+fn spawn_ended_flow_sweep(control: &Arc<Control>) -> tokio::task::JoinHandle<()> {
+    let control = Arc::downgrade(control);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            let Some(c) = control.upgrade() else { break };
+            c.sweep_ended_flows(std::time::Instant::now());
+        }
+    })
 }
 
 /// Each relayed connection holds two descriptors (client and backend), so

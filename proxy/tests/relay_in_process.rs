@@ -3,7 +3,7 @@
 //! eBPF maps and a fixed original destination replaces getsockname). The
 //! privileged tests in `tests/` cover the real kernel path.
 use shepherd::api::types::HoldRequest;
-use shepherd::control::{Control, ControlConfig};
+use shepherd::control::{Control, ControlConfig, ENDED_FLOW_LINGER};
 use shepherd::endpoint::EndpointAddr;
 use shepherd::intercept::RecordingInterception;
 use shepherd::migration::{Phase, ReleaseMode};
@@ -669,6 +669,34 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
         "completed"
     );
     assert!(r.control.incoming_status("nope").is_err());
+
+    // The destination's entry goes once the flow has ended on the wire
+    // (the programs mark FINs and RSTs) and its TIME_WAIT is over.
+    let live = r.translations();
+    assert_eq!(live, 1, "the incoming flow is translated");
+    let t0 = std::time::Instant::now();
+    let mark = |at: usize| {
+        let mut m = r.intercept.translations.lock().expect("lock");
+        for t in m.values_mut() {
+            t.closing[at] = 1;
+        }
+    };
+    assert_eq!(
+        r.control.sweep_ended_flows(t0),
+        0,
+        "a live flow keeps its entry"
+    );
+    mark(shepherd_common::CLOSE_NODE_FIN);
+    assert_eq!(r.control.sweep_ended_flows(t0), 0, "half closed: kept");
+    mark(shepherd_common::CLOSE_POD_FIN);
+    assert_eq!(r.control.sweep_ended_flows(t0), 0, "in TIME_WAIT: kept");
+    let almost = t0 + ENDED_FLOW_LINGER - Duration::from_secs(1);
+    assert_eq!(r.control.sweep_ended_flows(almost), 0, "in TIME_WAIT: kept");
+    assert_eq!(r.control.sweep_ended_flows(t0 + ENDED_FLOW_LINGER), 1);
+    assert_eq!(r.translations(), 0, "the ended flow's entry is gone");
+    let st = r.control.incoming_status("m11").expect("status");
+    assert!(st.flows.is_empty(), "{st:?}");
+    assert_eq!(r.control.sweep_ended_flows(t0 + 2 * ENDED_FLOW_LINGER), 0);
 }
 
 /// The agent's data plane: two threads, each its own runtime and listener,

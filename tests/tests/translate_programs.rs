@@ -8,7 +8,7 @@
 use etherparse::{Ipv4HeaderSlice, PacketBuilder, TcpHeaderSlice};
 use shepherd::intercept::ebpf::EbpfInterception;
 use shepherd::intercept::Interception;
-use shepherd_common::{FlowKey, Translation, ROLE_DEST, ROLE_ORIGIN};
+use shepherd_common::{FlowKey, Translation, CLOSE_RST, ROLE_DEST, ROLE_ORIGIN};
 use shepherd_tests::privileged;
 use std::net::{Ipv4Addr, TcpListener};
 
@@ -31,14 +31,26 @@ fn load() -> (EbpfInterception, TcpListener) {
     (ic, listener)
 }
 
-fn frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+/// TCP flags a test frame carries besides ACK.
+#[derive(Clone, Copy, PartialEq)]
+enum Flag {
+    None,
+    Fin,
+    Rst,
+}
+
+fn frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flag: Flag) -> Vec<u8> {
     let mut out = Vec::new();
-    PacketBuilder::ethernet2([1; 6], [2; 6])
+    let b = PacketBuilder::ethernet2([1; 6], [2; 6])
         .ipv4(src, dst, 64)
         .tcp(sport, dport, 1234, 64000)
-        .ack(99)
-        .write(&mut out, b"held bytes")
-        .expect("build frame");
+        .ack(99);
+    let b = match flag {
+        Flag::None => b,
+        Flag::Fin => b.fin(),
+        Flag::Rst => b.rst(),
+    };
+    b.write(&mut out, b"held bytes").expect("build frame");
     out
 }
 
@@ -47,7 +59,7 @@ fn translation(old: [u8; 4], new: [u8; 4], role: u32) -> Translation {
         old_addr: u32::from_ne_bytes(old),
         new_addr: u32::from_ne_bytes(new),
         role,
-        _pad: 0,
+        closing: [0; 4],
     }
 }
 
@@ -56,11 +68,21 @@ fn translation(old: [u8; 4], new: [u8; 4], role: u32) -> Translation {
 fn run(
     ic: &EbpfInterception,
     program: &str,
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+) -> (Ipv4Addr, Ipv4Addr) {
+    run_with(ic, program, src, dst, Flag::None)
+}
+
+fn run_with(
+    ic: &EbpfInterception,
+    program: &str,
     (src, sport): ([u8; 4], u16),
     (dst, dport): ([u8; 4], u16),
+    flag: Flag,
 ) -> (Ipv4Addr, Ipv4Addr) {
     let (verdict, out) = ic
-        .test_run(program, &frame(src, sport, dst, dport))
+        .test_run(program, &frame(src, sport, dst, dport, flag))
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         verdict, TC_ACT_UNSPEC,
@@ -152,4 +174,48 @@ fn destination_translates_restored_sockets_per_pod() {
         run(&ic, "translate_origin_out", origin, (POD_A, POD_PORT)).1,
         a(POD_A)
     );
+}
+
+/// The destination's entries stay until userspace's sweep removes them, so
+/// the programs must record the flow's end: a FIN each way, or an RST.
+#[test]
+fn translate_programs_record_each_flows_end() {
+    privileged!();
+    let (ic, _listener) = load();
+    let origin = (NODE, NODE_PORT);
+    let flow = |pod: [u8; 4]| FlowKey::new(NODE, NODE_PORT, pod, POD_PORT);
+    ic.set_translation(flow(POD_A), translation(POD_A, POD_A_NEW, ROLE_DEST))
+        .expect("translate A");
+    ic.set_translation(flow(POD_B), translation(POD_B, POD_B_NEW, ROLE_DEST))
+        .expect("translate B");
+    let closed = |pod| {
+        let c = ic.translation_closing(flow(pod)).expect("translated");
+        Translation::closed(c)
+    };
+    // Data does not end a flow.
+    run(&ic, "translate_dest_in", (POD_A, POD_PORT), origin);
+    run(&ic, "translate_dest_out", origin, (POD_A_NEW, POD_PORT));
+    assert!(!closed(POD_A));
+    // A FIN from the pod, then one from the proxy: ended. B is untouched.
+    let inn = "translate_dest_in";
+    let out = "translate_dest_out";
+    assert_eq!(
+        run_with(&ic, inn, (POD_A, POD_PORT), origin, Flag::Fin).0,
+        a(POD_A_NEW),
+        "a FIN is translated like any segment"
+    );
+    assert!(!closed(POD_A), "one FIN is half a close");
+    run_with(&ic, out, origin, (POD_A_NEW, POD_PORT), Flag::Fin);
+    assert!(closed(POD_A), "a FIN each way ends the flow");
+    assert!(!closed(POD_B));
+    // An RST from either side ends it at once.
+    run_with(&ic, out, origin, (POD_B_NEW, POD_PORT), Flag::Rst);
+    let c = ic.translation_closing(flow(POD_B)).expect("translated");
+    assert_eq!(c[CLOSE_RST], 1, "{c:?}");
+    assert!(Translation::closed(c));
+    // Removal takes both of a flow's entries.
+    ic.remove_translation(flow(POD_A)).expect("untranslate A");
+    assert!(ic.translation_closing(flow(POD_A)).is_none());
+    assert_eq!(run(&ic, out, origin, (POD_A_NEW, POD_PORT)).1, a(POD_A_NEW));
+    assert_eq!(run(&ic, out, origin, (POD_B_NEW, POD_PORT)).1, a(POD_B));
 }

@@ -187,7 +187,27 @@ pub struct Translation {
     pub new_addr: u32,
     /// `ROLE_ORIGIN` or `ROLE_DEST`.
     pub role: u32,
-    pub _pad: u32,
+    /// Set by the translate programs when they see the flow end: byte
+    /// [`CLOSE_NODE_FIN`], [`CLOSE_POD_FIN`] or [`CLOSE_RST`] becomes 1.
+    /// One byte per event, so concurrent marks are plain stores that cannot
+    /// undo each other. Userspace writes zeros and only reads it afterwards.
+    pub closing: [u8; 4],
+}
+
+/// Index in [`Translation::closing`]: a FIN from the node's side (the proxy).
+pub const CLOSE_NODE_FIN: usize = 0;
+/// Index in [`Translation::closing`]: a FIN from the pod's side.
+pub const CLOSE_POD_FIN: usize = 1;
+/// Index in [`Translation::closing`]: an RST, either way.
+pub const CLOSE_RST: usize = 2;
+
+impl Translation {
+    /// The flow has ended on the wire, going by `closing` (of one entry or
+    /// both entries' merged): an RST, or a FIN each way. Its TIME_WAIT may
+    /// still need the entry for a while.
+    pub const fn closed(closing: [u8; 4]) -> bool {
+        closing[CLOSE_RST] != 0 || (closing[CLOSE_NODE_FIN] != 0 && closing[CLOSE_POD_FIN] != 0)
+    }
 }
 
 #[cfg(feature = "user")]
@@ -222,6 +242,7 @@ mod tests {
         assert_eq!(offset_of!(FlowKey, pod_port), 10);
         assert_eq!(size_of::<Translation>(), 16);
         assert_eq!(offset_of!(Translation, role), 8);
+        assert_eq!(offset_of!(Translation, closing), 12);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! IPv4/TCP segment is an `Err`, and the caller leaves the packet alone.
 use aya_ebpf::programs::TcContext;
 
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;

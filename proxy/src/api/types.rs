@@ -79,7 +79,7 @@ pub struct AbortRequest {
 
 /// A proxy→pod backend flow as the destination must know it to translate:
 /// the proxy's (node) address and port, and the pod's port.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct BackendFlow {
     pub node: SocketAddrV4,
@@ -118,6 +118,8 @@ pub struct IncomingStatus {
     pub reason: Option<String>,
     pub endpoints: Vec<EndpointAddr>,
     pub to: Option<Ipv4Addr>,
+    /// The flows still translated. A flow's entry goes once the flow has
+    /// ended on the wire and its TIME_WAIT is over.
     pub flows: Vec<BackendFlow>,
     pub rsts_shielded: u64,
     pub packets_translated: u64,

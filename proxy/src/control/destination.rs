@@ -6,17 +6,25 @@
 //! cannot reset a client) and, when the pod's address changes, translates the
 //! migrated backend flows between the old address (which the restored sockets
 //! still use, kept on the pod's `lo`) and the new one (the only one on the
-//! wire). `complete` lifts the shield; the translations stay for the life of
-//! this agent, since the flows they serve outlive the migration.
-use super::{lock, Control};
+//! wire). `complete` lifts the shield. The translations outlive the
+//! migration, as the flows they serve do: each one goes when the translate
+//! programs have seen its flow end (an RST, or a FIN each way) and TIME_WAIT
+//! is over ([`Control::sweep_ended_flows`], run every 10 s by the agent).
+use super::{lock, translated_key, Control};
 use crate::api::types::{BackendFlow, IncomingRequest, IncomingStatus};
 use crate::endpoint::EndpointAddr;
 use crate::error::ControlError;
 use crate::migration;
-use shepherd_common::{EndpointKey, EP_INTERCEPT, EP_SHIELD, ROLE_DEST};
+use shepherd_common::{EndpointKey, Translation, EP_INTERCEPT, EP_SHIELD, ROLE_DEST};
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a translated flow's entries outlive the end of the flow seen on
+/// the wire: the side in TIME_WAIT (60 s on Linux) may still answer a
+/// retransmitted FIN through them.
+pub const ENDED_FLOW_LINGER: Duration = Duration::from_secs(65);
 
 pub(super) struct Incoming {
     id: String,
@@ -30,6 +38,8 @@ pub(super) struct Incoming {
     /// Counters kept when the shield is lifted (entries may be removed).
     final_rsts: u64,
     final_translated: u64,
+    /// Flows seen ending, and when the sweep first saw it.
+    ended: HashMap<BackendFlow, Instant>,
 }
 
 impl Control {
@@ -118,6 +128,7 @@ impl Control {
             shielded,
             final_rsts: 0,
             final_translated: 0,
+            ended: HashMap::new(),
         };
         tracing::info!(migration = id, endpoints = ?rec.endpoints, to = ?rec.to, flows = rec.flows.len(), "incoming: shielding and translating");
         let status = self.incoming_status_of(&rec);
@@ -168,6 +179,58 @@ impl Control {
         rec.reason = reason;
         tracing::info!(migration = id, reason = ?rec.reason, "incoming: shield lifted");
         Ok(self.incoming_status_of(rec))
+    }
+
+    /// Removes the translations of flows that ended at least
+    /// [`ENDED_FLOW_LINGER`] before `now` (the translate programs mark an
+    /// RST, or a FIN each way). The origin removes its own entries when its
+    /// backend sockets close; here the sockets are the pod's, so without
+    /// this the map would fill up across migrations. A flow whose end never
+    /// crosses this node (the pod's netns deleted under it) keeps its entry.
+    /// Returns how many flows' entries were removed.
+    pub fn sweep_ended_flows(&self, now: Instant) -> usize {
+        let mut removed = 0;
+        let mut incoming = lock(&self.incoming);
+        for rec in incoming.values_mut() {
+            let Some(to) = rec.to else { continue };
+            let Incoming {
+                id,
+                endpoints,
+                flows,
+                ended,
+                ..
+            } = rec;
+            flows.retain(|f| {
+                let Some((key, _)) = translated_key(endpoints, to, f) else {
+                    return true;
+                };
+                let Some(closing) = self.intercept.translation_closing(key) else {
+                    ended.remove(f);
+                    return false;
+                };
+                if !Translation::closed(closing) {
+                    return true;
+                }
+                let since = *ended.entry(*f).or_insert(now);
+                if now.saturating_duration_since(since) < ENDED_FLOW_LINGER {
+                    return true;
+                }
+                if let Err(e) = self.intercept.remove_translation(key) {
+                    tracing::warn!(migration = %id, flow = %f.node, error = %e, "could not remove an ended flow's translation");
+                    return true;
+                }
+                ended.remove(f);
+                removed += 1;
+                false
+            });
+        }
+        if removed > 0 {
+            tracing::info!(
+                flows = removed,
+                "incoming: removed the translations of ended flows"
+            );
+        }
+        removed
     }
 
     pub fn incoming_status(&self, id: &str) -> Result<IncomingStatus, ControlError> {

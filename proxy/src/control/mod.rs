@@ -8,6 +8,7 @@
 //! Locking: `endpoints`, then `migrations`, then `incoming`, never the other
 //! way round; no lock is held across an await.
 mod destination;
+pub use destination::ENDED_FLOW_LINGER;
 mod metrics;
 mod origin;
 
@@ -254,30 +255,43 @@ impl Control {
     ) -> Result<Vec<shepherd_common::FlowKey>, ControlError> {
         let mut installed = Vec::new();
         for f in flows {
-            let old = endpoints
-                .iter()
-                .find(|e| e.0.port() == f.pod_port)
-                .map(|e| *e.0.ip());
-            let Some(old) = old.filter(|o| *o != to) else {
+            let Some((key, old)) = translated_key(endpoints, to, f) else {
                 continue;
             };
-            let key = shepherd_common::FlowKey::new(
-                f.node.ip().octets(),
-                f.node.port(),
-                old.octets(),
-                f.pod_port,
-            );
             self.intercept.set_translation(
                 key,
                 shepherd_common::Translation {
                     old_addr: u32::from_ne_bytes(old.octets()),
                     new_addr: u32::from_ne_bytes(to.octets()),
                     role,
-                    _pad: 0,
+                    closing: [0; 4],
                 },
             )?;
             installed.push(key);
         }
         Ok(installed)
     }
+}
+
+/// The translation key of backend flow `f` of a pod at `endpoints` that
+/// moves to `to`, with the pod's old address; `None` if the flow's port
+/// matches no endpoint or the address does not change (nothing to
+/// translate).
+fn translated_key(
+    endpoints: &[EndpointAddr],
+    to: Ipv4Addr,
+    f: &crate::api::types::BackendFlow,
+) -> Option<(shepherd_common::FlowKey, Ipv4Addr)> {
+    let old = endpoints
+        .iter()
+        .find(|e| e.0.port() == f.pod_port)
+        .map(|e| *e.0.ip())
+        .filter(|o| *o != to)?;
+    let key = shepherd_common::FlowKey::new(
+        f.node.ip().octets(),
+        f.node.port(),
+        old.octets(),
+        f.pod_port,
+    );
+    Some((key, old))
 }

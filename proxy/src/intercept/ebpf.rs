@@ -332,6 +332,19 @@ impl Interception for EbpfInterception {
         Ok(())
     }
 
+    fn translation_closing(&self, flow: FlowKey) -> Option<[u8; 4]> {
+        let m = self.translate.lock().ok()?;
+        let old = m.flows.get(&flow, 0).ok()?;
+        let mut closing = old.closing;
+        // Packets mark the entry they were looked up by: merge both.
+        if let Ok(new) = m.flows.get(&flow.with_pod_addr(old.new_addr), 0) {
+            for (c, n) in closing.iter_mut().zip(new.closing) {
+                *c |= n;
+            }
+        }
+        Some(closing)
+    }
+
     fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError> {
         let Ok(mut m) = self.translate.lock() else {
             return Ok(());

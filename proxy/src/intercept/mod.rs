@@ -46,6 +46,10 @@ pub trait Interception: Send + Sync {
     fn set_translation(&self, flow: FlowKey, t: Translation) -> Result<(), InterceptError>;
     /// Stops rewriting a flow (no-op if it was not translated).
     fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError>;
+    /// What the translate programs have seen of a translated flow's end
+    /// ([`Translation::closing`], both of its entries merged); `None` if the
+    /// flow is not translated.
+    fn translation_closing(&self, flow: FlowKey) -> Option<[u8; 4]>;
 }
 
 /// An in-memory stand-in used by unit tests (no kernel involved): records the
@@ -83,5 +87,8 @@ impl Interception for RecordingInterception {
             m.remove(&flow);
         }
         Ok(())
+    }
+    fn translation_closing(&self, flow: FlowKey) -> Option<[u8; 4]> {
+        self.translations.lock().ok()?.get(&flow).map(|t| t.closing)
     }
 }
