@@ -12,7 +12,9 @@ use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC},
     programs::TcContext,
 };
-use shepherd_common::{EndpointKey, FlowKey, Translation, CLOSE_NODE_FIN, CLOSE_POD_FIN, CLOSE_RST};
+use shepherd_common::{
+    EndpointKey, FlowKey, Translation, CLOSE_NODE_FIN, CLOSE_POD_FIN, CLOSE_RST,
+};
 
 pub enum Direction {
     ToNew,
