@@ -119,6 +119,15 @@ impl DataPlane {
                     // fails.
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
+                        // Wake-ups from other threads first. On a data
+                        // thread those come only from the control plane: a
+                        // release wakes every held connection at once, and
+                        // tokio's default (one remote wake-up per 31 local
+                        // tasks) queued the replays behind the echo traffic
+                        // of the ones already replayed. At 9000 connections
+                        // this brought "every held byte written" from
+                        // 365-368 ms to 259-271 ms (bench --only scale).
+                        .global_queue_interval(1)
                         .build()
                     {
                         Ok(rt) => rt,
