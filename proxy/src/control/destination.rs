@@ -186,7 +186,8 @@ impl Control {
     /// RST, or a FIN each way). The origin removes its own entries when its
     /// backend sockets close; here the sockets are the pod's, so without
     /// this the map would fill up across migrations. A flow whose end never
-    /// crosses this node (the pod's netns deleted under it) keeps its entry.
+    /// crosses this node (the pod migrated on, or its netns was deleted under
+    /// it) keeps its entry.
     /// Returns how many flows' entries were removed.
     pub fn sweep_ended_flows(&self, now: Instant) -> usize {
         let mut removed = 0;
