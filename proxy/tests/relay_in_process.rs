@@ -3,7 +3,7 @@
 //! eBPF maps and a fixed original destination replaces getsockname). The
 //! privileged tests in `tests/` cover the real kernel path.
 use shepherd::api::types::HoldRequest;
-use shepherd::control::{Control, ControlConfig, ENDED_FLOW_LINGER};
+use shepherd::control::{Control, ControlConfig, ENDED_FLOW_LINGER, UNSEEN_FLOW_LIMIT};
 use shepherd::endpoint::EndpointAddr;
 use shepherd::intercept::RecordingInterception;
 use shepherd::migration::{Phase, ReleaseMode};
@@ -595,6 +595,19 @@ async fn reconnect_removes_the_old_flows_translation(m: Mechanism) {
     assert_eq!(r.translations(), 0, "the dropped backend's entry is gone");
 }
 
+/// An abort after `target` leaves the pod where it was: the held flow must
+/// not keep being rewritten to the address it never moved to.
+async fn abort_after_target_removes_the_translation(m: Mechanism) {
+    let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let mut c = held_and_translated(&r, "m16").await;
+    c.write_all(b"held").await.expect("write during hold");
+    r.control
+        .abort("m16", Some("dump failed".into()))
+        .expect("abort");
+    assert_eq!(r.translations(), 0, "the aborted migration's entry is gone");
+    assert_eq!(read_exact_timeout(&mut c, 4).await, b"held");
+}
+
 async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mechanism) {
     use shepherd::api::types::IncomingRequest;
     let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
@@ -678,7 +691,7 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
     let mark = |at: usize| {
         let mut m = r.intercept.translations.lock().expect("lock");
         for t in m.values_mut() {
-            t.closing[at] = 1;
+            t.marks[at] = 1;
         }
     };
     assert_eq!(
@@ -686,9 +699,9 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
         0,
         "a live flow keeps its entry"
     );
-    mark(shepherd_common::CLOSE_NODE_FIN);
+    mark(shepherd_common::MARK_NODE_FIN);
     assert_eq!(r.control.sweep_ended_flows(t0), 0, "half closed: kept");
-    mark(shepherd_common::CLOSE_POD_FIN);
+    mark(shepherd_common::MARK_POD_FIN);
     assert_eq!(r.control.sweep_ended_flows(t0), 0, "in TIME_WAIT: kept");
     let almost = t0 + ENDED_FLOW_LINGER - Duration::from_secs(1);
     assert_eq!(r.control.sweep_ended_flows(almost), 0, "in TIME_WAIT: kept");
@@ -697,6 +710,50 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
     let st = r.control.incoming_status("m11").expect("status");
     assert!(st.flows.is_empty(), "{st:?}");
     assert_eq!(r.control.sweep_ended_flows(t0 + 2 * ENDED_FLOW_LINGER), 0);
+    // A controller retrying `incoming` does not bring a swept flow back.
+    r.control.incoming("m11", &req).expect("retry");
+    assert_eq!(r.translations(), 0, "a swept flow stays swept");
+
+    // A flow no segment of which ever crossed this node (the pod was never
+    // restored here) goes after UNSEEN_FLOW_LIMIT.
+    let flow_on = |port: u16| shepherd::api::types::BackendFlow {
+        node: std::net::SocketAddrV4::new("10.1.0.1".parse().expect("ip"), port),
+        pod_port: 80,
+    };
+    let unseen = IncomingRequest {
+        flows: vec![flow_on(40001)],
+        ..req.clone()
+    };
+    r.control.incoming("m13", &unseen).expect("incoming");
+    let t1 = std::time::Instant::now();
+    let limit = UNSEEN_FLOW_LIMIT - Duration::from_secs(1);
+    assert_eq!(r.control.sweep_ended_flows(t1 + limit), 0, "not yet");
+    assert_eq!(r.control.sweep_ended_flows(t1 + UNSEEN_FLOW_LIMIT), 1);
+    assert_eq!(r.translations(), 0);
+    // One seen and then reused by a new connection goes at once.
+    let reused = IncomingRequest {
+        flows: vec![flow_on(40002)],
+        ..req.clone()
+    };
+    r.control.incoming("m14", &reused).expect("incoming");
+    mark(shepherd_common::MARK_SEEN);
+    assert_eq!(r.control.sweep_ended_flows(t1), 0, "seen and live: kept");
+    mark(shepherd_common::MARK_REUSED);
+    assert_eq!(
+        r.control.sweep_ended_flows(t1),
+        1,
+        "reused: removed at once"
+    );
+    // A new address with endpoints at two addresses is two pods: refused.
+    let two_pods = IncomingRequest {
+        endpoints: vec![
+            "10.1.0.5:80".parse().expect("ep"),
+            "10.1.0.9:81".parse().expect("ep"),
+        ],
+        flows: Vec::new(),
+        ..req.clone()
+    };
+    assert!(r.control.incoming("m15", &two_pods).is_err());
 }
 
 /// The agent's data plane: two threads, each its own runtime and listener,
@@ -796,6 +853,7 @@ for_each_mechanism!(
     bad_requests_are_rejected_and_change_nothing,
     reconnect_mode_replays_held_bytes_on_a_new_backend_connection,
     target_translates_held_flows_and_incoming_shields_and_translates,
+    abort_after_target_removes_the_translation,
     urgent_data_neither_stalls_nor_cuts_the_stream,
     urgent_mark_behind_a_full_hold_buffer_does_not_stall,
 );

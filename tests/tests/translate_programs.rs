@@ -8,7 +8,10 @@
 use etherparse::{Ipv4HeaderSlice, PacketBuilder, TcpHeaderSlice};
 use shepherd::intercept::ebpf::EbpfInterception;
 use shepherd::intercept::Interception;
-use shepherd_common::{FlowKey, Translation, CLOSE_RST, ROLE_DEST, ROLE_ORIGIN};
+use shepherd_common::{
+    EndpointKey, FlowKey, Translation, EP_SHIELD, MARK_REUSED, MARK_RST, MARK_SEEN, ROLE_DEST,
+    ROLE_ORIGIN,
+};
 use shepherd_tests::privileged;
 use std::net::{Ipv4Addr, TcpListener};
 
@@ -35,6 +38,7 @@ fn load() -> (EbpfInterception, TcpListener) {
 #[derive(Clone, Copy, PartialEq)]
 enum Flag {
     None,
+    Syn,
     Fin,
     Rst,
 }
@@ -43,12 +47,13 @@ fn frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flag: Flag) -> Vec<
     let mut out = Vec::new();
     let b = PacketBuilder::ethernet2([1; 6], [2; 6])
         .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1234, 64000)
-        .ack(99);
+        .tcp(sport, dport, 1234, 64000);
     let b = match flag {
-        Flag::None => b,
-        Flag::Fin => b.fin(),
-        Flag::Rst => b.rst(),
+        Flag::None => b.ack(99),
+        // A connection's first segment: SYN alone.
+        Flag::Syn => b.syn(),
+        Flag::Fin => b.ack(99).fin(),
+        Flag::Rst => b.ack(99).rst(),
     };
     b.write(&mut out, b"held bytes").expect("build frame");
     out
@@ -59,7 +64,7 @@ fn translation(old: [u8; 4], new: [u8; 4], role: u32) -> Translation {
         old_addr: u32::from_ne_bytes(old),
         new_addr: u32::from_ne_bytes(new),
         role,
-        closing: [0; 4],
+        marks: [0; 8],
     }
 }
 
@@ -110,6 +115,23 @@ fn a(o: [u8; 4]) -> Ipv4Addr {
     Ipv4Addr::from(o)
 }
 
+/// A translated flow's marks (both entries merged).
+fn marks(ic: &EbpfInterception, flow: FlowKey) -> [u8; 8] {
+    ic.translation_marks(flow)
+        .expect("read marks")
+        .expect("translated")
+}
+
+/// The count the programs gate on must match the map.
+fn assert_count(ic: &EbpfInterception, entries: usize) {
+    let (published, actual) = ic.translation_count().expect("count");
+    assert_eq!(actual, entries, "entries in SHEPHERD_TRANSLATE");
+    assert_eq!(
+        published as usize, actual,
+        "SHEPHERD_TRANSLATING vs the map"
+    );
+}
+
 #[test]
 fn flows_sharing_a_node_port_translate_to_their_own_pods() {
     privileged!();
@@ -122,6 +144,11 @@ fn flows_sharing_a_node_port_translate_to_their_own_pods() {
         .expect("translate A");
     ic.set_translation(flow(POD_B), translation(POD_B, POD_B_NEW, ROLE_ORIGIN))
         .expect("translate B");
+    assert_count(&ic, 4);
+    // Setting a flow again changes nothing.
+    ic.set_translation(flow(POD_B), translation(POD_B, POD_B_NEW, ROLE_ORIGIN))
+        .expect("translate B again");
+    assert_count(&ic, 4);
 
     // Out (node → pod): old address → new.
     let out = "translate_origin_out";
@@ -142,11 +169,22 @@ fn flows_sharing_a_node_port_translate_to_their_own_pods() {
 
     // A's connection closes: its entries go, B's stay.
     ic.remove_translation(flow(POD_A)).expect("untranslate A");
+    assert_count(&ic, 2);
     assert_eq!(run(&ic, out, node, (POD_A, POD_PORT)).1, a(POD_A));
     assert_eq!(run(&ic, inn, (POD_A_NEW, POD_PORT), node).0, a(POD_A_NEW));
     assert_eq!(run(&ic, out, node, (POD_B, POD_PORT)).1, a(POD_B_NEW));
     assert_eq!(run(&ic, inn, (POD_B_NEW, POD_PORT), node).0, a(POD_B));
+    // B moves on again: its entry under the first new address goes.
+    let third = [10, 99, 3, 2];
+    ic.set_translation(flow(POD_B), translation(POD_B, third, ROLE_ORIGIN))
+        .expect("re-target B");
+    assert_count(&ic, 2);
+    assert_eq!(run(&ic, out, node, (POD_B, POD_PORT)).1, a(third));
+    assert_eq!(run(&ic, inn, (POD_B_NEW, POD_PORT), node).0, a(POD_B_NEW));
     ic.remove_translation(flow(POD_B)).expect("untranslate B");
+    ic.remove_translation(flow(POD_B))
+        .expect("untranslate B twice");
+    assert_count(&ic, 0);
     assert_eq!(run(&ic, out, node, (POD_B, POD_PORT)).1, a(POD_B));
 }
 
@@ -177,45 +215,69 @@ fn destination_translates_restored_sockets_per_pod() {
 }
 
 /// The destination's entries stay until userspace's sweep removes them, so
-/// the programs must record the flow's end: a FIN each way, or an RST.
+/// the programs must record what they see of each flow: a segment, its end
+/// (a FIN each way, or an RST that the shield does not drop), and a new
+/// connection reusing its tuple.
 #[test]
-fn translate_programs_record_each_flows_end() {
+fn translate_programs_record_each_flows_life() {
     privileged!();
     let (ic, _listener) = load();
     let origin = (NODE, NODE_PORT);
     let flow = |pod: [u8; 4]| FlowKey::new(NODE, NODE_PORT, pod, POD_PORT);
-    ic.set_translation(flow(POD_A), translation(POD_A, POD_A_NEW, ROLE_DEST))
-        .expect("translate A");
-    ic.set_translation(flow(POD_B), translation(POD_B, POD_B_NEW, ROLE_DEST))
-        .expect("translate B");
-    let closed = |pod| {
-        let c = ic.translation_closing(flow(pod)).expect("translated");
-        Translation::closed(c)
-    };
-    // Data does not end a flow.
-    run(&ic, "translate_dest_in", (POD_A, POD_PORT), origin);
-    run(&ic, "translate_dest_out", origin, (POD_A_NEW, POD_PORT));
-    assert!(!closed(POD_A));
-    // A FIN from the pod, then one from the proxy: ended. B is untouched.
+    for (old, new) in [
+        (POD_A, POD_A_NEW),
+        (POD_B, POD_B_NEW),
+        (POD_C, [10, 99, 2, 3]),
+    ] {
+        ic.set_translation(flow(old), translation(old, new, ROLE_DEST))
+            .expect("translate");
+    }
+    let ended = |pod| Translation::ended(marks(&ic, flow(pod)));
     let inn = "translate_dest_in";
     let out = "translate_dest_out";
+    assert_eq!(marks(&ic, flow(POD_A))[MARK_SEEN], 0, "nothing seen yet");
+    // Data does not end a flow.
+    run(&ic, inn, (POD_A, POD_PORT), origin);
+    run(&ic, out, origin, (POD_A_NEW, POD_PORT));
+    assert_eq!(marks(&ic, flow(POD_A))[MARK_SEEN], 1);
+    assert!(!ended(POD_A));
+    // A FIN from the pod, then one from the proxy: ended. B is untouched.
     assert_eq!(
         run_with(&ic, inn, (POD_A, POD_PORT), origin, Flag::Fin).0,
         a(POD_A_NEW),
         "a FIN is translated like any segment"
     );
-    assert!(!closed(POD_A), "one FIN is half a close");
+    assert!(!ended(POD_A), "one FIN is half a close");
     run_with(&ic, out, origin, (POD_A_NEW, POD_PORT), Flag::Fin);
-    assert!(closed(POD_A), "a FIN each way ends the flow");
-    assert!(!closed(POD_B));
-    // An RST from either side ends it at once.
+    assert!(ended(POD_A), "a FIN each way ends the flow");
+    assert!(!ended(POD_B));
+    // An RST from the pod while its endpoint is shielded is dropped by
+    // `rst_shield` (whichever program runs first), so it ends nothing.
+    let shield = EndpointKey::new(POD_B, POD_PORT);
+    ic.set_endpoint(shield, EP_SHIELD).expect("shield B");
+    run_with(&ic, inn, (POD_B, POD_PORT), origin, Flag::Rst);
+    assert_eq!(marks(&ic, flow(POD_B))[MARK_RST], 0, "a shielded RST");
+    ic.remove_endpoint(shield).expect("lift the shield");
+    // Once the shield is down an RST from either side ends it at once.
     run_with(&ic, out, origin, (POD_B_NEW, POD_PORT), Flag::Rst);
-    let c = ic.translation_closing(flow(POD_B)).expect("translated");
-    assert_eq!(c[CLOSE_RST], 1, "{c:?}");
-    assert!(Translation::closed(c));
+    assert_eq!(marks(&ic, flow(POD_B))[MARK_RST], 1);
+    assert!(ended(POD_B));
+    // C's flow is gone at the origin and a new connection reuses its wire
+    // tuple: the SYN, to the new address, must reach the pod there, and
+    // the entry stops translating.
+    let c_new = [10, 99, 2, 3];
+    assert_eq!(
+        run_with(&ic, out, origin, (c_new, POD_PORT), Flag::Syn).1,
+        a(c_new),
+        "a new connection on a translated tuple is left alone"
+    );
+    assert_eq!(marks(&ic, flow(POD_C))[MARK_REUSED], 1);
+    assert_eq!(run(&ic, out, origin, (c_new, POD_PORT)).1, a(c_new));
+    assert_eq!(run(&ic, inn, (c_new, POD_PORT), origin).0, a(c_new));
     // Removal takes both of a flow's entries.
     ic.remove_translation(flow(POD_A)).expect("untranslate A");
-    assert!(ic.translation_closing(flow(POD_A)).is_none());
+    assert!(ic.translation_marks(flow(POD_A)).expect("read").is_none());
     assert_eq!(run(&ic, out, origin, (POD_A_NEW, POD_PORT)).1, a(POD_A_NEW));
     assert_eq!(run(&ic, out, origin, (POD_B_NEW, POD_PORT)).1, a(POD_B));
+    assert_count(&ic, 4);
 }

@@ -187,26 +187,33 @@ pub struct Translation {
     pub new_addr: u32,
     /// `ROLE_ORIGIN` or `ROLE_DEST`.
     pub role: u32,
-    /// Set by the translate programs when they see the flow end: byte
-    /// [`CLOSE_NODE_FIN`], [`CLOSE_POD_FIN`] or [`CLOSE_RST`] becomes 1.
-    /// One byte per event, so concurrent marks are plain stores that cannot
-    /// undo each other. Userspace writes zeros and only reads it afterwards.
-    pub closing: [u8; 4],
+    /// What the translate programs have seen of the flow: byte `MARK_*`
+    /// becomes 1. One byte per event, so marks from several CPUs are plain
+    /// stores that cannot undo each other. Userspace writes zeros and only
+    /// reads it afterwards.
+    pub marks: [u8; 8],
 }
 
-/// Index in [`Translation::closing`]: a FIN from the node's side (the proxy).
-pub const CLOSE_NODE_FIN: usize = 0;
-/// Index in [`Translation::closing`]: a FIN from the pod's side.
-pub const CLOSE_POD_FIN: usize = 1;
-/// Index in [`Translation::closing`]: an RST, either way.
-pub const CLOSE_RST: usize = 2;
+/// Index in [`Translation::marks`]: a FIN from the node's side (the proxy).
+pub const MARK_NODE_FIN: usize = 0;
+/// Index in [`Translation::marks`]: a FIN from the pod's side.
+pub const MARK_POD_FIN: usize = 1;
+/// Index in [`Translation::marks`]: an RST (one from a shielded pod, which
+/// `rst_shield` drops, does not count).
+pub const MARK_RST: usize = 2;
+/// Index in [`Translation::marks`]: a SYN from the node's side on the
+/// flow's wire tuple: the migrated flow is gone and a new connection reuses
+/// its tuple. The entry then translates nothing more.
+pub const MARK_REUSED: usize = 3;
+/// Index in [`Translation::marks`]: any segment of the flow was translated.
+pub const MARK_SEEN: usize = 4;
 
 impl Translation {
-    /// The flow has ended on the wire, going by `closing` (of one entry or
-    /// both entries' merged): an RST, or a FIN each way. Its TIME_WAIT may
-    /// still need the entry for a while.
-    pub const fn closed(closing: [u8; 4]) -> bool {
-        closing[CLOSE_RST] != 0 || (closing[CLOSE_NODE_FIN] != 0 && closing[CLOSE_POD_FIN] != 0)
+    /// The flow has ended on the wire, going by `marks` (of one entry, or
+    /// both of a flow's entries merged): an RST, or a FIN each way. Its
+    /// TIME_WAIT may still need the entry for a while.
+    pub const fn ended(marks: [u8; 8]) -> bool {
+        marks[MARK_RST] != 0 || (marks[MARK_NODE_FIN] != 0 && marks[MARK_POD_FIN] != 0)
     }
 }
 
@@ -240,9 +247,9 @@ mod tests {
         assert_eq!(offset_of!(FlowKey, pod_addr), 4);
         assert_eq!(offset_of!(FlowKey, node_port), 8);
         assert_eq!(offset_of!(FlowKey, pod_port), 10);
-        assert_eq!(size_of::<Translation>(), 16);
+        assert_eq!(size_of::<Translation>(), 20);
         assert_eq!(offset_of!(Translation, role), 8);
-        assert_eq!(offset_of!(Translation, closing), 12);
+        assert_eq!(offset_of!(Translation, marks), 12);
     }
 
     #[test]

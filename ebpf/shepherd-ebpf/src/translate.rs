@@ -6,14 +6,15 @@
 //! node→pod (the pod address is the destination) or pod→node (the pod
 //! address is the source). Only when the pod-side address is the one we
 //! translate *from* is anything changed.
-use crate::parse::{Segment, ETH_HLEN, TCP_FIN, TCP_RST};
-use crate::{count_translated, TRANSLATE, TRANSLATING};
+use crate::parse::{Segment, ETH_HLEN, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::{count_translated, ENDPOINTS, TRANSLATE, TRANSLATING};
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC},
     programs::TcContext,
 };
 use shepherd_common::{
-    EndpointKey, FlowKey, Translation, CLOSE_NODE_FIN, CLOSE_POD_FIN, CLOSE_RST,
+    EndpointKey, FlowKey, Translation, EP_SHIELD, MARK_NODE_FIN, MARK_POD_FIN, MARK_REUSED,
+    MARK_RST, MARK_SEEN,
 };
 
 pub enum Direction {
@@ -40,18 +41,18 @@ pub fn rewrite(ctx: &TcContext, dir: Direction, role: u32) -> Result<i32, i32> {
         pod_port: seg.dport,
     };
     if let Some(entry) = TRANSLATE.get_ptr_mut(to_pod) {
-        // SAFETY: a live map value; plain data copied out.
-        let t = unsafe { *entry };
-        if t.role == role {
-            let (from, to) = match dir {
-                Direction::ToNew => (t.old_addr, t.new_addr),
-                Direction::ToOld => (t.new_addr, t.old_addr),
-            };
+        if let Some((from, to, old)) = applies(entry, &dir, role) {
             if seg.daddr == from {
-                note_close(entry, seg.flags, CLOSE_NODE_FIN);
+                if seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                    // A new connection on the flow's wire tuple: the
+                    // migrated flow is gone. Leave this one alone.
+                    mark(entry, MARK_REUSED);
+                    return Ok(TC_ACT_UNSPEC);
+                }
+                note(entry, seg.flags, MARK_NODE_FIN, false);
                 store_addr(ctx, IP_DST_OFF, seg.l4_off, from, to)?;
                 count_translated(&EndpointKey {
-                    addr: t.old_addr,
+                    addr: old,
                     port: seg.dport,
                     _pad: 0,
                 });
@@ -67,41 +68,80 @@ pub fn rewrite(ctx: &TcContext, dir: Direction, role: u32) -> Result<i32, i32> {
         pod_port: seg.sport,
     };
     if let Some(entry) = TRANSLATE.get_ptr_mut(from_pod) {
-        // SAFETY: as above.
-        let t = unsafe { *entry };
-        if t.role == role {
-            let (from, to) = match dir {
-                Direction::ToNew => (t.old_addr, t.new_addr),
-                Direction::ToOld => (t.new_addr, t.old_addr),
-            };
+        if let Some((from, to, old)) = applies(entry, &dir, role) {
             if seg.saddr == from {
-                note_close(entry, seg.flags, CLOSE_POD_FIN);
-                store_addr(ctx, IP_SRC_OFF, seg.l4_off, from, to)?;
-                count_translated(&EndpointKey {
-                    addr: t.old_addr,
+                let key = EndpointKey {
+                    addr: old,
                     port: seg.sport,
                     _pad: 0,
-                });
+                };
+                note(entry, seg.flags, MARK_POD_FIN, shielded(&key));
+                store_addr(ctx, IP_SRC_OFF, seg.l4_off, from, to)?;
+                count_translated(&key);
             }
         }
     }
     Ok(TC_ACT_UNSPEC)
 }
 
-/// Records in the entry that its flow is ending: a FIN from `fin_side`, or
-/// an RST. Userspace removes ended flows' entries once TIME_WAIT is over.
+/// If the entry is for this node's `role` and still in use: the address to
+/// rewrite from and to in direction `dir`, and the pod's old address.
 #[inline(always)]
-fn note_close(entry: *mut Translation, tcp_flags: u8, fin_side: usize) {
-    let at = if tcp_flags & TCP_RST != 0 {
-        CLOSE_RST
-    } else if tcp_flags & TCP_FIN != 0 {
-        fin_side
-    } else {
-        return;
+fn applies(entry: *mut Translation, dir: &Direction, role: u32) -> Option<(u32, u32, u32)> {
+    // SAFETY: `entry` points into a live map value. Only these fields are
+    // read: other CPUs may be storing single bytes into `marks`.
+    let (old, new, r, reused) = unsafe {
+        (
+            (*entry).old_addr,
+            (*entry).new_addr,
+            (*entry).role,
+            core::ptr::addr_of!((*entry).marks[MARK_REUSED]).read_volatile(),
+        )
     };
-    // SAFETY: `entry` points into a live map value and `at` < 4; a one-byte
-    // store, so marks from other CPUs (other bytes) are never lost.
-    unsafe { core::ptr::addr_of_mut!((*entry).closing[at]).write_volatile(1) };
+    if r != role || reused != 0 {
+        return None;
+    }
+    Some(match dir {
+        Direction::ToNew => (old, new, old),
+        Direction::ToOld => (new, old, old),
+    })
+}
+
+/// Whether RSTs from this endpoint are being dropped by `rst_shield`.
+#[inline(always)]
+fn shielded(key: &EndpointKey) -> bool {
+    // SAFETY: plain data copied out.
+    unsafe { ENDPOINTS.get(key) }.is_some_and(|c| c.flags & EP_SHIELD != 0)
+}
+
+/// Records what a translated segment tells about its flow: that it was
+/// seen, and its end (a FIN from `fin_side`, or an RST unless the shield
+/// drops it). Userspace removes ended flows' entries once TIME_WAIT is over.
+#[inline(always)]
+fn note(entry: *mut Translation, tcp_flags: u8, fin_side: usize, rst_shielded: bool) {
+    mark(entry, MARK_SEEN);
+    if tcp_flags & TCP_RST != 0 {
+        if !rst_shielded {
+            mark(entry, MARK_RST);
+        }
+    } else if tcp_flags & TCP_FIN != 0 {
+        mark(entry, fin_side);
+    }
+}
+
+/// Sets byte `at` of the entry's marks, unless it is set already (so a busy
+/// flow does not dirty the entry's cache line on every segment).
+#[inline(always)]
+fn mark(entry: *mut Translation, at: usize) {
+    // SAFETY: `entry` points into a live map value and every caller passes
+    // a `MARK_*` index (< 8); one-byte loads and stores, so marks from other
+    // CPUs (other bytes, or the same value) are never lost.
+    unsafe {
+        let byte = core::ptr::addr_of_mut!((*entry).marks[at]);
+        if byte.read_volatile() == 0 {
+            byte.write_volatile(1);
+        }
+    }
 }
 
 /// Replaces an IPv4 address at `off`, fixing the IP header checksum and the

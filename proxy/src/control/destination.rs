@@ -15,8 +15,10 @@ use crate::api::types::{BackendFlow, IncomingRequest, IncomingStatus};
 use crate::endpoint::EndpointAddr;
 use crate::error::ControlError;
 use crate::migration;
-use shepherd_common::{EndpointKey, Translation, EP_INTERCEPT, EP_SHIELD, ROLE_DEST};
-use std::collections::HashMap;
+use shepherd_common::{
+    EndpointKey, Translation, EP_INTERCEPT, EP_SHIELD, MARK_REUSED, MARK_SEEN, ROLE_DEST,
+};
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +27,20 @@ use std::time::{Duration, Instant};
 /// the wire: the side in TIME_WAIT (60 s on Linux) may still answer a
 /// retransmitted FIN through them.
 pub const ENDED_FLOW_LINGER: Duration = Duration::from_secs(65);
+
+/// How long a translated flow may go without a single segment crossing this
+/// node before its entries go: the pod was never restored here (the
+/// migration failed or was abandoned). A restored socket sends a window
+/// probe as it leaves repair mode, so a flow that did arrive is seen within
+/// moments.
+pub const UNSEEN_FLOW_LIMIT: Duration = Duration::from_secs(600);
+
+/// What the sweep knows of one translated flow.
+struct FlowWatch {
+    installed: Instant,
+    /// When the sweep first saw the flow ended.
+    ended: Option<Instant>,
+}
 
 pub(super) struct Incoming {
     id: String,
@@ -38,8 +54,20 @@ pub(super) struct Incoming {
     /// Counters kept when the shield is lifted (entries may be removed).
     final_rsts: u64,
     final_translated: u64,
-    /// Flows seen ending, and when the sweep first saw it.
-    ended: HashMap<BackendFlow, Instant>,
+    /// The translated flows' timestamps (see [`Control::sweep_ended_flows`]).
+    watch: HashMap<BackendFlow, FlowWatch>,
+    /// Flows whose entries the sweep removed: a repeated `incoming` must not
+    /// install them again.
+    swept: HashSet<BackendFlow>,
+}
+
+impl FlowWatch {
+    fn new(installed: Instant) -> Self {
+        Self {
+            installed,
+            ended: None,
+        }
+    }
 }
 
 impl Control {
@@ -57,6 +85,9 @@ impl Control {
             return Err(ControlError::Invalid(
                 "incoming needs at least one endpoint".into(),
             ));
+        }
+        if req.to.is_some() {
+            super::one_pod_address(&req.endpoints)?;
         }
         if !req.flows.is_empty() && req.to.is_none() {
             return Err(ControlError::Invalid(
@@ -89,14 +120,23 @@ impl Control {
             // knows them only once it holds). Add the new ones.
             let fresh: Vec<BackendFlow> = flows
                 .into_iter()
-                .filter(|f| !existing.flows.contains(f))
+                .filter(|f| !existing.flows.contains(f) && !existing.swept.contains(f))
                 .collect();
             if let Some(to) = existing.to {
                 self.translate_flows(&existing.endpoints, to, &fresh, ROLE_DEST)?;
             }
+            let now = Instant::now();
+            existing
+                .watch
+                .extend(fresh.iter().map(|f| (*f, FlowWatch::new(now))));
             existing.flows.extend(fresh);
             existing.flows.sort_by_key(|f| (f.node, f.pod_port));
             return Ok(self.incoming_status_of(existing));
+        }
+        // Translate first: if that fails (a full map), nothing is shielded
+        // and `translate_flows` has undone its own entries.
+        if let Some(to) = req.to {
+            self.translate_flows(&endpoints, to, &flows, ROLE_DEST)?;
         }
         let mut shielded = Vec::new();
         for e in &endpoints {
@@ -115,9 +155,8 @@ impl Control {
                 shielded.push(ep.key());
             }
         }
-        if let Some(to) = req.to {
-            self.translate_flows(&endpoints, to, &flows, ROLE_DEST)?;
-        }
+        let now = Instant::now();
+        let watch = flows.iter().map(|f| (*f, FlowWatch::new(now))).collect();
         let rec = Incoming {
             id: id.to_string(),
             endpoints,
@@ -128,7 +167,8 @@ impl Control {
             shielded,
             final_rsts: 0,
             final_translated: 0,
-            ended: HashMap::new(),
+            watch,
+            swept: HashSet::new(),
         };
         tracing::info!(migration = id, endpoints = ?rec.endpoints, to = ?rec.to, flows = rec.flows.len(), "incoming: shielding and translating");
         let status = self.incoming_status_of(&rec);
@@ -181,14 +221,19 @@ impl Control {
         Ok(self.incoming_status_of(rec))
     }
 
-    /// Removes the translations of flows that ended at least
-    /// [`ENDED_FLOW_LINGER`] before `now` (the translate programs mark an
-    /// RST, or a FIN each way). The origin removes its own entries when its
-    /// backend sockets close; here the sockets are the pod's, so without
-    /// this the map would fill up across migrations. A flow whose end never
-    /// crosses this node (the pod migrated on, or its netns was deleted under
-    /// it) keeps its entry.
-    /// Returns how many flows' entries were removed.
+    /// Removes the destination's translations that no flow needs any more,
+    /// as the translate programs' marks tell:
+    /// - the flow ended (an RST, or a FIN each way) at least
+    ///   [`ENDED_FLOW_LINGER`] before `now`, so its TIME_WAIT is over;
+    /// - a new connection reused the flow's wire tuple (at once);
+    /// - no segment of the flow crossed this node for [`UNSEEN_FLOW_LIMIT`]
+    ///   after it was installed (the pod never came back here).
+    ///
+    /// The origin removes its own entries when its backend sockets close;
+    /// here the sockets are the pod's, so without this the map would fill
+    /// up across migrations. A flow that was seen here and whose end never
+    /// crosses this node (the pod migrated on, or its netns was deleted
+    /// under it) keeps its entries. Returns how many flows' entries went.
     pub fn sweep_ended_flows(&self, now: Instant) -> usize {
         let mut removed = 0;
         let mut incoming = lock(&self.incoming);
@@ -198,29 +243,46 @@ impl Control {
                 id,
                 endpoints,
                 flows,
-                ended,
+                watch,
+                swept,
                 ..
             } = rec;
             flows.retain(|f| {
                 let Some((key, _)) = translated_key(endpoints, to, f) else {
                     return true;
                 };
-                let Some(closing) = self.intercept.translation_closing(key) else {
-                    ended.remove(f);
-                    return false;
+                let marks = match self.intercept.translation_marks(key) {
+                    Ok(Some(marks)) => marks,
+                    // Gone already: nothing to watch.
+                    Ok(None) => {
+                        watch.remove(f);
+                        return false;
+                    }
+                    Err(e) => {
+                        tracing::debug!(migration = %id, flow = %f.node, error = %e, "could not read a flow's translation");
+                        return true;
+                    }
                 };
-                if !Translation::closed(closing) {
-                    return true;
-                }
-                let since = *ended.entry(*f).or_insert(now);
-                if now.saturating_duration_since(since) < ENDED_FLOW_LINGER {
+                let w = watch.entry(*f).or_insert_with(|| FlowWatch::new(now));
+                let done = if marks[MARK_REUSED] != 0 {
+                    true
+                } else if Translation::ended(marks) {
+                    let since = *w.ended.get_or_insert(now);
+                    now.saturating_duration_since(since) >= ENDED_FLOW_LINGER
+                } else {
+                    w.ended = None;
+                    marks[MARK_SEEN] == 0
+                        && now.saturating_duration_since(w.installed) >= UNSEEN_FLOW_LIMIT
+                };
+                if !done {
                     return true;
                 }
                 if let Err(e) = self.intercept.remove_translation(key) {
-                    tracing::warn!(migration = %id, flow = %f.node, error = %e, "could not remove an ended flow's translation");
+                    tracing::warn!(migration = %id, flow = %f.node, error = %e, "could not remove a finished flow's translation");
                     return true;
                 }
-                ended.remove(f);
+                watch.remove(f);
+                swept.insert(*f);
                 removed += 1;
                 false
             });
@@ -228,7 +290,7 @@ impl Control {
         if removed > 0 {
             tracing::info!(
                 flows = removed,
-                "incoming: removed the translations of ended flows"
+                "incoming: removed the translations of finished flows"
             );
         }
         removed

@@ -8,7 +8,7 @@
 //! Locking: `endpoints`, then `migrations`, then `incoming`, never the other
 //! way round; no lock is held across an await.
 mod destination;
-pub use destination::ENDED_FLOW_LINGER;
+pub use destination::{ENDED_FLOW_LINGER, UNSEEN_FLOW_LIMIT};
 mod metrics;
 mod origin;
 
@@ -245,7 +245,7 @@ impl Control {
     /// Starts translating `flows` between each one's endpoint address (old)
     /// and `to` (new), for this node's `role` (origin or destination). Flows
     /// whose pod port matches no endpoint, or whose address does not change,
-    /// are skipped. Returns the flows installed.
+    /// are skipped. Returns the flows installed; on an error, none stay.
     fn translate_flows(
         &self,
         endpoints: &[EndpointAddr],
@@ -258,15 +258,22 @@ impl Control {
             let Some((key, old)) = translated_key(endpoints, to, f) else {
                 continue;
             };
-            self.intercept.set_translation(
+            let set = self.intercept.set_translation(
                 key,
                 shepherd_common::Translation {
                     old_addr: u32::from_ne_bytes(old.octets()),
                     new_addr: u32::from_ne_bytes(to.octets()),
                     role,
-                    closing: [0; 4],
+                    marks: [0; 8],
                 },
-            )?;
+            );
+            if let Err(e) = set {
+                // All or nothing: entries nobody tracks would never go.
+                for k in &installed {
+                    let _ = self.intercept.remove_translation(*k);
+                }
+                return Err(e.into());
+            }
             installed.push(key);
         }
         Ok(installed)
@@ -294,4 +301,22 @@ fn translated_key(
         f.pod_port,
     );
     Some((key, old))
+}
+
+/// A migration that changes the pod's address moves one pod: its endpoints
+/// must share one address (flows are matched to endpoints by port).
+fn one_pod_address(endpoints: &[EndpointAddr]) -> Result<(), ControlError> {
+    let mut ips = endpoints.iter().map(|e| e.0.ip());
+    let first = ips.next();
+    if ips.any(|ip| Some(ip) != first) {
+        return Err(ControlError::Invalid(format!(
+            "the endpoints {} are at different addresses; a migration that changes the pod's address covers one pod: give each pod its own migration",
+            endpoints
+                .iter()
+                .map(|e| e.0.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(())
 }

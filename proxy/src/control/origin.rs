@@ -252,6 +252,15 @@ impl Control {
                         }
                     }
                 }
+                if phase == Phase::Aborted && m.target.is_some() {
+                    // The pod stays where it was: its held connections'
+                    // backend flows must not be rewritten to the target.
+                    for state in &m.states {
+                        for c in state.connections() {
+                            state.untranslate(&c, false);
+                        }
+                    }
+                }
                 m.phase = phase;
                 m.reason = reason;
                 m.mode = mode;
@@ -382,6 +391,7 @@ impl Control {
                 m.phase
             )));
         }
+        super::one_pod_address(&m.endpoints)?;
         let flows = backend_flows(&m.states);
         let installed = self.translate_flows(&m.endpoints, to, &flows, ROLE_ORIGIN)?;
         // Each connection removes its entry when its backend socket is done,

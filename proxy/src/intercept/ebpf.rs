@@ -30,6 +30,39 @@ impl Translations {
         self.installed = n;
         Ok(())
     }
+
+    /// Inserts or overwrites an entry, counting it if it is new.
+    fn insert_counted(&mut self, key: FlowKey, t: Translation) -> Result<(), InterceptError> {
+        let fresh = match self.flows.get(&key, 0) {
+            Ok(_) => false,
+            Err(aya::maps::MapError::KeyNotFound) => true,
+            Err(e) => return Err(map_err(MAP_TRANSLATE)(e)),
+        };
+        if fresh {
+            let n = self.installed.saturating_add(1);
+            self.publish(n)?;
+        }
+        if let Err(e) = self.flows.insert(key, t, 0) {
+            if fresh {
+                let n = self.installed.saturating_sub(1);
+                let _ = self.publish(n);
+            }
+            return Err(map_err(MAP_TRANSLATE)(e));
+        }
+        Ok(())
+    }
+
+    /// Removes an entry if present, uncounting it only if it was there.
+    fn remove_counted(&mut self, key: &FlowKey) -> Result<(), InterceptError> {
+        match self.flows.remove(key) {
+            Ok(()) => {
+                let n = self.installed.saturating_sub(1);
+                self.publish(n)
+            }
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(MAP_TRANSLATE)(e)),
+        }
+    }
 }
 
 /// The object built by `cargo xtask build-ebpf` (empty if it was not built).
@@ -137,6 +170,19 @@ impl EbpfInterception {
 }
 
 impl EbpfInterception {
+    /// The translation count the programs see (`SHEPHERD_TRANSLATING`) and
+    /// the entries actually in `SHEPHERD_TRANSLATE`, for tests: they must
+    /// agree, or translation stops early (count 0) or never (count > 0).
+    #[doc(hidden)]
+    pub fn translation_count(&self) -> Result<(u32, usize), InterceptError> {
+        let m = self.translate.lock().map_err(|_| InterceptError::Map {
+            map: MAP_TRANSLATE,
+            detail: "lock poisoned".into(),
+        })?;
+        let published = m.count.get(&0, 0).map_err(map_err(MAP_TRANSLATING))?;
+        Ok((published, m.flows.keys().count()))
+    }
+
     /// Runs the loaded program `program` once on `frame` (an Ethernet frame)
     /// with `BPF_PROG_TEST_RUN`, and returns its verdict and the frame as the
     /// program left it. The packet touches no interface; this exists so that
@@ -303,68 +349,63 @@ impl Interception for EbpfInterception {
         let old = flow.with_pod_addr(t.old_addr);
         let new = flow.with_pod_addr(t.new_addr);
         if let Ok(prev) = m.flows.get(&old, 0) {
-            if prev.new_addr != t.new_addr {
-                let _ = m.flows.remove(&old.with_pod_addr(prev.new_addr));
-                let n = m.installed.saturating_sub(1);
-                m.publish(n)?;
+            // Re-targeted: the entry under the previous new address goes.
+            let prev_new = old.with_pod_addr(prev.new_addr);
+            if prev_new != new && prev_new != old {
+                m.remove_counted(&prev_new)?;
             }
-            m.flows.insert(old, t, 0).map_err(map_err(MAP_TRANSLATE))?;
-            if m.flows.get(&new, 0).is_err() {
-                let n = m.installed.saturating_add(1);
-                m.publish(n)?;
-            }
-            return m.flows.insert(new, t, 0).map_err(map_err(MAP_TRANSLATE));
         }
         // Count first: a packet that sees the count but not yet the entries
         // just misses the lookup.
-        let n = m.installed.saturating_add(2);
-        m.publish(n)?;
-        let inserted = m
-            .flows
-            .insert(old, t, 0)
-            .and_then(|()| m.flows.insert(new, t, 0));
-        if let Err(e) = inserted {
-            let _ = m.flows.remove(&old);
-            let n = m.installed.saturating_sub(2);
-            let _ = m.publish(n);
-            return Err(map_err(MAP_TRANSLATE)(e));
+        m.insert_counted(old, t)?;
+        if let Err(e) = m.insert_counted(new, t) {
+            let _ = m.remove_counted(&old);
+            return Err(e);
         }
         Ok(())
     }
 
-    fn translation_closing(&self, flow: FlowKey) -> Option<[u8; 4]> {
-        let m = self.translate.lock().ok()?;
-        let old = m.flows.get(&flow, 0).ok()?;
-        let mut closing = old.closing;
-        // Packets mark the entry they were looked up by: merge both.
-        if let Ok(new) = m.flows.get(&flow.with_pod_addr(old.new_addr), 0) {
-            for (c, n) in closing.iter_mut().zip(new.closing) {
-                *c |= n;
-            }
-        }
-        Some(closing)
-    }
-
     fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError> {
-        let Ok(mut m) = self.translate.lock() else {
-            return Ok(());
-        };
-        // `flow` is keyed by the old pod address; its entry names the new one.
+        let mut m = self.translate.lock().map_err(|_| InterceptError::Map {
+            map: MAP_TRANSLATE,
+            detail: "lock poisoned".into(),
+        })?;
+        // `flow` is keyed by the old pod address; its entry names the new
+        // one. The old-address entry goes last, so a failure in between
+        // leaves it to find the other by on a retry.
         let t = match m.flows.get(&flow, 0) {
             Ok(t) => t,
             Err(aya::maps::MapError::KeyNotFound) => return Ok(()),
             Err(e) => return Err(map_err(MAP_TRANSLATE)(e)),
         };
-        for key in [flow, flow.with_pod_addr(t.new_addr)] {
-            match m.flows.remove(&key) {
-                Ok(()) => {
-                    let n = m.installed.saturating_sub(1);
-                    m.publish(n)?;
-                }
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(MAP_TRANSLATE)(e)),
-            }
+        let new = flow.with_pod_addr(t.new_addr);
+        if new != flow {
+            m.remove_counted(&new)?;
         }
-        Ok(())
+        m.remove_counted(&flow)
+    }
+
+    fn translation_marks(&self, flow: FlowKey) -> Result<Option<[u8; 8]>, InterceptError> {
+        let m = self.translate.lock().map_err(|_| InterceptError::Map {
+            map: MAP_TRANSLATE,
+            detail: "lock poisoned".into(),
+        })?;
+        let old = match m.flows.get(&flow, 0) {
+            Ok(t) => t,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(map_err(MAP_TRANSLATE)(e)),
+        };
+        let mut marks = old.marks;
+        // Packets mark the entry they were looked up by: merge both.
+        match m.flows.get(&flow.with_pod_addr(old.new_addr), 0) {
+            Ok(new) => {
+                for (a, b) in marks.iter_mut().zip(new.marks) {
+                    *a |= b;
+                }
+            }
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(MAP_TRANSLATE)(e)),
+        }
+        Ok(Some(marks))
     }
 }

@@ -46,10 +46,10 @@ pub trait Interception: Send + Sync {
     fn set_translation(&self, flow: FlowKey, t: Translation) -> Result<(), InterceptError>;
     /// Stops rewriting a flow (no-op if it was not translated).
     fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError>;
-    /// What the translate programs have seen of a translated flow's end
-    /// ([`Translation::closing`], both of its entries merged); `None` if the
+    /// What the translate programs have seen of a translated flow
+    /// ([`Translation::marks`], both of its entries merged); `None` if the
     /// flow is not translated.
-    fn translation_closing(&self, flow: FlowKey) -> Option<[u8; 4]>;
+    fn translation_marks(&self, flow: FlowKey) -> Result<Option<[u8; 8]>, InterceptError>;
 }
 
 /// An in-memory stand-in used by unit tests (no kernel involved): records the
@@ -88,7 +88,11 @@ impl Interception for RecordingInterception {
         }
         Ok(())
     }
-    fn translation_closing(&self, flow: FlowKey) -> Option<[u8; 4]> {
-        self.translations.lock().ok()?.get(&flow).map(|t| t.closing)
+    fn translation_marks(&self, flow: FlowKey) -> Result<Option<[u8; 8]>, InterceptError> {
+        let m = self.translations.lock().map_err(|_| InterceptError::Map {
+            map: "translations",
+            detail: "lock poisoned".into(),
+        })?;
+        Ok(m.get(&flow).map(|t| t.marks))
     }
 }
