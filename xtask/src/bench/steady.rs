@@ -285,17 +285,17 @@ fn measure(quick: bool, parts: Parts) -> Result<Section> {
             .unwrap_or_else(|| unreachable!("row {name} exists"))
     };
 
+    // Baseline samples that failed (see `sample`).
+    let mut lost = Vec::new();
     say("warm-up");
     for v in BULK_VARIANTS {
         let dst = v.dst(&t);
-        bench::bulk(&t.client, dst, 2, 4 * MIB)
-            .with_context(|| format!("warm-up bulk via {}", v.name()))?;
-        bench::request_response(&t.client, dst, 1, 200, 0)
-            .with_context(|| format!("warm-up rr via {}", v.name()))?;
+        let r = bench::bulk(&t.client, dst, 2, 4 * MIB).map_err(Into::into);
+        sample(v, "warm-up bulk", r, &mut lost)?;
+        let r = bench::request_response(&t.client, dst, 1, 200, 0).map_err(Into::into);
+        sample(v, "warm-up rr", r, &mut lost)?;
     }
 
-    // Baseline samples that failed (see `sample`).
-    let mut lost = Vec::new();
     for rep in 1..=sz.reps {
         let tag = format!("rep {rep}/{}", sz.reps);
         for v in rotated(&BULK_VARIANTS, rep).filter(|_| parts.bulk) {
