@@ -25,7 +25,9 @@ mod parse;
 mod translate;
 
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_tuple, tcphdr, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{
+        bpf_sock, bpf_sock_tuple, tcphdr, BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
+    },
     cty::c_void,
     helpers::generated::{
         bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie,
@@ -60,9 +62,15 @@ static LISTENER_COUNT: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Key: migrated backend flow, once under the pod's old address and once
 /// under its new one (see `FlowKey`), so 32768 flows fit. Value: old and new
-/// pod address. Written by userspace.
+/// pod address, and the marks the translate programs set. Written by
+/// userspace.
+///
+/// Not preallocated: a removed entry's memory is reused only after an RCU
+/// grace period, so a program still holding it from a lookup cannot mark a
+/// new entry that took its slot (preallocated elements are reused at once).
 #[map(name = "SHEPHERD_TRANSLATE")]
-static TRANSLATE: HashMap<FlowKey, Translation> = HashMap::with_max_entries(65536, 0);
+static TRANSLATE: HashMap<FlowKey, Translation> =
+    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
 /// Entries in `TRANSLATE` (see `shepherd_common::MAP_TRANSLATING`). Written
 /// by userspace.
