@@ -16,6 +16,7 @@ use super::splice::{Filled, Lane, PIPE_SIZE};
 use super::Mechanism;
 use crate::endpoint::{ConnInfo, EndpointState, HoldStats, Mode};
 use crate::transport::backend::{unacked_bytes, BackendConnector};
+use crate::transport::inq;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::future::pending;
 use std::io::{self, IoSlice};
@@ -55,10 +56,12 @@ enum Event {
     BackendWrote(io::Result<usize>),
     ClientWrote(io::Result<usize>),
     /// A socket has bytes; the handler reads them, spliced (`true`: into
-    /// the direction's pipe) or copied. Reads go through `try_read`, not
-    /// `AsyncRead`, whose short-read heuristic clears readiness: a read
-    /// stops short at TCP's urgent mark with more bytes queued behind it,
-    /// and those would then wait for a segment that may never come.
+    /// the direction's pipe) or copied. Copied reads go through
+    /// `inq::read_buf`, not `AsyncRead`, whose short-read heuristic clears
+    /// readiness: a read stops short at TCP's urgent mark with more bytes
+    /// queued behind it, and those would then wait for a segment that may
+    /// never come. `read_buf` clears it only when the kernel reports the
+    /// queue empty; splice reads go on until EAGAIN.
     ClientReadable(io::Result<()>, bool),
     BackendReadable(io::Result<()>, bool),
     /// Splice mode: a socket can take the lane's bytes.
@@ -486,7 +489,7 @@ impl Conn {
     fn copy_from_client(&mut self) -> Result<(), String> {
         let target = self.up.read_target(self.room.max(1));
         let limit = target.limit;
-        match self.client_r.try_read_buf(&mut target.buf.limit(limit)) {
+        match inq::read_buf(self.client_r.as_ref(), &mut target.buf.limit(limit)) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             r => self.client_read(r),
         }
@@ -495,7 +498,7 @@ impl Conn {
     /// Reads what the pod sent into `down`.
     async fn copy_from_backend(&mut self) -> Result<(), String> {
         let r = match self.backend.as_ref() {
-            Some(b) => b.r.try_read_buf(&mut self.down_spare),
+            Some(b) => inq::read_buf(b.r.as_ref(), &mut self.down_spare),
             None => return Ok(()),
         };
         match r {
@@ -571,11 +574,12 @@ impl Conn {
             let _ = self.client_w.shutdown().await;
             // Read until the client's FIN so closing does not turn unread bytes
             // into a RST.
-            // `try_read` until EAGAIN, as everywhere (see `Event`): a read
-            // that stops at an urgent mark must not end the drain.
-            let mut sink = vec![0u8; READ_CHUNK];
+            // Readiness stays until the queue is empty (see `Event`): a
+            // read that stops at an urgent mark must not end the drain.
+            let mut sink = BytesMut::with_capacity(READ_CHUNK);
             while !self.client_eof && self.client_r.readable().await.is_ok() {
-                match self.client_r.try_read(&mut sink) {
+                sink.clear();
+                match inq::read_buf(self.client_r.as_ref(), &mut sink) {
                     Ok(0) => break,
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

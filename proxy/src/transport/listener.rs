@@ -3,8 +3,9 @@
 //! SYN-ACK goes out for a non-local destination. It is bound to loopback on an
 //! ephemeral port so nothing can reach it except through the assignment.
 //!
-//! Both listeners set `TCP_NODELAY`, which accepted sockets inherit: replayed
-//! and relayed bytes never wait on Nagle, without a setsockopt per connection.
+//! Both listeners set `TCP_NODELAY` and `TCP_INQ`, which accepted sockets
+//! inherit: replayed and relayed bytes never wait on Nagle, and reads say
+//! what is left queued (see `inq`), without a setsockopt per connection.
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -35,6 +36,7 @@ fn loopback_listener(backlog: i32, transparent: bool) -> io::Result<std::net::Tc
         s.set_reuse_address(true)?;
     }
     s.set_tcp_nodelay(true)?;
+    super::inq::enable(&s)?;
     s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).into())?;
     s.listen(backlog)?;
     s.set_nonblocking(true)?;

@@ -1,5 +1,6 @@
 //! Sockets: the transparent listener SYNs are assigned to, the original
 //! destination of an accepted connection, and backend connections to pods.
 pub mod backend;
+pub mod inq;
 pub mod listener;
 pub mod orig_dst;
