@@ -176,12 +176,20 @@ impl ConnInfo {
             FlowTranslation::Installed(k) => Some(k),
             _ => None,
         };
-        *t = if last {
+        *t = if last || *t == FlowTranslation::Done {
             FlowTranslation::Done
         } else {
             FlowTranslation::None
         };
         key
+    }
+
+    /// The translation installed for this connection's backend flow, if any.
+    pub fn translated(&self) -> Option<FlowKey> {
+        match *self.translated_flow.lock().ok()? {
+            FlowTranslation::Installed(k) => Some(k),
+            _ => None,
+        }
     }
 }
 

@@ -608,6 +608,41 @@ async fn abort_after_target_removes_the_translation(m: Mechanism) {
     assert_eq!(read_exact_timeout(&mut c, 4).await, b"held");
 }
 
+/// A flow an earlier migration moved (and still translates), re-targeted by
+/// a second migration that is then aborted, goes back to the earlier
+/// translation: the pod is still where the first migration put it.
+async fn abort_puts_back_an_earlier_migrations_translation(m: Mechanism) {
+    let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let mut c = held_and_translated(&r, "m20").await;
+    r.control
+        .release("m20", ReleaseMode::Resume, None)
+        .expect("release");
+    let new_addr = |r: &Rig| {
+        let t = r.intercept.translations.lock().expect("lock");
+        assert_eq!(t.len(), 1, "{t:?}");
+        t.values()
+            .map(|t| std::net::Ipv4Addr::from(t.new_addr.to_ne_bytes()))
+            .next()
+    };
+    assert_eq!(new_addr(&r), Some("127.0.0.2".parse().expect("ip")));
+    r.control
+        .hold("m21", &hold_req(r.endpoint))
+        .await
+        .expect("hold");
+    r.control
+        .target("m21", "127.0.0.3".parse().expect("ip"))
+        .expect("target");
+    assert_eq!(new_addr(&r), Some("127.0.0.3".parse().expect("ip")));
+    r.control.abort("m21", None).expect("abort");
+    assert_eq!(
+        new_addr(&r),
+        Some("127.0.0.2".parse().expect("ip")),
+        "the first migration's translation is back"
+    );
+    c.write_all(b"z").await.expect("write");
+    assert_eq!(read_exact_timeout(&mut c, 1).await, b"z");
+}
+
 async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mechanism) {
     use shepherd::api::types::IncomingRequest;
     let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
@@ -714,34 +749,57 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
     r.control.incoming("m11", &req).expect("retry");
     assert_eq!(r.translations(), 0, "a swept flow stays swept");
 
-    // A flow no segment of which ever crossed this node (the pod was never
-    // restored here) goes after UNSEEN_FLOW_LIMIT.
+    // A flow of a failed migration that no pod-side segment ever crossed
+    // (the pod was never restored here) goes UNSEEN_FLOW_LIMIT after the
+    // failure; a successful one's flows are taken to have arrived.
     let flow_on = |port: u16| shepherd::api::types::BackendFlow {
         node: std::net::SocketAddrV4::new("10.1.0.1".parse().expect("ip"), port),
         pod_port: 80,
     };
-    let unseen = IncomingRequest {
-        flows: vec![flow_on(40001)],
+    let on = |port: u16| IncomingRequest {
+        flows: vec![flow_on(port)],
         ..req.clone()
     };
-    r.control.incoming("m13", &unseen).expect("incoming");
+    r.control.incoming("m13", &on(40001)).expect("incoming");
+    r.control.incoming("m17", &on(40003)).expect("incoming");
     let t1 = std::time::Instant::now();
+    let much_later = t1 + 10 * UNSEEN_FLOW_LIMIT;
+    assert_eq!(r.control.sweep_ended_flows(much_later), 0, "not completed");
+    r.control
+        .complete_incoming("m17", None)
+        .expect("complete, restored");
+    r.control
+        .complete_incoming("m13", Some("restore failed".into()))
+        .expect("complete, failed");
+    let t2 = std::time::Instant::now();
     let limit = UNSEEN_FLOW_LIMIT - Duration::from_secs(1);
-    assert_eq!(r.control.sweep_ended_flows(t1 + limit), 0, "not yet");
-    assert_eq!(r.control.sweep_ended_flows(t1 + UNSEEN_FLOW_LIMIT), 1);
-    assert_eq!(r.translations(), 0);
+    assert_eq!(r.control.sweep_ended_flows(t2 + limit), 0, "not yet");
+    assert_eq!(r.control.sweep_ended_flows(t2 + UNSEEN_FLOW_LIMIT), 1);
+    assert_eq!(r.translations(), 1, "only the failed migration's flow went");
+    assert_eq!(r.control.sweep_ended_flows(much_later), 0, "m17's stays");
+    // A retry that installs a failed migration's flow again owns it: the
+    // old record's sweep leaves it alone.
+    r.control.incoming("m18", &on(40004)).expect("incoming");
+    r.control
+        .complete_incoming("m18", Some("dump failed".into()))
+        .expect("failed");
+    r.control.incoming("m19", &on(40004)).expect("the retry");
+    assert_eq!(
+        r.control.sweep_ended_flows(much_later),
+        0,
+        "m19 owns it now"
+    );
+    let st = r.control.incoming_status("m18").expect("status");
+    assert!(st.flows.is_empty(), "{st:?}");
     // One seen and then reused by a new connection goes at once.
-    let reused = IncomingRequest {
-        flows: vec![flow_on(40002)],
-        ..req.clone()
-    };
-    r.control.incoming("m14", &reused).expect("incoming");
+    r.control.incoming("m14", &on(40002)).expect("incoming");
+    let before = r.translations();
     mark(shepherd_common::MARK_SEEN);
     assert_eq!(r.control.sweep_ended_flows(t1), 0, "seen and live: kept");
     mark(shepherd_common::MARK_REUSED);
     assert_eq!(
         r.control.sweep_ended_flows(t1),
-        1,
+        before,
         "reused: removed at once"
     );
     // A new address with endpoints at two addresses is two pods: refused.
@@ -854,6 +912,7 @@ for_each_mechanism!(
     reconnect_mode_replays_held_bytes_on_a_new_backend_connection,
     target_translates_held_flows_and_incoming_shields_and_translates,
     abort_after_target_removes_the_translation,
+    abort_puts_back_an_earlier_migrations_translation,
     urgent_data_neither_stalls_nor_cuts_the_stream,
     urgent_mark_behind_a_full_hold_buffer_does_not_stall,
 );

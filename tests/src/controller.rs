@@ -176,11 +176,13 @@ pub fn migrate(
                 &format!("/v1/migrations/{id}/abort"),
                 Some(json!({ "reason": why })),
             );
+            // With the reason: a failed migration's translations go once
+            // no segment of theirs has crossed the destination.
             let _ = api(
                 c.dest,
                 "POST",
                 &format!("/v1/migrations/{id}/incoming/complete"),
-                None,
+                Some(json!({ "reason": why })),
             );
         }
     };

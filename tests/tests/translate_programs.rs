@@ -39,6 +39,7 @@ fn load() -> (EbpfInterception, TcpListener) {
 enum Flag {
     None,
     Syn,
+    SynAck,
     Fin,
     Rst,
 }
@@ -52,6 +53,7 @@ fn frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flag: Flag) -> Vec<
         Flag::None => b.ack(99),
         // A connection's first segment: SYN alone.
         Flag::Syn => b.syn(),
+        Flag::SynAck => b.syn().ack(99),
         Flag::Fin => b.ack(99).fin(),
         Flag::Rst => b.ack(99).rst(),
     };
@@ -224,22 +226,20 @@ fn translate_programs_record_each_flows_life() {
     let (ic, _listener) = load();
     let origin = (NODE, NODE_PORT);
     let flow = |pod: [u8; 4]| FlowKey::new(NODE, NODE_PORT, pod, POD_PORT);
-    for (old, new) in [
-        (POD_A, POD_A_NEW),
-        (POD_B, POD_B_NEW),
-        (POD_C, [10, 99, 2, 3]),
-    ] {
+    let c_new = [10, 99, 2, 3];
+    for (old, new) in [(POD_A, POD_A_NEW), (POD_B, POD_B_NEW), (POD_C, c_new)] {
         ic.set_translation(flow(old), translation(old, new, ROLE_DEST))
             .expect("translate");
     }
     let ended = |pod| Translation::ended(marks(&ic, flow(pod)));
     let inn = "translate_dest_in";
     let out = "translate_dest_out";
-    assert_eq!(marks(&ic, flow(POD_A))[MARK_SEEN], 0, "nothing seen yet");
-    // Data does not end a flow.
-    run(&ic, inn, (POD_A, POD_PORT), origin);
+    // Seen means the pod's side spoke (the proxy's side always can).
     run(&ic, out, origin, (POD_A_NEW, POD_PORT));
-    assert_eq!(marks(&ic, flow(POD_A))[MARK_SEEN], 1);
+    assert_eq!(marks(&ic, flow(POD_A))[MARK_SEEN], 0, "proxy side only");
+    run(&ic, inn, (POD_A, POD_PORT), origin);
+    assert_eq!(marks(&ic, flow(POD_A))[MARK_SEEN], 1, "the pod spoke");
+    // Data does not end a flow.
     assert!(!ended(POD_A));
     // A FIN from the pod, then one from the proxy: ended. B is untouched.
     assert_eq!(
@@ -252,28 +252,44 @@ fn translate_programs_record_each_flows_life() {
     assert!(ended(POD_A), "a FIN each way ends the flow");
     assert!(!ended(POD_B));
     // An RST from the pod while its endpoint is shielded is dropped by
-    // `rst_shield` (whichever program runs first), so it ends nothing.
+    // `rst_shield` (whichever program runs first): it ends nothing and
+    // proves nothing about the pod.
     let shield = EndpointKey::new(POD_B, POD_PORT);
     ic.set_endpoint(shield, EP_SHIELD).expect("shield B");
     run_with(&ic, inn, (POD_B, POD_PORT), origin, Flag::Rst);
-    assert_eq!(marks(&ic, flow(POD_B))[MARK_RST], 0, "a shielded RST");
+    let b = marks(&ic, flow(POD_B));
+    assert_eq!((b[MARK_RST], b[MARK_SEEN]), (0, 0), "a shielded RST");
     ic.remove_endpoint(shield).expect("lift the shield");
-    // Once the shield is down an RST from either side ends it at once.
-    run_with(&ic, out, origin, (POD_B_NEW, POD_PORT), Flag::Rst);
+    // Once the shield is down an RST from the pod ends it at once.
+    run_with(&ic, inn, (POD_B, POD_PORT), origin, Flag::Rst);
     assert_eq!(marks(&ic, flow(POD_B))[MARK_RST], 1);
     assert!(ended(POD_B));
-    // C's flow is gone at the origin and a new connection reuses its wire
-    // tuple: the SYN, to the new address, must reach the pod there, and
-    // the entry stops translating.
-    let c_new = [10, 99, 2, 3];
+
+    // A SYN on a live migrated flow's wire tuple comes from another socket
+    // on the node (a NodePort client SNATed to the node's address, say):
+    // it passes untranslated and the migrated flow keeps its translation.
     assert_eq!(
         run_with(&ic, out, origin, (c_new, POD_PORT), Flag::Syn).1,
         a(c_new),
-        "a new connection on a translated tuple is left alone"
+        "a new connection is never translated"
+    );
+    assert_eq!(marks(&ic, flow(POD_C))[MARK_REUSED], 0, "C is live");
+    assert_eq!(run(&ic, out, origin, (c_new, POD_PORT)).1, a(POD_C));
+    // A SYN-ACK is no new connection from the node's side.
+    run_with(&ic, out, origin, (POD_A_NEW, POD_PORT), Flag::SynAck);
+    assert_eq!(marks(&ic, flow(POD_A))[MARK_REUSED], 0);
+    // Once C's flow has ended, a SYN on its tuple retires the entry: the
+    // tuple belongs to the new connection now.
+    run_with(&ic, inn, (POD_C, POD_PORT), origin, Flag::Fin);
+    run_with(&ic, out, origin, (c_new, POD_PORT), Flag::Fin);
+    assert!(ended(POD_C));
+    assert_eq!(
+        run_with(&ic, out, origin, (c_new, POD_PORT), Flag::Syn).1,
+        a(c_new)
     );
     assert_eq!(marks(&ic, flow(POD_C))[MARK_REUSED], 1);
     assert_eq!(run(&ic, out, origin, (c_new, POD_PORT)).1, a(c_new));
-    assert_eq!(run(&ic, inn, (c_new, POD_PORT), origin).0, a(c_new));
+
     // Removal takes both of a flow's entries.
     ic.remove_translation(flow(POD_A)).expect("untranslate A");
     assert!(ic.translation_marks(flow(POD_A)).expect("read").is_none());

@@ -65,9 +65,11 @@ static LISTENER_COUNT: Array<u32> = Array::with_max_entries(1, 0);
 /// pod address, and the marks the translate programs set. Written by
 /// userspace.
 ///
-/// Not preallocated: a removed entry's memory is reused only after an RCU
-/// grace period, so a program still holding it from a lookup cannot mark a
-/// new entry that took its slot (preallocated elements are reused at once).
+/// Not preallocated: memory is taken as flows are migrated, so a node that
+/// never migrates holds none. Known race, left alone: a program that found
+/// an entry just as userspace removed it, and the memory went straight to a
+/// new entry, sets its one-byte mark in the new entry. That takes a removal
+/// and an insertion within the few instructions between lookup and store.
 #[map(name = "SHEPHERD_TRANSLATE")]
 static TRANSLATE: HashMap<FlowKey, Translation> =
     HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);

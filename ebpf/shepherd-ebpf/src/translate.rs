@@ -41,12 +41,18 @@ pub fn rewrite(ctx: &TcContext, dir: Direction, role: u32) -> Result<i32, i32> {
         pod_port: seg.dport,
     };
     if let Some(entry) = TRANSLATE.get_ptr_mut(to_pod) {
-        if let Some((from, to, old)) = applies(entry, &dir, role) {
+        if let Some((from, to, old, new)) = applies(entry, &dir, role) {
             if seg.daddr == from {
                 if seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-                    // A new connection on the flow's wire tuple: the
-                    // migrated flow is gone. Leave this one alone.
-                    mark(entry, MARK_REUSED);
+                    // A new connection on the flow's wire tuple is never
+                    // translated. If the migrated flow has ended, this one
+                    // took its tuple for good: retire the entry. If not,
+                    // another socket on the node collided with it (say a
+                    // NodePort client SNATed to the node's address); the
+                    // migrated flow keeps its translation.
+                    if ended_with_sibling(entry, &to_pod, old, new) {
+                        mark(entry, MARK_REUSED);
+                    }
                     return Ok(TC_ACT_UNSPEC);
                 }
                 note(entry, seg.flags, MARK_NODE_FIN, false);
@@ -68,13 +74,18 @@ pub fn rewrite(ctx: &TcContext, dir: Direction, role: u32) -> Result<i32, i32> {
         pod_port: seg.sport,
     };
     if let Some(entry) = TRANSLATE.get_ptr_mut(from_pod) {
-        if let Some((from, to, old)) = applies(entry, &dir, role) {
+        if let Some((from, to, old, _)) = applies(entry, &dir, role) {
             if seg.saddr == from {
                 let key = EndpointKey {
                     addr: old,
                     port: seg.sport,
                     _pad: 0,
                 };
+                if seg.flags & TCP_RST == 0 {
+                    // The pod's side is live here (a restored socket sends a
+                    // window probe as it leaves repair mode).
+                    mark(entry, MARK_SEEN);
+                }
                 note(entry, seg.flags, MARK_POD_FIN, shielded(&key));
                 store_addr(ctx, IP_SRC_OFF, seg.l4_off, from, to)?;
                 count_translated(&key);
@@ -85,9 +96,9 @@ pub fn rewrite(ctx: &TcContext, dir: Direction, role: u32) -> Result<i32, i32> {
 }
 
 /// If the entry is for this node's `role` and still in use: the address to
-/// rewrite from and to in direction `dir`, and the pod's old address.
+/// rewrite from and to in direction `dir`, then the pod's old and new one.
 #[inline(always)]
-fn applies(entry: *mut Translation, dir: &Direction, role: u32) -> Option<(u32, u32, u32)> {
+fn applies(entry: *mut Translation, dir: &Direction, role: u32) -> Option<(u32, u32, u32, u32)> {
     // SAFETY: `entry` points into a live map value. Only these fields are
     // read: other CPUs may be storing single bytes into `marks`.
     let (old, new, r, reused) = unsafe {
@@ -102,9 +113,40 @@ fn applies(entry: *mut Translation, dir: &Direction, role: u32) -> Option<(u32, 
         return None;
     }
     Some(match dir {
-        Direction::ToNew => (old, new, old),
-        Direction::ToOld => (new, old, old),
+        Direction::ToNew => (old, new, old, new),
+        Direction::ToOld => (new, old, old, new),
     })
+}
+
+/// Whether the flow of `entry` (found under `key`) has ended, going by the
+/// marks of both of its entries: a node-side FIN marks the entry under one
+/// pod address, a pod-side FIN the one under the other. `old`/`new`: the
+/// pod's addresses.
+#[inline(always)]
+fn ended_with_sibling(entry: *mut Translation, key: &FlowKey, old: u32, new: u32) -> bool {
+    let sibling = FlowKey {
+        pod_addr: if key.pod_addr == old { new } else { old },
+        ..*key
+    };
+    let mut marks = read_marks(entry);
+    if let Some(other) = TRANSLATE.get_ptr_mut(sibling) {
+        let theirs = read_marks(other);
+        for i in 0..marks.len() {
+            marks[i] |= theirs[i];
+        }
+    }
+    Translation::ended(marks)
+}
+
+/// A copy of the entry's marks, byte by byte (other CPUs store into them).
+#[inline(always)]
+fn read_marks(entry: *mut Translation) -> [u8; 8] {
+    let mut marks = [0u8; 8];
+    for (i, m) in marks.iter_mut().enumerate() {
+        // SAFETY: `entry` points into a live map value; `i` < 8.
+        *m = unsafe { core::ptr::addr_of!((*entry).marks[i]).read_volatile() };
+    }
+    marks
 }
 
 /// Whether RSTs from this endpoint are being dropped by `rst_shield`.
@@ -114,12 +156,11 @@ fn shielded(key: &EndpointKey) -> bool {
     unsafe { ENDPOINTS.get(key) }.is_some_and(|c| c.flags & EP_SHIELD != 0)
 }
 
-/// Records what a translated segment tells about its flow: that it was
-/// seen, and its end (a FIN from `fin_side`, or an RST unless the shield
-/// drops it). Userspace removes ended flows' entries once TIME_WAIT is over.
+/// Records what a translated segment tells about its flow's end: a FIN
+/// from `fin_side`, or an RST unless the shield drops it. Userspace removes
+/// ended flows' entries once TIME_WAIT is over.
 #[inline(always)]
 fn note(entry: *mut Translation, tcp_flags: u8, fin_side: usize, rst_shielded: bool) {
-    mark(entry, MARK_SEEN);
     if tcp_flags & TCP_RST != 0 {
         if !rst_shielded {
             mark(entry, MARK_RST);

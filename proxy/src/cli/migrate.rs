@@ -77,10 +77,15 @@ pub enum MigrateCmd {
         #[arg(long, value_parser = parse_duration)]
         deadline: Option<Duration>,
     },
-    /// Destination: the restore is done; lift the shield.
+    /// Destination: the restore is done (or failed: give --reason); lift
+    /// the shield.
     Complete {
         #[arg(long)]
         id: String,
+        /// The migration failed: flows the pod's side never sent on are
+        /// untranslated 10 minutes later.
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 
@@ -158,11 +163,11 @@ pub fn run(cmd: MigrateCmd, api: &Api, json: bool) -> anyhow::Result<ExitCode> {
             )?;
             return print_incoming(&s, json);
         }
-        MigrateCmd::Complete { id } => {
+        MigrateCmd::Complete { id, reason } => {
             let s: IncomingStatus = api.call(
                 "POST",
                 &format!("/v1/migrations/{}/incoming/complete", enc(&id)),
-                None,
+                Some(&json!({ "reason": reason })),
             )?;
             return print_incoming(&s, json);
         }

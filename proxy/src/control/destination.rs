@@ -16,7 +16,7 @@ use crate::endpoint::EndpointAddr;
 use crate::error::ControlError;
 use crate::migration;
 use shepherd_common::{
-    EndpointKey, Translation, EP_INTERCEPT, EP_SHIELD, MARK_REUSED, MARK_SEEN, ROLE_DEST,
+    EndpointKey, FlowKey, Translation, EP_INTERCEPT, EP_SHIELD, MARK_REUSED, MARK_SEEN, ROLE_DEST,
 };
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -28,16 +28,16 @@ use std::time::{Duration, Instant};
 /// retransmitted FIN through them.
 pub const ENDED_FLOW_LINGER: Duration = Duration::from_secs(65);
 
-/// How long a translated flow may go without a single segment crossing this
-/// node before its entries go: the pod was never restored here (the
-/// migration failed or was abandoned). A restored socket sends a window
-/// probe as it leaves repair mode, so a flow that did arrive is seen within
-/// moments.
+/// How long after a failed migration (one `complete`d with a reason, or
+/// by its deadline) a flow none of whose pod-side segments crossed this
+/// node keeps its entries: the pod was never restored here. A restored
+/// established socket sends a window probe as it leaves repair mode, so a
+/// flow that did arrive is seen within moments.
 pub const UNSEEN_FLOW_LIMIT: Duration = Duration::from_secs(600);
 
 /// What the sweep knows of one translated flow.
+#[derive(Default)]
 struct FlowWatch {
-    installed: Instant,
     /// When the sweep first saw the flow ended.
     ended: Option<Instant>,
 }
@@ -54,20 +54,14 @@ pub(super) struct Incoming {
     /// Counters kept when the shield is lifted (entries may be removed).
     final_rsts: u64,
     final_translated: u64,
-    /// The translated flows' timestamps (see [`Control::sweep_ended_flows`]).
+    /// When `complete` (or the deadline) lifted the shield.
+    completed_at: Option<Instant>,
+    /// What the sweep knows of each translated flow (see
+    /// [`Control::sweep_ended_flows`]).
     watch: HashMap<BackendFlow, FlowWatch>,
     /// Flows whose entries the sweep removed: a repeated `incoming` must not
     /// install them again.
     swept: HashSet<BackendFlow>,
-}
-
-impl FlowWatch {
-    fn new(installed: Instant) -> Self {
-        Self {
-            installed,
-            ended: None,
-        }
-    }
 }
 
 impl Control {
@@ -123,21 +117,22 @@ impl Control {
                 .filter(|f| !existing.flows.contains(f) && !existing.swept.contains(f))
                 .collect();
             if let Some(to) = existing.to {
-                self.translate_flows(&existing.endpoints, to, &fresh, ROLE_DEST)?;
+                let keys = self.translate_flows(&existing.endpoints, to, &fresh, ROLE_DEST)?;
+                take_over(&mut incoming, id, &keys);
             }
-            let now = Instant::now();
-            existing
-                .watch
-                .extend(fresh.iter().map(|f| (*f, FlowWatch::new(now))));
+            let Some(existing) = incoming.get_mut(id) else {
+                return Err(ControlError::UnknownMigration(id.to_string()));
+            };
             existing.flows.extend(fresh);
             existing.flows.sort_by_key(|f| (f.node, f.pod_port));
             return Ok(self.incoming_status_of(existing));
         }
         // Translate first: if that fails (a full map), nothing is shielded
         // and `translate_flows` has undone its own entries.
-        if let Some(to) = req.to {
-            self.translate_flows(&endpoints, to, &flows, ROLE_DEST)?;
-        }
+        let keys = match req.to {
+            Some(to) => self.translate_flows(&endpoints, to, &flows, ROLE_DEST)?,
+            None => Vec::new(),
+        };
         let mut shielded = Vec::new();
         for e in &endpoints {
             let mut addrs = vec![e.0];
@@ -151,12 +146,18 @@ impl Control {
                 } else {
                     EP_SHIELD
                 };
-                self.intercept.set_endpoint(ep.key(), flags)?;
+                if let Err(e) = self.intercept.set_endpoint(ep.key(), flags) {
+                    // Undo: no record will exist to lift or sweep these.
+                    self.lift_shield(&shielded, &registered);
+                    for k in &keys {
+                        let _ = self.intercept.remove_translation(*k);
+                    }
+                    return Err(e.into());
+                }
                 shielded.push(ep.key());
             }
         }
-        let now = Instant::now();
-        let watch = flows.iter().map(|f| (*f, FlowWatch::new(now))).collect();
+        take_over(&mut incoming, id, &keys);
         let rec = Incoming {
             id: id.to_string(),
             endpoints,
@@ -167,7 +168,8 @@ impl Control {
             shielded,
             final_rsts: 0,
             final_translated: 0,
-            watch,
+            completed_at: None,
+            watch: HashMap::new(),
             swept: HashSet::new(),
         };
         tracing::info!(migration = id, endpoints = ?rec.endpoints, to = ?rec.to, flows = rec.flows.len(), "incoming: shielding and translating");
@@ -204,18 +206,9 @@ impl Control {
         let (rsts, translated) = self.incoming_counters(rec);
         rec.final_rsts = rsts;
         rec.final_translated = translated;
-        for key in &rec.shielded {
-            let ep = EndpointAddr(SocketAddrV4::new(key.octets().into(), key.port()));
-            let result = if registered.contains(&ep) {
-                self.intercept.set_endpoint(*key, EP_INTERCEPT)
-            } else {
-                self.intercept.remove_endpoint(*key)
-            };
-            if let Err(e) = result {
-                tracing::warn!(endpoint = %ep, error = %e, "could not lift the shield");
-            }
-        }
+        self.lift_shield(&rec.shielded, &registered);
         rec.completed = true;
+        rec.completed_at = Some(Instant::now());
         rec.reason = reason;
         tracing::info!(migration = id, reason = ?rec.reason, "incoming: shield lifted");
         Ok(self.incoming_status_of(rec))
@@ -226,8 +219,12 @@ impl Control {
     /// - the flow ended (an RST, or a FIN each way) at least
     ///   [`ENDED_FLOW_LINGER`] before `now`, so its TIME_WAIT is over;
     /// - a new connection reused the flow's wire tuple (at once);
-    /// - no segment of the flow crossed this node for [`UNSEEN_FLOW_LIMIT`]
-    ///   after it was installed (the pod never came back here).
+    /// - the migration failed (completed with a reason, or by its
+    ///   deadline) [`UNSEEN_FLOW_LIMIT`] before `now`, and no pod-side
+    ///   segment of the flow ever crossed this node (the pod never came
+    ///   back here). After a completion without a reason the flows are
+    ///   taken to have arrived: a restored socket that is half closed sends
+    ///   nothing until it has something to say.
     ///
     /// The origin removes its own entries when its backend sockets close;
     /// here the sockets are the pod's, so without this the map would fill
@@ -239,6 +236,11 @@ impl Control {
         let mut incoming = lock(&self.incoming);
         for rec in incoming.values_mut() {
             let Some(to) = rec.to else { continue };
+            // Failed, and long enough ago: flows never seen here go.
+            let failed_long_ago = rec.reason.is_some()
+                && rec
+                    .completed_at
+                    .is_some_and(|t| now.saturating_duration_since(t) >= UNSEEN_FLOW_LIMIT);
             let Incoming {
                 id,
                 endpoints,
@@ -263,7 +265,7 @@ impl Control {
                         return true;
                     }
                 };
-                let w = watch.entry(*f).or_insert_with(|| FlowWatch::new(now));
+                let w = watch.entry(*f).or_default();
                 let done = if marks[MARK_REUSED] != 0 {
                     true
                 } else if Translation::ended(marks) {
@@ -271,8 +273,7 @@ impl Control {
                     now.saturating_duration_since(since) >= ENDED_FLOW_LINGER
                 } else {
                     w.ended = None;
-                    marks[MARK_SEEN] == 0
-                        && now.saturating_duration_since(w.installed) >= UNSEEN_FLOW_LIMIT
+                    failed_long_ago && marks[MARK_SEEN] == 0
                 };
                 if !done {
                     return true;
@@ -294,6 +295,22 @@ impl Control {
             );
         }
         removed
+    }
+
+    /// Takes `shielded` entries back to what they were before `incoming`:
+    /// intercepting if the endpoint is registered here, else gone.
+    fn lift_shield(&self, shielded: &[EndpointKey], registered: &[EndpointAddr]) {
+        for key in shielded {
+            let ep = EndpointAddr(SocketAddrV4::new(key.octets().into(), key.port()));
+            let result = if registered.contains(&ep) {
+                self.intercept.set_endpoint(*key, EP_INTERCEPT)
+            } else {
+                self.intercept.remove_endpoint(*key)
+            };
+            if let Err(e) = result {
+                tracing::warn!(endpoint = %ep, error = %e, "could not lift the shield");
+            }
+        }
     }
 
     pub fn incoming_status(&self, id: &str) -> Result<IncomingStatus, ControlError> {
@@ -332,5 +349,32 @@ impl Control {
             rsts_shielded: rsts,
             packets_translated: translated,
         }
+    }
+}
+
+/// Entries `keys` now belong to incoming migration `id` (it has just
+/// installed them, say on a retry of a migration that failed): other
+/// records stop watching them, so their sweep cannot remove what `id`
+/// needs.
+fn take_over(incoming: &mut HashMap<String, Incoming>, id: &str, keys: &[FlowKey]) {
+    if keys.is_empty() {
+        return;
+    }
+    let keys: HashSet<FlowKey> = keys.iter().copied().collect();
+    for rec in incoming.values_mut().filter(|r| r.id != id) {
+        let Some(to) = rec.to else { continue };
+        let Incoming {
+            endpoints,
+            flows,
+            watch,
+            ..
+        } = rec;
+        flows.retain(|f| {
+            let theirs = translated_key(endpoints, to, f).is_some_and(|(k, _)| keys.contains(&k));
+            if theirs {
+                watch.remove(f);
+            }
+            !theirs
+        });
     }
 }

@@ -51,6 +51,9 @@ struct Migration {
     rsts_at_start: u64,
     /// The pod's new address, once the controller has said where it lands.
     target: Option<Ipv4Addr>,
+    /// Translations `target` overwrote (flows an earlier migration had
+    /// moved): an abort puts them back.
+    replaced: std::collections::HashMap<shepherd_common::FlowKey, shepherd_common::Translation>,
     /// The held endpoints' live state (so status never needs the endpoints lock).
     states: Vec<Arc<EndpointState>>,
 }

@@ -31,6 +31,10 @@ impl Control {
         let mut wanted = req.endpoints.clone();
         wanted.sort();
         wanted.dedup();
+        if req.to.is_some() {
+            // Refused before anything is held (see `target`).
+            super::one_pod_address(&wanted)?;
+        }
         let deadline = req
             .deadline_ms
             .map(Duration::from_millis)
@@ -105,6 +109,7 @@ impl Control {
                         quiesce: None,
                         rsts_at_start,
                         target: None,
+                        replaced: Default::default(),
                         states: states.clone(),
                     },
                 );
@@ -254,12 +259,21 @@ impl Control {
                 }
                 if phase == Phase::Aborted && m.target.is_some() {
                     // The pod stays where it was: its held connections'
-                    // backend flows must not be rewritten to the target.
+                    // backend flows go back to what they were before
+                    // `target`: untranslated, or an earlier migration's.
                     for state in &m.states {
                         for c in state.connections() {
-                            state.untranslate(&c, false);
+                            match c.translated().and_then(|k| Some((k, *m.replaced.get(&k)?))) {
+                                Some((key, prev)) => {
+                                    if let Err(e) = self.intercept.set_translation(key, prev) {
+                                        tracing::warn!(migration = id, error = %e, "could not restore a flow's earlier translation");
+                                    }
+                                }
+                                None => state.untranslate(&c, false),
+                            }
                         }
                     }
+                    m.replaced.clear();
                 }
                 m.phase = phase;
                 m.reason = reason;
@@ -393,7 +407,27 @@ impl Control {
         }
         super::one_pod_address(&m.endpoints)?;
         let flows = backend_flows(&m.states);
-        let installed = self.translate_flows(&m.endpoints, to, &flows, ROLE_ORIGIN)?;
+        // Flows an earlier migration moved are translated already: keep
+        // what they had, for an abort.
+        let mut replaced = std::collections::HashMap::new();
+        for f in &flows {
+            if let Some((key, _)) = super::translated_key(&m.endpoints, to, f) {
+                if let Ok(Some(prev)) = self.intercept.translation(key) {
+                    replaced.insert(key, prev);
+                }
+            }
+        }
+        let installed = match self.translate_flows(&m.endpoints, to, &flows, ROLE_ORIGIN) {
+            Ok(i) => i,
+            Err(e) => {
+                // All or nothing: the rollback removed what it overwrote.
+                for (key, prev) in replaced {
+                    let _ = self.intercept.set_translation(key, prev);
+                }
+                return Err(e);
+            }
+        };
+        m.replaced = replaced;
         // Each connection removes its entry when its backend socket is done,
         // so the map does not fill up across migrations.
         let installed: std::collections::HashSet<FlowKey> = installed.into_iter().collect();

@@ -385,6 +385,18 @@ impl Interception for EbpfInterception {
         m.remove_counted(&flow)
     }
 
+    fn translation(&self, flow: FlowKey) -> Result<Option<Translation>, InterceptError> {
+        let m = self.translate.lock().map_err(|_| InterceptError::Map {
+            map: MAP_TRANSLATE,
+            detail: "lock poisoned".into(),
+        })?;
+        match m.flows.get(&flow, 0) {
+            Ok(t) => Ok(Some(t)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAP_TRANSLATE)(e)),
+        }
+    }
+
     fn translation_marks(&self, flow: FlowKey) -> Result<Option<[u8; 8]>, InterceptError> {
         let m = self.translate.lock().map_err(|_| InterceptError::Map {
             map: MAP_TRANSLATE,

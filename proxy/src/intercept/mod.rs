@@ -46,6 +46,8 @@ pub trait Interception: Send + Sync {
     fn set_translation(&self, flow: FlowKey, t: Translation) -> Result<(), InterceptError>;
     /// Stops rewriting a flow (no-op if it was not translated).
     fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError>;
+    /// A flow's translation, as installed (`None` if it is not translated).
+    fn translation(&self, flow: FlowKey) -> Result<Option<Translation>, InterceptError>;
     /// What the translate programs have seen of a translated flow
     /// ([`Translation::marks`], both of its entries merged); `None` if the
     /// flow is not translated.
@@ -87,6 +89,13 @@ impl Interception for RecordingInterception {
             m.remove(&flow);
         }
         Ok(())
+    }
+    fn translation(&self, flow: FlowKey) -> Result<Option<Translation>, InterceptError> {
+        let m = self.translations.lock().map_err(|_| InterceptError::Map {
+            map: "translations",
+            detail: "lock poisoned".into(),
+        })?;
+        Ok(m.get(&flow).copied())
     }
     fn translation_marks(&self, flow: FlowKey) -> Result<Option<[u8; 8]>, InterceptError> {
         let m = self.translations.lock().map_err(|_| InterceptError::Map {
