@@ -184,10 +184,14 @@ impl ConnInfo {
         key
     }
 
-    /// The translation installed for this connection's backend flow, if any.
-    pub fn translated(&self) -> Option<FlowKey> {
-        match *self.translated_flow.lock().ok()? {
-            FlowTranslation::Installed(k) => Some(k),
+    /// Runs `f` on the translation installed for this connection's backend
+    /// flow, if there is one, holding the lock that closing the connection
+    /// takes: the connection cannot drop its entry meanwhile, so `f` never
+    /// acts on a flow that has just gone.
+    pub fn with_translated<T>(&self, f: impl FnOnce(FlowKey) -> T) -> Option<T> {
+        let t = self.translated_flow.lock().ok()?;
+        match *t {
+            FlowTranslation::Installed(k) => Some(f(k)),
             _ => None,
         }
     }

@@ -789,8 +789,18 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
         0,
         "m19 owns it now"
     );
+    // A late repeat of the failed one's `incoming` does not take it back.
+    r.control.incoming("m18", &on(40004)).expect("late repeat");
     let st = r.control.incoming_status("m18").expect("status");
     assert!(st.flows.is_empty(), "{st:?}");
+    let st = r.control.incoming_status("m19").expect("status");
+    assert_eq!(st.flows.len(), 1, "{st:?}");
+    // A controller that learns late that m17's restore failed can say so.
+    r.control
+        .complete_incoming("m17", Some("restore failed after all".into()))
+        .expect("late reason");
+    let t3 = std::time::Instant::now();
+    assert_eq!(r.control.sweep_ended_flows(t3 + UNSEEN_FLOW_LIMIT), 1);
     // One seen and then reused by a new connection goes at once.
     r.control.incoming("m14", &on(40002)).expect("incoming");
     let before = r.translations();

@@ -201,6 +201,12 @@ impl Control {
             .get_mut(id)
             .ok_or_else(|| ControlError::UnknownMigration(id.to_string()))?;
         if rec.completed {
+            // A controller that learns later that the restore failed may
+            // still say so (see `sweep_ended_flows`).
+            if rec.reason.is_none() && reason.is_some() {
+                rec.reason = reason;
+                rec.completed_at = Some(Instant::now());
+            }
             return Ok(self.incoming_status_of(rec));
         }
         let (rsts, translated) = self.incoming_counters(rec);
@@ -367,12 +373,16 @@ fn take_over(incoming: &mut HashMap<String, Incoming>, id: &str, keys: &[FlowKey
             endpoints,
             flows,
             watch,
+            swept,
             ..
         } = rec;
         flows.retain(|f| {
             let theirs = translated_key(endpoints, to, f).is_some_and(|(k, _)| keys.contains(&k));
             if theirs {
+                // Given away: a late repeat of that record's `incoming` must
+                // not take it back.
                 watch.remove(f);
+                swept.insert(*f);
             }
             !theirs
         });

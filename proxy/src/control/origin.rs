@@ -263,13 +263,18 @@ impl Control {
                     // `target`: untranslated, or an earlier migration's.
                     for state in &m.states {
                         for c in state.connections() {
-                            match c.translated().and_then(|k| Some((k, *m.replaced.get(&k)?))) {
-                                Some((key, prev)) => {
-                                    if let Err(e) = self.intercept.set_translation(key, prev) {
-                                        tracing::warn!(migration = id, error = %e, "could not restore a flow's earlier translation");
-                                    }
+                            // Under the connection's lock: a connection
+                            // closing meanwhile removes its entry after this,
+                            // never before a restore that would outlive it.
+                            let restored = c.with_translated(|key| {
+                                let prev = m.replaced.get(&key)?;
+                                if let Err(e) = self.intercept.set_translation(key, *prev) {
+                                    tracing::warn!(migration = id, error = %e, "could not restore a flow's earlier translation");
                                 }
-                                None => state.untranslate(&c, false),
+                                Some(())
+                            });
+                            if restored.flatten().is_none() {
+                                state.untranslate(&c, false);
                             }
                         }
                     }

@@ -48,7 +48,8 @@ impl BackendConnector for MarkedConnector {
                 s.bind(&SocketAddr::from(([0, 0, 0, 0], 0)).into())?;
             }
             s.set_tcp_nodelay(true)?;
-            super::inq::enable(&s)?;
+            // Best effort: without it reads go on until EAGAIN (see `inq`).
+            let _ = super::inq::enable(&s);
             let sock = TcpSocket::from_std_stream(s.into());
             match tokio::time::timeout(self.timeout, sock.connect(SocketAddr::V4(dst))).await {
                 Ok(r) => r,

@@ -36,7 +36,8 @@ fn loopback_listener(backlog: i32, transparent: bool) -> io::Result<std::net::Tc
         s.set_reuse_address(true)?;
     }
     s.set_tcp_nodelay(true)?;
-    super::inq::enable(&s)?;
+    // Best effort: without it reads go on until EAGAIN (see `inq`).
+    let _ = super::inq::enable(&s);
     s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).into())?;
     s.listen(backlog)?;
     s.set_nonblocking(true)?;
