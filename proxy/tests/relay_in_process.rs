@@ -812,6 +812,21 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
         before,
         "reused: removed at once"
     );
+    // The incoming deadline firing after a successful `complete` leaves it
+    // a success (its flows keep their translations).
+    let with_deadline = IncomingRequest {
+        flows: vec![flow_on(40005)],
+        deadline_ms: Some(30),
+        ..req.clone()
+    };
+    r.control.incoming("m22", &with_deadline).expect("incoming");
+    r.control.complete_incoming("m22", None).expect("success");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let st = r.control.incoming_status("m22").expect("status");
+    assert_eq!(
+        st.reason, None,
+        "the deadline must not turn a success into a failure"
+    );
     // A new address with endpoints at two addresses is two pods: refused.
     let two_pods = IncomingRequest {
         endpoints: vec![

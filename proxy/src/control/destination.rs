@@ -182,18 +182,32 @@ impl Control {
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 if let Some(control) = control.upgrade() {
-                    let _ = control.complete_incoming(&id, Some("deadline".into()));
+                    // Only if nobody completed it: a migration completed as
+                    // a success must not turn into a failure now.
+                    let _ = control.complete(&id, Some("deadline".into()), false);
                 }
             });
         }
         Ok(status)
     }
 
-    /// Lifts the shield of an incoming migration (idempotent).
+    /// Lifts the shield of an incoming migration (idempotent). A `reason`
+    /// says it failed; it may also come after a completion without one.
     pub fn complete_incoming(
         &self,
         id: &str,
         reason: Option<String>,
+    ) -> Result<IncomingStatus, ControlError> {
+        self.complete(id, reason, true)
+    }
+
+    /// `late_reason`: a reason given after a completion without one still
+    /// counts (the controller learned later that the restore failed).
+    fn complete(
+        &self,
+        id: &str,
+        reason: Option<String>,
+        late_reason: bool,
     ) -> Result<IncomingStatus, ControlError> {
         let registered: Vec<EndpointAddr> = lock(&self.endpoints).keys().copied().collect();
         let mut incoming = lock(&self.incoming);
@@ -203,7 +217,7 @@ impl Control {
         if rec.completed {
             // A controller that learns later that the restore failed may
             // still say so (see `sweep_ended_flows`).
-            if rec.reason.is_none() && reason.is_some() {
+            if late_reason && rec.reason.is_none() && reason.is_some() {
                 rec.reason = reason;
                 rec.completed_at = Some(Instant::now());
             }
