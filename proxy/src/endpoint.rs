@@ -183,18 +183,6 @@ impl ConnInfo {
         };
         key
     }
-
-    /// Runs `f` on the translation installed for this connection's backend
-    /// flow, if there is one, holding the lock that closing the connection
-    /// takes: the connection cannot drop its entry meanwhile, so `f` never
-    /// acts on a flow that has just gone.
-    pub fn with_translated<T>(&self, f: impl FnOnce(FlowKey) -> T) -> Option<T> {
-        let t = self.translated_flow.lock().ok()?;
-        match *t {
-            FlowTranslation::Installed(k) => Some(f(k)),
-            _ => None,
-        }
-    }
 }
 
 /// Live state of one managed endpoint.

@@ -639,6 +639,18 @@ async fn abort_puts_back_an_earlier_migrations_translation(m: Mechanism) {
         Some("127.0.0.2".parse().expect("ip")),
         "the first migration's translation is back"
     );
+    // A move back to the registered address removes the translation; an
+    // abort of that move puts it back.
+    r.control
+        .hold("m23", &hold_req(r.endpoint))
+        .await
+        .expect("hold");
+    r.control
+        .target("m23", *r.endpoint.0.ip())
+        .expect("target home");
+    assert_eq!(r.translations(), 0, "back home: nothing translated");
+    r.control.abort("m23", None).expect("abort");
+    assert_eq!(new_addr(&r), Some("127.0.0.2".parse().expect("ip")));
     c.write_all(b"z").await.expect("write");
     assert_eq!(read_exact_timeout(&mut c, 1).await, b"z");
 }

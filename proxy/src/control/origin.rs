@@ -263,18 +263,20 @@ impl Control {
                     // `target`: untranslated, or an earlier migration's.
                     for state in &m.states {
                         for c in state.connections() {
-                            // Under the connection's lock: a connection
-                            // closing meanwhile removes its entry after this,
-                            // never before a restore that would outlive it.
-                            let restored = c.with_translated(|key| {
-                                let prev = m.replaced.get(&key)?;
-                                if let Err(e) = self.intercept.set_translation(key, *prev) {
-                                    tracing::warn!(migration = id, error = %e, "could not restore a flow's earlier translation");
-                                }
-                                Some(())
-                            });
-                            if restored.flatten().is_none() {
+                            let prev =
+                                conn_flow_key(&c).and_then(|k| Some((k, *m.replaced.get(&k)?)));
+                            let Some((key, prev)) = prev else {
                                 state.untranslate(&c, false);
+                                continue;
+                            };
+                            match self.intercept.set_translation(key, prev) {
+                                // Marked after it is set: a connection that
+                                // closed meanwhile refuses, and the entry goes.
+                                Ok(()) if !c.mark_translated(key) => state.remove_translation(key),
+                                Ok(()) => {}
+                                Err(e) => {
+                                    tracing::warn!(migration = id, error = %e, "could not restore a flow's earlier translation")
+                                }
                             }
                         }
                     }
@@ -415,10 +417,19 @@ impl Control {
         // Flows an earlier migration moved are translated already: keep
         // what they had, for an abort.
         let mut replaced = std::collections::HashMap::new();
-        for f in &flows {
-            if let Some((key, _)) = super::translated_key(&m.endpoints, to, f) {
+        for c in m.states.iter().flat_map(|s| s.connections()) {
+            if let Some(key) = conn_flow_key(&c) {
                 if let Ok(Some(prev)) = self.intercept.translation(key) {
                     replaced.insert(key, prev);
+                }
+            }
+        }
+        if m.endpoints.iter().all(|e| *e.0.ip() == to) {
+            // Back at its registered address: nothing to translate, and
+            // what earlier migrations installed must go.
+            for state in &m.states {
+                for c in state.connections() {
+                    state.untranslate(&c, false);
                 }
             }
         }
@@ -435,29 +446,44 @@ impl Control {
         m.replaced = replaced;
         // Each connection removes its entry when its backend socket is done,
         // so the map does not fill up across migrations.
-        let installed: std::collections::HashSet<FlowKey> = installed.into_iter().collect();
+        let mut unclaimed: std::collections::HashSet<FlowKey> = installed.iter().copied().collect();
         for (state, c) in m
             .states
             .iter()
             .flat_map(|s| s.connections().into_iter().map(move |c| (s, c)))
         {
-            let Some(SocketAddr::V4(node)) = c.backend_local.lock().ok().and_then(|l| *l) else {
+            let Some(key) = conn_flow_key(&c) else {
                 continue;
             };
-            let key = FlowKey::new(
-                node.ip().octets(),
-                node.port(),
-                c.orig_dst.ip().octets(),
-                c.orig_dst.port(),
-            );
-            if installed.contains(&key) && !c.mark_translated(key) {
+            if unclaimed.remove(&key) && !c.mark_translated(key) {
                 state.remove_translation(key);
+            }
+        }
+        // A connection that closed between the two lists: nobody will
+        // remove its entry, so it goes now.
+        for key in unclaimed {
+            if let Err(e) = self.intercept.remove_translation(key) {
+                tracing::warn!(migration = id, error = %e, "could not remove a closed flow's translation");
             }
         }
         m.target = Some(to);
         tracing::info!(migration = id, %to, flows = installed.len(), "target set; translating backend flows");
         Ok(self.status_of(m))
     }
+}
+
+/// The translation key of a connection's backend flow (under the pod's
+/// registered address), once its backend socket exists.
+fn conn_flow_key(c: &crate::endpoint::ConnInfo) -> Option<FlowKey> {
+    let Some(SocketAddr::V4(node)) = c.backend_local.lock().ok().and_then(|l| *l) else {
+        return None;
+    };
+    Some(FlowKey::new(
+        node.ip().octets(),
+        node.port(),
+        c.orig_dst.ip().octets(),
+        c.orig_dst.port(),
+    ))
 }
 
 /// The backend flows of the connections of these endpoints.

@@ -554,6 +554,9 @@ impl Conn {
             h.record_close(reason);
         }
         self.backend = None;
+        // The socket is gone: its translation goes now, not after the
+        // client's linger (a new flow could take the port meanwhile).
+        self.endpoint.untranslate(&self.info, false);
         let linger = self.ctx.close_linger;
         let mut down = std::mem::take(&mut self.down);
         if !self.down_lane.is_empty() {
