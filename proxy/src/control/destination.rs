@@ -64,6 +64,34 @@ pub(super) struct Incoming {
     swept: HashSet<BackendFlow>,
 }
 
+impl Incoming {
+    /// Keeps the translated flows for which `keep` says so, handing it each
+    /// one's key and the record's watch and swept sets. Flows with nothing
+    /// to translate (and every flow of a record without a new address) stay.
+    fn retain_translated(
+        &mut self,
+        mut keep: impl FnMut(
+            &BackendFlow,
+            FlowKey,
+            &mut HashMap<BackendFlow, FlowWatch>,
+            &mut HashSet<BackendFlow>,
+        ) -> bool,
+    ) {
+        let Some(to) = self.to else { return };
+        let Incoming {
+            endpoints,
+            flows,
+            watch,
+            swept,
+            ..
+        } = self;
+        flows.retain(|f| match translated_key(endpoints, to, f) {
+            Some((key, _)) => keep(f, key, watch, swept),
+            None => true,
+        });
+    }
+}
+
 impl Control {
     /// Prepares this node for a pod that is about to be restored here.
     /// Idempotent; a repeat with the same endpoints and address may add flows
@@ -255,24 +283,13 @@ impl Control {
         let mut removed = 0;
         let mut incoming = lock(&self.incoming);
         for rec in incoming.values_mut() {
-            let Some(to) = rec.to else { continue };
             // Failed, and long enough ago: flows never seen here go.
             let failed_long_ago = rec.reason.is_some()
                 && rec
                     .completed_at
                     .is_some_and(|t| now.saturating_duration_since(t) >= UNSEEN_FLOW_LIMIT);
-            let Incoming {
-                id,
-                endpoints,
-                flows,
-                watch,
-                swept,
-                ..
-            } = rec;
-            flows.retain(|f| {
-                let Some((key, _)) = translated_key(endpoints, to, f) else {
-                    return true;
-                };
+            let id = rec.id.clone();
+            rec.retain_translated(|f, key, watch, swept| {
                 let marks = match self.intercept.translation_marks(key) {
                     Ok(Some(marks)) => marks,
                     // Gone already: nothing to watch.
@@ -382,23 +399,15 @@ fn take_over(incoming: &mut HashMap<String, Incoming>, id: &str, keys: &[FlowKey
     }
     let keys: HashSet<FlowKey> = keys.iter().copied().collect();
     for rec in incoming.values_mut().filter(|r| r.id != id) {
-        let Some(to) = rec.to else { continue };
-        let Incoming {
-            endpoints,
-            flows,
-            watch,
-            swept,
-            ..
-        } = rec;
-        flows.retain(|f| {
-            let theirs = translated_key(endpoints, to, f).is_some_and(|(k, _)| keys.contains(&k));
-            if theirs {
-                // Given away: a late repeat of that record's `incoming` must
-                // not take it back.
-                watch.remove(f);
-                swept.insert(*f);
+        rec.retain_translated(|f, key, watch, swept| {
+            if !keys.contains(&key) {
+                return true;
             }
-            !theirs
+            // Given away: a late repeat of that record's `incoming` must not
+            // take it back.
+            watch.remove(f);
+            swept.insert(*f);
+            false
         });
     }
 }

@@ -3,7 +3,7 @@
 //! whose proxy holds the clients' connections.
 use super::{lock, unix_ms, Control, Migration};
 use crate::api::types::{BackendFlow, HoldRequest, MigrationStatus};
-use crate::endpoint::{EndpointState, HoldStats, Mode};
+use crate::endpoint::{ConnInfo, EndpointState, HoldStats, Mode};
 use crate::error::ControlError;
 use crate::migration::{self, Phase, ReleaseMode, Request, Step};
 use shepherd_common::{FlowKey, EP_INTERCEPT, EP_SHIELD, ROLE_ORIGIN};
@@ -413,12 +413,18 @@ impl Control {
             )));
         }
         super::one_pod_address(&m.endpoints)?;
-        let flows = backend_flows(&m.states);
+        // One snapshot of the held connections serves every step below.
+        let conns: Vec<(&Arc<EndpointState>, Arc<ConnInfo>)> = m
+            .states
+            .iter()
+            .flat_map(|s| s.connections().into_iter().map(move |c| (s, c)))
+            .collect();
+        let flows: Vec<BackendFlow> = conns.iter().filter_map(|(_, c)| backend_flow(c)).collect();
         // Flows an earlier migration moved are translated already: keep
         // what they had, for an abort.
         let mut replaced = std::collections::HashMap::new();
-        for c in m.states.iter().flat_map(|s| s.connections()) {
-            if let Some(key) = conn_flow_key(&c) {
+        for (_, c) in &conns {
+            if let Some(key) = conn_flow_key(c) {
                 if let Ok(Some(prev)) = self.intercept.translation(key) {
                     replaced.insert(key, prev);
                 }
@@ -427,10 +433,8 @@ impl Control {
         if m.endpoints.iter().all(|e| *e.0.ip() == to) {
             // Back at its registered address: nothing to translate, and
             // what earlier migrations installed must go.
-            for state in &m.states {
-                for c in state.connections() {
-                    state.untranslate(&c, false);
-                }
+            for (state, c) in &conns {
+                state.untranslate(c, false);
             }
         }
         let installed = match self.translate_flows(&m.endpoints, to, &flows, ROLE_ORIGIN) {
@@ -447,12 +451,8 @@ impl Control {
         // Each connection removes its entry when its backend socket is done,
         // so the map does not fill up across migrations.
         let mut unclaimed: std::collections::HashSet<FlowKey> = installed.iter().copied().collect();
-        for (state, c) in m
-            .states
-            .iter()
-            .flat_map(|s| s.connections().into_iter().map(move |c| (s, c)))
-        {
-            let Some(key) = conn_flow_key(&c) else {
+        for (state, c) in &conns {
+            let Some(key) = conn_flow_key(c) else {
                 continue;
             };
             if unclaimed.remove(&key) && !c.mark_translated(key) {
@@ -472,17 +472,26 @@ impl Control {
     }
 }
 
+/// A connection's backend flow, once its backend socket exists.
+fn backend_flow(c: &ConnInfo) -> Option<BackendFlow> {
+    match c.backend_local.lock().ok().and_then(|l| *l)? {
+        SocketAddr::V4(node) => Some(BackendFlow {
+            node,
+            pod_port: c.orig_dst.port(),
+        }),
+        SocketAddr::V6(_) => None,
+    }
+}
+
 /// The translation key of a connection's backend flow (under the pod's
 /// registered address), once its backend socket exists.
-fn conn_flow_key(c: &crate::endpoint::ConnInfo) -> Option<FlowKey> {
-    let Some(SocketAddr::V4(node)) = c.backend_local.lock().ok().and_then(|l| *l) else {
-        return None;
-    };
+fn conn_flow_key(c: &ConnInfo) -> Option<FlowKey> {
+    let f = backend_flow(c)?;
     Some(FlowKey::new(
-        node.ip().octets(),
-        node.port(),
+        f.node.ip().octets(),
+        f.node.port(),
         c.orig_dst.ip().octets(),
-        c.orig_dst.port(),
+        f.pod_port,
     ))
 }
 
@@ -491,16 +500,7 @@ fn backend_flows(states: &[Arc<EndpointState>]) -> Vec<BackendFlow> {
     let mut flows: Vec<BackendFlow> = states
         .iter()
         .flat_map(|s| s.connections())
-        .filter_map(|c| {
-            let local = c.backend_local.lock().ok().and_then(|l| *l)?;
-            match local {
-                SocketAddr::V4(node) => Some(BackendFlow {
-                    node,
-                    pod_port: c.orig_dst.port(),
-                }),
-                SocketAddr::V6(_) => None,
-            }
-        })
+        .filter_map(|c| backend_flow(&c))
         .collect();
     flows.sort_by_key(|f| (f.node, f.pod_port));
     flows

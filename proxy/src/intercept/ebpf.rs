@@ -31,13 +31,18 @@ impl Translations {
         Ok(())
     }
 
+    /// The entry under `key`, if there is one.
+    fn get(&self, key: &FlowKey) -> Result<Option<Translation>, InterceptError> {
+        match self.flows.get(key, 0) {
+            Ok(t) => Ok(Some(t)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAP_TRANSLATE)(e)),
+        }
+    }
+
     /// Inserts or overwrites an entry, counting it if it is new.
     fn insert_counted(&mut self, key: FlowKey, t: Translation) -> Result<(), InterceptError> {
-        let fresh = match self.flows.get(&key, 0) {
-            Ok(_) => false,
-            Err(aya::maps::MapError::KeyNotFound) => true,
-            Err(e) => return Err(map_err(MAP_TRANSLATE)(e)),
-        };
+        let fresh = self.get(&key)?.is_none();
         if fresh {
             let n = self.installed.saturating_add(1);
             self.publish(n)?;
@@ -170,15 +175,19 @@ impl EbpfInterception {
 }
 
 impl EbpfInterception {
+    fn translations(&self) -> Result<std::sync::MutexGuard<'_, Translations>, InterceptError> {
+        self.translate.lock().map_err(|_| InterceptError::Map {
+            map: MAP_TRANSLATE,
+            detail: "lock poisoned".into(),
+        })
+    }
+
     /// The translation count the programs see (`SHEPHERD_TRANSLATING`) and
     /// the entries actually in `SHEPHERD_TRANSLATE`, for tests: they must
     /// agree, or translation stops early (count 0) or never (count > 0).
     #[doc(hidden)]
     pub fn translation_count(&self) -> Result<(u32, usize), InterceptError> {
-        let m = self.translate.lock().map_err(|_| InterceptError::Map {
-            map: MAP_TRANSLATE,
-            detail: "lock poisoned".into(),
-        })?;
+        let m = self.translations()?;
         let published = m.count.get(&0, 0).map_err(map_err(MAP_TRANSLATING))?;
         Ok((published, m.flows.keys().count()))
     }
@@ -339,16 +348,13 @@ impl Interception for EbpfInterception {
     }
 
     fn set_translation(&self, flow: FlowKey, t: Translation) -> Result<(), InterceptError> {
-        let mut m = self.translate.lock().map_err(|_| InterceptError::Map {
-            map: MAP_TRANSLATE,
-            detail: "lock poisoned".into(),
-        })?;
+        let mut m = self.translations()?;
         // Under the old pod address (what node→pod packets carry at the
         // origin) and the new one (what pod→node packets carry there); the
         // destination sees the same two. See `FlowKey`.
         let old = flow.with_pod_addr(t.old_addr);
         let new = flow.with_pod_addr(t.new_addr);
-        if let Ok(prev) = m.flows.get(&old, 0) {
+        if let Ok(Some(prev)) = m.get(&old) {
             // Re-targeted: the entry under the previous new address goes.
             let prev_new = old.with_pod_addr(prev.new_addr);
             if prev_new != new && prev_new != old {
@@ -366,17 +372,12 @@ impl Interception for EbpfInterception {
     }
 
     fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError> {
-        let mut m = self.translate.lock().map_err(|_| InterceptError::Map {
-            map: MAP_TRANSLATE,
-            detail: "lock poisoned".into(),
-        })?;
+        let mut m = self.translations()?;
         // `flow` is keyed by the old pod address; its entry names the new
         // one. The old-address entry goes last, so a failure in between
         // leaves it to find the other by on a retry.
-        let t = match m.flows.get(&flow, 0) {
-            Ok(t) => t,
-            Err(aya::maps::MapError::KeyNotFound) => return Ok(()),
-            Err(e) => return Err(map_err(MAP_TRANSLATE)(e)),
+        let Some(t) = m.get(&flow)? else {
+            return Ok(());
         };
         let new = flow.with_pod_addr(t.new_addr);
         if new != flow {
@@ -386,37 +387,21 @@ impl Interception for EbpfInterception {
     }
 
     fn translation(&self, flow: FlowKey) -> Result<Option<Translation>, InterceptError> {
-        let m = self.translate.lock().map_err(|_| InterceptError::Map {
-            map: MAP_TRANSLATE,
-            detail: "lock poisoned".into(),
-        })?;
-        match m.flows.get(&flow, 0) {
-            Ok(t) => Ok(Some(t)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(MAP_TRANSLATE)(e)),
-        }
+        let m = self.translations()?;
+        m.get(&flow)
     }
 
     fn translation_marks(&self, flow: FlowKey) -> Result<Option<[u8; 8]>, InterceptError> {
-        let m = self.translate.lock().map_err(|_| InterceptError::Map {
-            map: MAP_TRANSLATE,
-            detail: "lock poisoned".into(),
-        })?;
-        let old = match m.flows.get(&flow, 0) {
-            Ok(t) => t,
-            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(map_err(MAP_TRANSLATE)(e)),
+        let m = self.translations()?;
+        let Some(old) = m.get(&flow)? else {
+            return Ok(None);
         };
         let mut marks = old.marks;
         // Packets mark the entry they were looked up by: merge both.
-        match m.flows.get(&flow.with_pod_addr(old.new_addr), 0) {
-            Ok(new) => {
-                for (a, b) in marks.iter_mut().zip(new.marks) {
-                    *a |= b;
-                }
+        if let Some(new) = m.get(&flow.with_pod_addr(old.new_addr))? {
+            for (a, b) in marks.iter_mut().zip(new.marks) {
+                *a |= b;
             }
-            Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(MAP_TRANSLATE)(e)),
         }
         Ok(Some(marks))
     }

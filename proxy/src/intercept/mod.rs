@@ -98,10 +98,6 @@ impl Interception for RecordingInterception {
         Ok(m.get(&flow).copied())
     }
     fn translation_marks(&self, flow: FlowKey) -> Result<Option<[u8; 8]>, InterceptError> {
-        let m = self.translations.lock().map_err(|_| InterceptError::Map {
-            map: "translations",
-            detail: "lock poisoned".into(),
-        })?;
-        Ok(m.get(&flow).map(|t| t.marks))
+        Ok(self.translation(flow)?.map(|t| t.marks))
     }
 }
