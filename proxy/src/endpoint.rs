@@ -125,7 +125,8 @@ pub struct ConnInfo {
     pub client: SocketAddr,
     pub orig_dst: SocketAddrV4,
     pub opened: SystemTime,
-    pub backend_local: Mutex<Option<SocketAddr>>,
+    /// Its backend socket, once connected (the latest one, after a reconnect).
+    pub backend: Mutex<Option<BackendSocket>>,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
     /// Of those, bytes forwarded with splice(2).
@@ -138,6 +139,17 @@ pub struct ConnInfo {
     /// The eBPF translation of its backend flow (origin side of a move to a
     /// new address); see [`FlowTranslation`].
     pub translated_flow: Mutex<FlowTranslation>,
+}
+
+/// The two ends of a connection's backend socket, as the proxy's kernel
+/// sees them: the node's address and port, and the pod address it
+/// connected to. After a pod has moved, that address is the pod's address
+/// at the time of the connect, not the endpoint's registered one: a pod
+/// that moves again must have this flow translated from there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendSocket {
+    pub local: SocketAddr,
+    pub peer: SocketAddrV4,
 }
 
 /// Where a connection's backend-flow translation stands. `target` marks it
@@ -191,6 +203,8 @@ pub struct EndpointState {
     /// Where backend connections go: the endpoint itself, until a migration
     /// moves the pod to a new address.
     backend: Mutex<SocketAddrV4>,
+    /// Set once the backend address has differed from the endpoint's.
+    moved: AtomicBool,
     /// How new connections forward (set when the endpoint is added).
     relay: Mutex<Mechanism>,
     mode: watch::Sender<Mode>,
@@ -219,6 +233,7 @@ impl EndpointState {
         Arc::new(Self {
             addr,
             backend: Mutex::new(addr.0),
+            moved: AtomicBool::new(false),
             relay: Mutex::new(Mechanism::default()),
             mode,
             conns: Mutex::new(HashMap::new()),
@@ -235,6 +250,9 @@ impl EndpointState {
     pub fn set_backend(&self, to: SocketAddrV4) {
         if let Ok(mut b) = self.backend.lock() {
             *b = to;
+        }
+        if to != self.addr.0 {
+            self.moved.store(true, Ordering::Release);
         }
     }
 
@@ -262,10 +280,13 @@ impl EndpointState {
         }
     }
 
-    /// Whether backend connections now go somewhere other than the endpoint
-    /// itself (the pod moved to a new address).
+    /// Whether the pod has ever been at an address other than the
+    /// endpoint's. From then on, flows to any of its addresses may be
+    /// translated onto the one it takes next, even back to the endpoint's
+    /// own: new backend sockets take a port of their own (see
+    /// [`BackendConnector::connect`](crate::transport::backend::BackendConnector::connect)).
     pub fn moved(&self) -> bool {
-        self.backend() != self.addr.0
+        self.moved.load(Ordering::Acquire)
     }
 
     pub fn mode(&self) -> Mode {

@@ -40,10 +40,15 @@ async fn echo_backend() -> (SocketAddrV4, Arc<AtomicUsize>) {
         SocketAddr::V6(_) => unreachable!("bound v4"),
     };
     let seen = Arc::new(AtomicUsize::new(0));
-    let seen2 = seen.clone();
+    serve_echo(l, seen.clone());
+    (addr, seen)
+}
+
+/// Echoes every connection `l` accepts, counting bytes received in `seen`.
+fn serve_echo(l: TcpListener, seen: Arc<AtomicUsize>) {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
-            let seen = seen2.clone();
+            let seen = seen.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 loop {
@@ -61,7 +66,6 @@ async fn echo_backend() -> (SocketAddrV4, Arc<AtomicUsize>) {
             });
         }
     });
-    (addr, seen)
 }
 
 async fn rig(m: Mechanism, per_conn_cap: usize, total_cap: usize, deadline: Duration) -> Rig {
@@ -655,6 +659,144 @@ async fn abort_puts_back_an_earlier_migrations_translation(m: Mechanism) {
     assert_eq!(read_exact_timeout(&mut c, 1).await, b"z");
 }
 
+/// A pod that moves twice. A connection opened between the moves reached
+/// the pod at its second address, so the second move translates that flow
+/// from there, and the first connection's from the registered one; the
+/// destination shields the second address too. A move back to the
+/// registered address leaves only the second connection translated.
+async fn a_second_move_translates_flows_opened_after_the_first(m: Mechanism) {
+    use shepherd::api::types::IncomingRequest;
+    use std::net::Ipv4Addr;
+    let ip = |s: &str| -> Ipv4Addr { s.parse().expect("ip") };
+    let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let port = r.endpoint.0.port();
+    // The pod at its second address: the same echo server, listening there
+    // too (the translation itself is the kernel's part, not exercised here).
+    let second = TcpListener::bind(SocketAddrV4::new(ip("127.0.0.2"), port))
+        .await
+        .expect("bind the second address");
+    serve_echo(second, r.backend_seen.clone());
+    let mut first = held_and_translated(&r, "m30").await;
+    r.control
+        .release("m30", ReleaseMode::Resume, Some("127.0.0.2"))
+        .expect("release to the second address");
+    let mut between = TcpStream::connect(r.proxy).await.expect("connect");
+    between.write_all(b"b").await.expect("write");
+    assert_eq!(read_exact_timeout(&mut between, 1).await, b"b");
+    let peers: Vec<Option<String>> = r
+        .control
+        .connections()
+        .into_iter()
+        .map(|c| c.backend_peer)
+        .collect();
+    assert_eq!(
+        peers,
+        [
+            Some(r.endpoint.0.to_string()),
+            Some(format!("127.0.0.2:{port}"))
+        ],
+        "the second connection's backend is at the second address"
+    );
+
+    // Old address of each translated flow, by its new one.
+    let translated = |r: &Rig| {
+        let t = r.intercept.translations.lock().expect("lock");
+        let mut v: Vec<(Ipv4Addr, Ipv4Addr)> = t
+            .values()
+            .map(|t| {
+                (
+                    Ipv4Addr::from(t.old_addr.to_ne_bytes()),
+                    Ipv4Addr::from(t.new_addr.to_ne_bytes()),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    r.control
+        .hold("m31", &hold_req(r.endpoint))
+        .await
+        .expect("hold");
+    let st = r.control.target("m31", ip("127.0.0.3")).expect("target");
+    assert_eq!(
+        translated(&r),
+        [
+            (ip("127.0.0.1"), ip("127.0.0.3")),
+            (ip("127.0.0.2"), ip("127.0.0.3"))
+        ],
+        "each flow is translated from the address its sockets use"
+    );
+    let mut addrs: Vec<Option<Ipv4Addr>> = st.backend_flows.iter().map(|f| f.pod_addr).collect();
+    addrs.sort();
+    assert_eq!(addrs, [Some(ip("127.0.0.1")), Some(ip("127.0.0.2"))]);
+
+    // The destination translates and shields both old addresses.
+    let (dest, _, _, dest_intercept) =
+        control_for(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let req = IncomingRequest {
+        endpoints: vec![r.endpoint],
+        to: Some(ip("127.0.0.3")),
+        flows: Vec::new(),
+        deadline_ms: None,
+    };
+    dest.incoming("m31", &req).expect("shield first");
+    let shielded = |addr: &str| {
+        let key = EndpointAddr(SocketAddrV4::new(ip(addr), port)).key();
+        dest_intercept
+            .entries
+            .lock()
+            .expect("lock")
+            .get(&(key.addr, key.port))
+            .is_some_and(|f| f & shepherd_common::EP_SHIELD != 0)
+    };
+    assert!(!shielded("127.0.0.2"), "no flow uses it yet");
+    let with_flows = IncomingRequest {
+        flows: st.backend_flows.clone(),
+        ..req.clone()
+    };
+    dest.incoming("m31", &with_flows).expect("then the flows");
+    for a in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
+        assert!(shielded(a), "{a} not shielded");
+    }
+    let mut dest_translated: Vec<(Ipv4Addr, Ipv4Addr)> = dest_intercept
+        .translations
+        .lock()
+        .expect("lock")
+        .values()
+        .map(|t| {
+            (
+                Ipv4Addr::from(t.old_addr.to_ne_bytes()),
+                Ipv4Addr::from(t.new_addr.to_ne_bytes()),
+            )
+        })
+        .collect();
+    dest_translated.sort();
+    assert_eq!(dest_translated, translated(&r));
+    dest.complete_incoming("m31", None).expect("complete");
+    assert!(!shielded("127.0.0.2"), "the shield is lifted");
+    r.control
+        .release("m31", ReleaseMode::Resume, None)
+        .expect("release");
+
+    // Back to the registered address: only the connection opened between
+    // the moves is still translated, from the second address.
+    r.control
+        .hold("m32", &hold_req(r.endpoint))
+        .await
+        .expect("hold");
+    r.control
+        .target("m32", *r.endpoint.0.ip())
+        .expect("target home");
+    assert_eq!(translated(&r), [(ip("127.0.0.2"), ip("127.0.0.1"))]);
+    r.control
+        .release("m32", ReleaseMode::Resume, None)
+        .expect("release");
+    for c in [&mut first, &mut between] {
+        c.write_all(b"z").await.expect("write");
+        assert_eq!(read_exact_timeout(c, 1).await, b"z");
+    }
+}
+
 async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mechanism) {
     use shepherd::api::types::IncomingRequest;
     let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
@@ -692,6 +834,8 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
             .map(|f| shepherd::api::types::BackendFlow {
                 node: f.node,
                 pod_port: 80,
+                // An older controller's flow: the endpoint's address.
+                pod_addr: None,
             })
             .collect(),
         deadline_ms: None,
@@ -767,6 +911,7 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
     let flow_on = |port: u16| shepherd::api::types::BackendFlow {
         node: std::net::SocketAddrV4::new("10.1.0.1".parse().expect("ip"), port),
         pod_port: 80,
+        pod_addr: None,
     };
     let on = |port: u16| IncomingRequest {
         flows: vec![flow_on(port)],
@@ -948,6 +1093,7 @@ for_each_mechanism!(
     bad_requests_are_rejected_and_change_nothing,
     reconnect_mode_replays_held_bytes_on_a_new_backend_connection,
     target_translates_held_flows_and_incoming_shields_and_translates,
+    a_second_move_translates_flows_opened_after_the_first,
     abort_after_target_removes_the_translation,
     abort_puts_back_an_earlier_migrations_translation,
     urgent_data_neither_stalls_nor_cuts_the_stream,

@@ -78,12 +78,17 @@ pub struct AbortRequest {
 }
 
 /// A proxy→pod backend flow as the destination must know it to translate:
-/// the proxy's (node) address and port, and the pod's port.
+/// the proxy's (node) address and port, the pod's port, and the pod address
+/// the flow's sockets use (the endpoint's, or for a connection opened after
+/// an earlier move, the address the pod had then).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct BackendFlow {
     pub node: SocketAddrV4,
     pub pod_port: u16,
+    /// Absent (from an older controller): the endpoint's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_addr: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -169,6 +174,10 @@ pub struct ConnectionInfo {
     pub client: String,
     pub endpoint: String,
     pub backend_local: Option<String>,
+    /// The pod address its backend socket connected to (the endpoint's, or
+    /// where the pod was when the connection opened).
+    #[serde(default)]
+    pub backend_peer: Option<String>,
     pub bytes_up: u64,
     pub bytes_down: u64,
     /// Of `bytes_up` + `bytes_down`, those forwarded with splice(2).

@@ -120,7 +120,7 @@ impl Control {
         endpoints.sort();
         endpoints.dedup();
         let mut flows = req.flows.clone();
-        flows.sort_by_key(|f| (f.node, f.pod_port));
+        flows.sort_by_key(|f| (f.node, f.pod_port, f.pod_addr));
         flows.dedup();
         for f in &flows {
             if !endpoints.iter().any(|e| e.0.port() == f.pod_port) {
@@ -144,15 +144,32 @@ impl Control {
                 .into_iter()
                 .filter(|f| !existing.flows.contains(f) && !existing.swept.contains(f))
                 .collect();
-            if let Some(to) = existing.to {
-                let keys = self.translate_flows(&existing.endpoints, to, &fresh, ROLE_DEST)?;
-                take_over(&mut incoming, id, &keys);
+            let keys = match existing.to {
+                Some(to) => self.translate_flows(&existing.endpoints, to, &fresh, ROLE_DEST)?,
+                None => Vec::new(),
+            };
+            if !existing.completed {
+                // Flows from a connection opened after an earlier move use
+                // the address the pod had then: shield that one too.
+                let wanted = shield_addrs(&existing.endpoints, existing.to, &fresh);
+                let mut added = Vec::new();
+                if let Err(e) = self.shield(&wanted, &registered, &existing.shielded, &mut added) {
+                    self.lift_shield(&added, &registered);
+                    for k in &keys {
+                        let _ = self.intercept.remove_translation(*k);
+                    }
+                    return Err(e);
+                }
+                existing.shielded.extend(added);
             }
+            take_over(&mut incoming, id, &keys);
             let Some(existing) = incoming.get_mut(id) else {
                 return Err(ControlError::UnknownMigration(id.to_string()));
             };
             existing.flows.extend(fresh);
-            existing.flows.sort_by_key(|f| (f.node, f.pod_port));
+            existing
+                .flows
+                .sort_by_key(|f| (f.node, f.pod_port, f.pod_addr));
             return Ok(self.incoming_status_of(existing));
         }
         // Translate first: if that fails (a full map), nothing is shielded
@@ -162,28 +179,14 @@ impl Control {
             None => Vec::new(),
         };
         let mut shielded = Vec::new();
-        for e in &endpoints {
-            let mut addrs = vec![e.0];
-            if let Some(to) = req.to {
-                addrs.push(SocketAddrV4::new(to, e.0.port()));
+        let wanted = shield_addrs(&endpoints, req.to, &flows);
+        if let Err(e) = self.shield(&wanted, &registered, &[], &mut shielded) {
+            // Undo: no record will exist to lift or sweep these.
+            self.lift_shield(&shielded, &registered);
+            for k in &keys {
+                let _ = self.intercept.remove_translation(*k);
             }
-            for a in addrs {
-                let ep = EndpointAddr(a);
-                let flags = if registered.contains(&ep) {
-                    EP_INTERCEPT | EP_SHIELD
-                } else {
-                    EP_SHIELD
-                };
-                if let Err(e) = self.intercept.set_endpoint(ep.key(), flags) {
-                    // Undo: no record will exist to lift or sweep these.
-                    self.lift_shield(&shielded, &registered);
-                    for k in &keys {
-                        let _ = self.intercept.remove_translation(*k);
-                    }
-                    return Err(e.into());
-                }
-                shielded.push(ep.key());
-            }
+            return Err(e);
         }
         take_over(&mut incoming, id, &keys);
         let rec = Incoming {
@@ -334,6 +337,30 @@ impl Control {
         removed
     }
 
+    /// Raises the shield on each of `addrs` not already in `done`, pushing
+    /// the keys it set to `added` (so a failure can be undone).
+    fn shield(
+        &self,
+        addrs: &[EndpointAddr],
+        registered: &[EndpointAddr],
+        done: &[EndpointKey],
+        added: &mut Vec<EndpointKey>,
+    ) -> Result<(), ControlError> {
+        for ep in addrs {
+            if done.contains(&ep.key()) || added.contains(&ep.key()) {
+                continue;
+            }
+            let flags = if registered.contains(ep) {
+                EP_INTERCEPT | EP_SHIELD
+            } else {
+                EP_SHIELD
+            };
+            self.intercept.set_endpoint(ep.key(), flags)?;
+            added.push(ep.key());
+        }
+        Ok(())
+    }
+
     /// Takes `shielded` entries back to what they were before `incoming`:
     /// intercepting if the endpoint is registered here, else gone.
     fn lift_shield(&self, shielded: &[EndpointKey], registered: &[EndpointAddr]) {
@@ -387,6 +414,32 @@ impl Control {
             packets_translated: translated,
         }
     }
+}
+
+/// Where the restored pod's sockets may send from: each endpoint at its old
+/// address and at `to`, and at the pod address of any flow that uses
+/// another one (a connection opened after an earlier move).
+fn shield_addrs(
+    endpoints: &[EndpointAddr],
+    to: Option<Ipv4Addr>,
+    flows: &[BackendFlow],
+) -> Vec<EndpointAddr> {
+    let mut addrs: Vec<EndpointAddr> = endpoints.to_vec();
+    if let Some(to) = to {
+        addrs.extend(
+            endpoints
+                .iter()
+                .map(|e| EndpointAddr(SocketAddrV4::new(to, e.0.port()))),
+        );
+    }
+    addrs.extend(
+        flows
+            .iter()
+            .filter_map(|f| Some(EndpointAddr(SocketAddrV4::new(f.pod_addr?, f.pod_port)))),
+    );
+    addrs.sort();
+    addrs.dedup();
+    addrs
 }
 
 /// Entries `keys` now belong to incoming migration `id` (it has just

@@ -223,20 +223,20 @@ impl Control {
         let mut out: Vec<ConnectionInfo> = states
             .iter()
             .flat_map(|s| s.connections())
-            .map(|c| ConnectionInfo {
-                id: c.id,
-                client: c.client.to_string(),
-                endpoint: c.orig_dst.to_string(),
-                backend_local: c
-                    .backend_local
-                    .lock()
-                    .ok()
-                    .and_then(|l| l.map(|a| a.to_string())),
-                bytes_up: c.bytes_up.load(Ordering::Relaxed),
-                bytes_down: c.bytes_down.load(Ordering::Relaxed),
-                bytes_spliced: c.bytes_spliced.load(Ordering::Relaxed),
-                queued: c.queued.load(Ordering::Relaxed),
-                opened_unix_ms: unix_ms(c.opened),
+            .map(|c| {
+                let backend = c.backend.lock().ok().and_then(|b| *b);
+                ConnectionInfo {
+                    id: c.id,
+                    client: c.client.to_string(),
+                    endpoint: c.orig_dst.to_string(),
+                    backend_local: backend.map(|b| b.local.to_string()),
+                    backend_peer: backend.map(|b| b.peer.to_string()),
+                    bytes_up: c.bytes_up.load(Ordering::Relaxed),
+                    bytes_down: c.bytes_down.load(Ordering::Relaxed),
+                    bytes_spliced: c.bytes_spliced.load(Ordering::Relaxed),
+                    queued: c.queued.load(Ordering::Relaxed),
+                    opened_unix_ms: unix_ms(c.opened),
+                }
             })
             .collect();
         out.sort_by_key(|c| c.id);
@@ -284,9 +284,10 @@ impl Control {
 }
 
 /// The translation key of backend flow `f` of a pod at `endpoints` that
-/// moves to `to`, with the pod's old address; `None` if the flow's port
-/// matches no endpoint or the address does not change (nothing to
-/// translate).
+/// moves to `to`, with the pod's old address: the one the flow's sockets
+/// use (the endpoint's unless the flow says otherwise). `None` if the
+/// flow's port matches no endpoint or the address does not change (nothing
+/// to translate).
 fn translated_key(
     endpoints: &[EndpointAddr],
     to: Ipv4Addr,
@@ -295,7 +296,7 @@ fn translated_key(
     let old = endpoints
         .iter()
         .find(|e| e.0.port() == f.pod_port)
-        .map(|e| *e.0.ip())
+        .map(|e| f.pod_addr.unwrap_or(*e.0.ip()))
         .filter(|o| *o != to)?;
     let key = shepherd_common::FlowKey::new(
         f.node.ip().octets(),

@@ -430,10 +430,10 @@ impl Control {
                 }
             }
         }
-        if m.endpoints.iter().all(|e| *e.0.ip() == to) {
-            // Back at its registered address: nothing to translate, and
-            // what earlier migrations installed must go.
-            for (state, c) in &conns {
+        for (state, c) in &conns {
+            if backend_flow(c).and_then(|f| f.pod_addr) == Some(to) {
+                // Back at the address this flow's sockets use: nothing to
+                // translate, and what earlier migrations installed must go.
                 state.untranslate(c, false);
             }
         }
@@ -472,25 +472,29 @@ impl Control {
     }
 }
 
-/// A connection's backend flow, once its backend socket exists.
+/// A connection's backend flow, once its backend socket exists. Its pod
+/// address is the one the socket connected to: the endpoint's, or where an
+/// earlier migration had moved the pod when the connection opened.
 fn backend_flow(c: &ConnInfo) -> Option<BackendFlow> {
-    match c.backend_local.lock().ok().and_then(|l| *l)? {
+    let b = c.backend.lock().ok().and_then(|b| *b)?;
+    match b.local {
         SocketAddr::V4(node) => Some(BackendFlow {
             node,
-            pod_port: c.orig_dst.port(),
+            pod_port: b.peer.port(),
+            pod_addr: Some(*b.peer.ip()),
         }),
         SocketAddr::V6(_) => None,
     }
 }
 
-/// The translation key of a connection's backend flow (under the pod's
-/// registered address), once its backend socket exists.
+/// The translation key of a connection's backend flow (under the pod
+/// address its sockets use), once its backend socket exists.
 fn conn_flow_key(c: &ConnInfo) -> Option<FlowKey> {
     let f = backend_flow(c)?;
     Some(FlowKey::new(
         f.node.ip().octets(),
         f.node.port(),
-        c.orig_dst.ip().octets(),
+        f.pod_addr?.octets(),
         f.pod_port,
     ))
 }
@@ -502,6 +506,6 @@ fn backend_flows(states: &[Arc<EndpointState>]) -> Vec<BackendFlow> {
         .flat_map(|s| s.connections())
         .filter_map(|c| backend_flow(&c))
         .collect();
-    flows.sort_by_key(|f| (f.node, f.pod_port));
+    flows.sort_by_key(|f| (f.node, f.pod_port, f.pod_addr));
     flows
 }

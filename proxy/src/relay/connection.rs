@@ -14,7 +14,7 @@
 use super::hold_buffer::{Budget, HoldBuffer, READ_CHUNK};
 use super::splice::{Filled, Lane, PIPE_SIZE};
 use super::Mechanism;
-use crate::endpoint::{ConnInfo, EndpointState, HoldStats, Mode};
+use crate::endpoint::{BackendSocket, ConnInfo, EndpointState, HoldStats, Mode};
 use crate::transport::backend::{unacked_bytes, BackendConnector};
 use crate::transport::inq;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -88,7 +88,7 @@ pub async fn relay(
         client: peer,
         orig_dst,
         opened: SystemTime::now(),
-        backend_local: Default::default(),
+        backend: Default::default(),
         bytes_up: AtomicU64::new(0),
         bytes_down: AtomicU64::new(0),
         bytes_spliced: AtomicU64::new(0),
@@ -528,13 +528,17 @@ impl Conn {
     }
 
     async fn connect_backend(&mut self) -> io::Result<()> {
+        let peer = self.endpoint.backend();
         let stream = self
             .ctx
             .connector
-            .connect(self.endpoint.backend(), self.endpoint.moved())
+            .connect(peer, self.endpoint.moved())
             .await?;
-        if let Ok(mut l) = self.info.backend_local.lock() {
-            *l = stream.local_addr().ok();
+        if let Ok(mut b) = self.info.backend.lock() {
+            *b = stream
+                .local_addr()
+                .ok()
+                .map(|local| BackendSocket { local, peer });
         }
         let (r, w) = stream.into_split();
         self.backend = Some(Backend { r, w });
