@@ -214,6 +214,8 @@ pub struct EndpointState {
     draining: AtomicBool,
     intercept: Arc<dyn Interception>,
     pub connections_total: AtomicU64,
+    /// See [`reconnects`](Self::reconnects).
+    reconnects: AtomicU64,
 }
 
 impl fmt::Debug for EndpointState {
@@ -240,6 +242,7 @@ impl EndpointState {
             draining: AtomicBool::new(false),
             intercept,
             connections_total: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
         })
     }
 
@@ -298,7 +301,24 @@ impl EndpointState {
     }
 
     pub fn set_mode(&self, mode: Mode) {
+        if let Mode::Forwarding {
+            reconnect: true, ..
+        } = mode
+        {
+            // Counted before it is sent: a connection that sees the count
+            // change knows it must reconnect, even if the next hold
+            // replaced this mode before it looked (see [`reconnects`](Self::reconnects)).
+            self.reconnects.fetch_add(1, Ordering::AcqRel);
+        }
         self.mode.send_replace(mode);
+    }
+
+    /// How many releases in reconnect mode the endpoint has had. A watch
+    /// channel shows only its latest value: a connection that looks after a
+    /// release and the next hold sees Holding → Holding, and would keep a
+    /// backend socket the restored pod no longer has without this count.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Acquire)
     }
 
     pub fn is_draining(&self) -> bool {

@@ -538,6 +538,55 @@ async fn reconnect_mode_replays_held_bytes_on_a_new_backend_connection(m: Mechan
         .is_err());
 }
 
+/// A reconnect release followed by the next hold before a connection has
+/// looked: it sees Holding → Holding, yet must still drop the backend
+/// socket the restored pod no longer has, and replay everything it held to
+/// a new one. On one thread, the release and the hold's first step run with
+/// no connection task in between, so the two changes always coalesce.
+#[tokio::test(flavor = "current_thread")]
+async fn a_reconnect_hidden_by_the_next_hold_still_reconnects() {
+    for m in [Mechanism::Copy, Mechanism::Splice] {
+        let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
+        let mut c = TcpStream::connect(r.proxy).await.expect("connect");
+        c.write_all(b"consumed;").await.expect("write");
+        assert_eq!(read_exact_timeout(&mut c, 9).await, b"consumed;");
+        let first_backend = r.control.connections()[0].backend_local.clone();
+        r.control
+            .hold("h1", &hold_req(r.endpoint))
+            .await
+            .expect("hold");
+        c.write_all(b"held;").await.expect("write during hold");
+        let t0 = std::time::Instant::now();
+        while r.control.status("h1").expect("status").bytes_held < 5 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never held");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        r.control
+            .release("h1", ReleaseMode::Reconnect, None)
+            .expect("release");
+        r.control
+            .hold("h2", &hold_req(r.endpoint))
+            .await
+            .expect("the next hold");
+        let h2 = r.control.status("h2").expect("status");
+        assert_eq!((h2.connections, h2.bytes_held), (1, 5), "{h2:?}");
+        let h1 = r.control.status("h1").expect("status");
+        assert_eq!(
+            h1.bytes_replayed, h1.bytes_held,
+            "the first hold's bytes are handed on: {h1:?}"
+        );
+        r.control
+            .release("h2", ReleaseMode::Resume, None)
+            .expect("release");
+        assert_eq!(read_exact_timeout(&mut c, 5).await, b"held;");
+        let now = r.control.connections()[0].backend_local.clone();
+        assert_ne!(
+            now, first_backend,
+            "{m:?}: the hidden reconnect must still open a new backend connection"
+        );
+    }
+}
+
 impl Rig {
     /// Backend-flow translations installed in the (stand-in) kernel map.
     fn translations(&self) -> usize {

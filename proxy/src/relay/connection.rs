@@ -143,6 +143,8 @@ struct Conn {
     /// Bytes at the front of `up` that belong to the hold that just ended.
     replay_left: usize,
     replay_stats: Option<Arc<HoldStats>>,
+    /// The endpoint's reconnect count this connection has acted on.
+    reconnects_seen: u64,
 }
 
 impl Conn {
@@ -154,6 +156,9 @@ impl Conn {
     ) -> Self {
         let (client_r, client_w) = client.into_split();
         let mut mode_rx = endpoint.subscribe();
+        // Read first: a reconnect counted after this is seen as a change
+        // (and a connection without a backend has nothing to drop anyway).
+        let reconnects_seen = endpoint.reconnects();
         let mode = mode_rx.borrow_and_update().clone();
         if let Mode::Holding(h) = &mode {
             // Accepted during a hold: queued; it connects after release and has
@@ -187,6 +192,7 @@ impl Conn {
             client_shut: false,
             replay_left: 0,
             replay_stats: None,
+            reconnects_seen,
         }
     }
 
@@ -318,6 +324,10 @@ impl Conn {
             Event::Tick => {}
             Event::ModeChanged => {
                 let new = self.mode_rx.borrow_and_update().clone();
+                // A reconnect release counts even if a later mode hid it.
+                let reconnects = self.endpoint.reconnects();
+                let reconnect = reconnects != self.reconnects_seen;
+                self.reconnects_seen = reconnects;
                 match (&self.mode, &new) {
                     (Mode::Forwarding { .. }, Mode::Holding(h)) => {
                         // Bytes spliced but not yet written join the hold
@@ -332,27 +342,26 @@ impl Conn {
                                 Err(e) => return Err(format!("taking spliced bytes back: {e}")),
                             }
                         }
-                        h.connections_held.fetch_add(1, Ordering::Relaxed);
-                        // Bytes queued but not yet written are held too.
-                        h.bytes_held
-                            .fetch_add(self.up.len() as u64, Ordering::Relaxed);
+                        // What the last replay had left is this hold's now.
+                        self.hand_on_replay();
+                        self.start_hold(h);
                     }
-                    (Mode::Holding(_), Mode::Forwarding { after, reconnect }) => {
+                    (Mode::Holding(last), Mode::Holding(h)) if !Arc::ptr_eq(last, h) => {
+                        // A release and the next hold, seen as one change:
+                        // everything the last hold queued is this one's to
+                        // replay.
+                        last.bytes_replayed
+                            .fetch_add(self.up.len() as u64, Ordering::Relaxed);
+                        self.start_hold(h);
+                    }
+                    (Mode::Holding(_), Mode::Forwarding { after, .. }) => {
                         self.replay_left = self.up.len();
                         self.replay_stats = after.clone();
-                        if *reconnect && self.backend.is_some() {
-                            // The pod came back without this connection: what
-                            // it acknowledged before the hold is consumed; the
-                            // held bytes go to a fresh connection.
-                            self.backend = None;
-                            // The old socket's translated flow is dead, and a
-                            // stale entry could catch a new flow on its port.
-                            self.endpoint.untranslate(&self.info, false);
-                            self.backend_eof = false;
-                            self.backend_shut = false;
-                        }
                     }
                     _ => {}
+                }
+                if reconnect {
+                    self.drop_backend_for_reconnect();
                 }
                 self.mode = new;
             }
@@ -525,6 +534,44 @@ impl Conn {
             Err(e) => return Err(format!("client read failed: {e}")),
         }
         Ok(())
+    }
+
+    /// Counts this connection in hold `h`, with what it has queued.
+    fn start_hold(&self, h: &HoldStats) {
+        if self.backend.is_some() {
+            h.connections_held.fetch_add(1, Ordering::Relaxed);
+        } else {
+            h.connections_queued.fetch_add(1, Ordering::Relaxed);
+        }
+        // Bytes queued but not yet written are held too.
+        h.bytes_held
+            .fetch_add(self.up.len() as u64, Ordering::Relaxed);
+    }
+
+    /// A new hold begins before the last one's replay is done: the bytes
+    /// left are the new hold's to replay, and the last one counts them as
+    /// handed on (so its `bytes_replayed` still reaches its `bytes_held`).
+    fn hand_on_replay(&mut self) {
+        if let Some(h) = self.replay_stats.take() {
+            h.bytes_replayed
+                .fetch_add(self.replay_left as u64, Ordering::Relaxed);
+        }
+        self.replay_left = 0;
+    }
+
+    /// The pod came back without this connection (a reconnect release):
+    /// what it acknowledged before the hold is consumed, and what is still
+    /// queued goes to a fresh backend connection, opened once nothing holds
+    /// it.
+    fn drop_backend_for_reconnect(&mut self) {
+        if self.backend.take().is_none() {
+            return;
+        }
+        // The old socket's translated flow is dead, and a stale entry could
+        // catch a new flow on its port.
+        self.endpoint.untranslate(&self.info, false);
+        self.backend_eof = false;
+        self.backend_shut = false;
     }
 
     async fn connect_backend(&mut self) -> io::Result<()> {
