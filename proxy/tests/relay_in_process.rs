@@ -639,6 +639,10 @@ async fn origin_translation_goes_when_its_connection_closes(m: Mechanism) {
 /// the client eventually closes.
 async fn reconnect_removes_the_old_flows_translation(m: Mechanism) {
     let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    // The pod came back at the target without its connections.
+    let at_target = SocketAddrV4::new("127.0.0.2".parse().expect("ip"), r.endpoint.0.port());
+    let l = TcpListener::bind(at_target).await.expect("bind the target");
+    serve_echo(l, r.backend_seen.clone());
     let mut c = held_and_translated(&r, "m14").await;
     c.write_all(b"held").await.expect("write during hold");
     r.control
@@ -646,6 +650,12 @@ async fn reconnect_removes_the_old_flows_translation(m: Mechanism) {
         .expect("release");
     assert_eq!(read_exact_timeout(&mut c, 4).await, b"held");
     assert_eq!(r.translations(), 0, "the dropped backend's entry is gone");
+    let peer = r.control.connections()[0].backend_peer.clone();
+    assert_eq!(
+        peer,
+        Some(at_target.to_string()),
+        "without --to, the reconnect goes to the target"
+    );
 }
 
 /// An abort after `target` leaves the pod where it was: the held flow must
@@ -823,9 +833,15 @@ async fn a_second_move_translates_flows_opened_after_the_first(m: Mechanism) {
     assert_eq!(dest_translated, translated(&r));
     dest.complete_incoming("m31", None).expect("complete");
     assert!(!shielded("127.0.0.2"), "the shield is lifted");
+    let backend = |r: &Rig| r.control.list_endpoints()[0].backend;
     r.control
         .release("m31", ReleaseMode::Resume, None)
         .expect("release");
+    assert_eq!(
+        backend(&r),
+        SocketAddrV4::new(ip("127.0.0.3"), port),
+        "a release without --to sends new connections to the target"
+    );
 
     // Back to the registered address: only the connection opened between
     // the moves is still translated, from the second address.
@@ -840,6 +856,7 @@ async fn a_second_move_translates_flows_opened_after_the_first(m: Mechanism) {
     r.control
         .release("m32", ReleaseMode::Resume, None)
         .expect("release");
+    assert_eq!(backend(&r), r.endpoint.0, "home again");
     for c in [&mut first, &mut between] {
         c.write_all(b"z").await.expect("write");
         assert_eq!(read_exact_timeout(c, 1).await, b"z");

@@ -32,9 +32,12 @@ pub enum MigrateCmd {
         #[arg(long)]
         id: String,
         /// resume: the pod's connections were restored (CRIU --tcp-established).
+        /// reconnect: they were not; held bytes go to new backend connections.
         #[arg(long, default_value = "resume")]
         mode: String,
-        /// New pod address (not available in this version).
+        /// The pod's new address: new backend connections go there (with
+        /// resume, the held flows are translated to it, as `migrate target`
+        /// does). Default: the address `migrate target` set, if any.
         #[arg(long, value_name = "IP")]
         to: Option<String>,
     },

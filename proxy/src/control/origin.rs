@@ -190,7 +190,8 @@ impl Control {
     /// Ends a hold: held bytes are replayed to the pod, in order.
     /// `resume`: into the same backend sockets (the pod's connections were
     /// restored). `reconnect`: into new backend connections, to `to` if the
-    /// pod came back at a new address.
+    /// pod came back at a new address. `to` defaults to the migration's
+    /// target, if `target` set one.
     pub fn release(
         &self,
         id: &str,
@@ -206,6 +207,12 @@ impl Control {
                 })
             })
             .transpose()?;
+        // Without `to`, new connections go where `target` said the pod is:
+        // its old address may no longer reach it.
+        let to = match to {
+            Some(ip) => Some(ip),
+            None => lock(&self.migrations).get(id).and_then(|m| m.target),
+        };
         if let (Some(ip), ReleaseMode::Resume) = (to, mode) {
             // The restored sockets keep their old address: translate.
             self.target(id, ip)?;
