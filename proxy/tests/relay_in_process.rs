@@ -2,7 +2,7 @@
 //! loopback, with no kernel interception (a recording stand-in replaces the
 //! eBPF maps and a fixed original destination replaces getsockname). The
 //! privileged tests in `tests/` cover the real kernel path.
-use shepherd::api::types::HoldRequest;
+use shepherd::api::types::{HoldRequest, MigrationStatus};
 use shepherd::control::{Control, ControlConfig, ENDED_FLOW_LINGER, UNSEEN_FLOW_LIMIT};
 use shepherd::endpoint::EndpointAddr;
 use shepherd::intercept::RecordingInterception;
@@ -505,16 +505,23 @@ async fn bad_requests_are_rejected_and_change_nothing(m: Mechanism) {
     r.control.abort("m6", None).expect("abort");
 }
 
-async fn reconnect_mode_replays_held_bytes_on_a_new_backend_connection(m: Mechanism) {
-    let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
+/// One connection whose first bytes the pod has echoed (and so consumed),
+/// then held by migration `id`; with its backend socket's local address.
+async fn consumed_then_held(r: &Rig, id: &str) -> (TcpStream, Option<String>) {
     let mut c = TcpStream::connect(r.proxy).await.expect("connect");
     c.write_all(b"consumed;").await.expect("write");
     assert_eq!(read_exact_timeout(&mut c, 9).await, b"consumed;");
-    let first_backend = r.control.connections()[0].backend_local.clone();
+    let backend = r.control.connections()[0].backend_local.clone();
     r.control
-        .hold("m8", &hold_req(r.endpoint))
+        .hold(id, &hold_req(r.endpoint))
         .await
         .expect("hold");
+    (c, backend)
+}
+
+async fn reconnect_mode_replays_held_bytes_on_a_new_backend_connection(m: Mechanism) {
+    let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let (mut c, first_backend) = consumed_then_held(&r, "m8").await;
     c.write_all(b"held-1;held-2;")
         .await
         .expect("write during hold");
@@ -547,14 +554,7 @@ async fn reconnect_mode_replays_held_bytes_on_a_new_backend_connection(m: Mechan
 async fn a_reconnect_hidden_by_the_next_hold_still_reconnects() {
     for m in [Mechanism::Copy, Mechanism::Splice] {
         let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
-        let mut c = TcpStream::connect(r.proxy).await.expect("connect");
-        c.write_all(b"consumed;").await.expect("write");
-        assert_eq!(read_exact_timeout(&mut c, 9).await, b"consumed;");
-        let first_backend = r.control.connections()[0].backend_local.clone();
-        r.control
-            .hold("h1", &hold_req(r.endpoint))
-            .await
-            .expect("hold");
+        let (mut c, first_backend) = consumed_then_held(&r, "h1").await;
         c.write_all(b"held;").await.expect("write during hold");
         let t0 = std::time::Instant::now();
         while r.control.status("h1").expect("status").bytes_held < 5 {
@@ -588,6 +588,15 @@ async fn a_reconnect_hidden_by_the_next_hold_still_reconnects() {
 }
 
 impl Rig {
+    /// Holds the endpoint under migration `id` and says the pod lands at `to`.
+    async fn hold_to(&self, id: &str, to: std::net::Ipv4Addr) -> MigrationStatus {
+        self.control
+            .hold(id, &hold_req(self.endpoint))
+            .await
+            .expect("hold");
+        self.control.target(id, to).expect("target")
+    }
+
     /// Backend-flow translations installed in the (stand-in) kernel map.
     fn translations(&self) -> usize {
         self.intercept.translations.lock().map_or(0, |t| t.len())
@@ -600,13 +609,7 @@ async fn held_and_translated(r: &Rig, id: &str) -> TcpStream {
     let mut c = TcpStream::connect(r.proxy).await.expect("connect");
     c.write_all(b"x").await.expect("write");
     assert_eq!(read_exact_timeout(&mut c, 1).await, b"x");
-    r.control
-        .hold(id, &hold_req(r.endpoint))
-        .await
-        .expect("hold");
-    r.control
-        .target(id, "127.0.0.2".parse().expect("ip"))
-        .expect("target");
+    r.hold_to(id, "127.0.0.2".parse().expect("ip")).await;
     assert_eq!(r.translations(), 1, "the held flow is translated");
     c
 }
@@ -688,13 +691,7 @@ async fn abort_puts_back_an_earlier_migrations_translation(m: Mechanism) {
             .next()
     };
     assert_eq!(new_addr(&r), Some("127.0.0.2".parse().expect("ip")));
-    r.control
-        .hold("m21", &hold_req(r.endpoint))
-        .await
-        .expect("hold");
-    r.control
-        .target("m21", "127.0.0.3".parse().expect("ip"))
-        .expect("target");
+    r.hold_to("m21", "127.0.0.3".parse().expect("ip")).await;
     assert_eq!(new_addr(&r), Some("127.0.0.3".parse().expect("ip")));
     r.control.abort("m21", None).expect("abort");
     assert_eq!(
@@ -704,18 +701,31 @@ async fn abort_puts_back_an_earlier_migrations_translation(m: Mechanism) {
     );
     // A move back to the registered address removes the translation; an
     // abort of that move puts it back.
-    r.control
-        .hold("m23", &hold_req(r.endpoint))
-        .await
-        .expect("hold");
-    r.control
-        .target("m23", *r.endpoint.0.ip())
-        .expect("target home");
+    r.hold_to("m23", *r.endpoint.0.ip()).await;
     assert_eq!(r.translations(), 0, "back home: nothing translated");
     r.control.abort("m23", None).expect("abort");
     assert_eq!(new_addr(&r), Some("127.0.0.2".parse().expect("ip")));
     c.write_all(b"z").await.expect("write");
     assert_eq!(read_exact_timeout(&mut c, 1).await, b"z");
+}
+
+/// The (old, new) pod addresses of each translation in the stand-in map,
+/// sorted.
+fn translated_addrs(
+    intercept: &RecordingInterception,
+) -> Vec<(std::net::Ipv4Addr, std::net::Ipv4Addr)> {
+    let t = intercept.translations.lock().expect("lock");
+    let mut v: Vec<_> = t
+        .values()
+        .map(|t| {
+            (
+                t.old_addr.to_ne_bytes().into(),
+                t.new_addr.to_ne_bytes().into(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 /// A pod that moves twice. A connection opened between the moves reached
@@ -757,26 +767,8 @@ async fn a_second_move_translates_flows_opened_after_the_first(m: Mechanism) {
         "the second connection's backend is at the second address"
     );
 
-    // Old address of each translated flow, by its new one.
-    let translated = |r: &Rig| {
-        let t = r.intercept.translations.lock().expect("lock");
-        let mut v: Vec<(Ipv4Addr, Ipv4Addr)> = t
-            .values()
-            .map(|t| {
-                (
-                    Ipv4Addr::from(t.old_addr.to_ne_bytes()),
-                    Ipv4Addr::from(t.new_addr.to_ne_bytes()),
-                )
-            })
-            .collect();
-        v.sort();
-        v
-    };
-    r.control
-        .hold("m31", &hold_req(r.endpoint))
-        .await
-        .expect("hold");
-    let st = r.control.target("m31", ip("127.0.0.3")).expect("target");
+    let translated = |r: &Rig| translated_addrs(&r.intercept);
+    let st = r.hold_to("m31", ip("127.0.0.3")).await;
     assert_eq!(
         translated(&r),
         [
@@ -817,20 +809,7 @@ async fn a_second_move_translates_flows_opened_after_the_first(m: Mechanism) {
     for a in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
         assert!(shielded(a), "{a} not shielded");
     }
-    let mut dest_translated: Vec<(Ipv4Addr, Ipv4Addr)> = dest_intercept
-        .translations
-        .lock()
-        .expect("lock")
-        .values()
-        .map(|t| {
-            (
-                Ipv4Addr::from(t.old_addr.to_ne_bytes()),
-                Ipv4Addr::from(t.new_addr.to_ne_bytes()),
-            )
-        })
-        .collect();
-    dest_translated.sort();
-    assert_eq!(dest_translated, translated(&r));
+    assert_eq!(translated_addrs(&dest_intercept), translated(&r));
     dest.complete_incoming("m31", None).expect("complete");
     assert!(!shielded("127.0.0.2"), "the shield is lifted");
     let backend = |r: &Rig| r.control.list_endpoints()[0].backend;
@@ -845,13 +824,7 @@ async fn a_second_move_translates_flows_opened_after_the_first(m: Mechanism) {
 
     // Back to the registered address: only the connection opened between
     // the moves is still translated, from the second address.
-    r.control
-        .hold("m32", &hold_req(r.endpoint))
-        .await
-        .expect("hold");
-    r.control
-        .target("m32", *r.endpoint.0.ip())
-        .expect("target home");
+    r.hold_to("m32", *r.endpoint.0.ip()).await;
     assert_eq!(translated(&r), [(ip("127.0.0.2"), ip("127.0.0.1"))]);
     r.control
         .release("m32", ReleaseMode::Resume, None)
