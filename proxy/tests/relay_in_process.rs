@@ -728,6 +728,42 @@ fn translated_addrs(
     v
 }
 
+/// A pod restored on the node of the proxy that holds its flows (back on
+/// the node it left, at a new address): the proxy's and the pod's sockets
+/// meet on the pod-facing side, both at the old address. `incoming` there
+/// must not put the destination's rewrite over the origin's entries, or the
+/// pod's replies would come from an address the proxy's socket does not
+/// know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_restored_beside_its_proxy_keeps_the_origin_entries() {
+    use shepherd::api::types::IncomingRequest;
+    let r = rig(Mechanism::Copy, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let _c = held_and_translated(&r, "m40").await;
+    let st = r.control.status("m40").expect("status");
+    let roles = |r: &Rig| -> Vec<u32> {
+        let t = r.intercept.translations.lock().expect("lock");
+        t.values().map(|t| t.role).collect()
+    };
+    assert_eq!(roles(&r), [shepherd_common::ROLE_ORIGIN]);
+    let req = IncomingRequest {
+        endpoints: vec![r.endpoint],
+        to: Some("127.0.0.2".parse().expect("ip")),
+        flows: st.backend_flows.clone(),
+        deadline_ms: None,
+    };
+    let inc = r.control.incoming("m40", &req).expect("incoming");
+    assert!(inc.flows.is_empty(), "{inc:?}");
+    assert_eq!(
+        roles(&r),
+        [shepherd_common::ROLE_ORIGIN],
+        "left as they were"
+    );
+    r.control.complete_incoming("m40", None).expect("complete");
+    r.control
+        .release("m40", ReleaseMode::Resume, None)
+        .expect("release");
+}
+
 /// A pod that moves twice. A connection opened between the moves reached
 /// the pod at its second address, so the second move translates that flow
 /// from there, and the first connection's from the registered one; the

@@ -17,6 +17,7 @@ use crate::error::ControlError;
 use crate::migration;
 use shepherd_common::{
     EndpointKey, FlowKey, Translation, EP_INTERCEPT, EP_SHIELD, MARK_REUSED, MARK_SEEN, ROLE_DEST,
+    ROLE_ORIGIN,
 };
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -129,6 +130,25 @@ impl Control {
                     f.node, f.pod_port
                 )));
             }
+        }
+        if let Some(to) = req.to {
+            // A pod restored on the node of the proxy that holds its flows
+            // (it comes back to the node it left): the proxy's and the
+            // pod's sockets meet on the pod-facing side and both use the
+            // flow's old address, so nothing is translated here; the origin
+            // side's entries (`target`) apply only where packets leave the
+            // node. Installing this side's entries over them would rewrite
+            // the pod's replies to an address the proxy's socket does not
+            // know.
+            flows.retain(|f| {
+                let own = translated_key(&endpoints, to, f)
+                    .and_then(|(key, _)| self.intercept.translation(key).ok().flatten())
+                    .is_some_and(|t| t.role == ROLE_ORIGIN);
+                if own {
+                    tracing::info!(migration = id, flow = %f.node, "incoming: flow of this node's own proxy, not translated here");
+                }
+                !own
+            });
         }
         let registered: Vec<EndpointAddr> = lock(&self.endpoints).keys().copied().collect();
         let mut incoming = lock(&self.incoming);
