@@ -570,6 +570,18 @@ async fn a_reconnect_hidden_by_the_next_hold_still_reconnects() {
             .expect("the next hold");
         let h2 = r.control.status("h2").expect("status");
         assert_eq!((h2.connections, h2.bytes_held), (1, 5), "{h2:?}");
+        // The dead backend socket is gone from view: nothing to translate.
+        assert_eq!(h2.connections_queued, 1, "{h2:?}");
+        assert!(h2.backend_flows.is_empty(), "{h2:?}");
+        assert_eq!(r.control.connections()[0].backend_local, None);
+        // The pod lands at a new address, where it also listens.
+        let to = SocketAddrV4::new("127.0.0.2".parse().expect("ip"), r.endpoint.0.port());
+        serve_echo(
+            TcpListener::bind(to).await.expect("bind"),
+            r.backend_seen.clone(),
+        );
+        r.control.target("h2", *to.ip()).expect("target");
+        assert_eq!(r.translations(), 0, "a dead flow must not be translated");
         let h1 = r.control.status("h1").expect("status");
         assert_eq!(
             h1.bytes_replayed, h1.bytes_held,
@@ -764,6 +776,50 @@ async fn a_pod_restored_beside_its_proxy_keeps_the_origin_entries() {
         .expect("release");
 }
 
+/// `incoming` reads a flow's `pod_addr` strictly: the endpoint's own
+/// address is the same flow as no address, a flow already at the new
+/// address needs nothing, and a non-unicast address is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incoming_normalises_and_checks_flow_addresses() {
+    use shepherd::api::types::{BackendFlow, IncomingRequest};
+    let (dest, ep, _, _) =
+        control_for(Mechanism::Copy, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let flow = |port: u16, pod_addr: Option<&str>| BackendFlow {
+        node: SocketAddrV4::new("10.1.0.1".parse().expect("ip"), port),
+        pod_port: ep.0.port(),
+        pod_addr: pod_addr.map(|a| a.parse().expect("ip")),
+    };
+    let req = |flows: Vec<BackendFlow>| IncomingRequest {
+        endpoints: vec![ep],
+        to: Some("127.0.0.3".parse().expect("ip")),
+        flows,
+        deadline_ms: None,
+    };
+    let st = dest
+        .incoming(
+            "n1",
+            &req(vec![
+                flow(40001, None),
+                flow(40001, Some("127.0.0.1")),
+                flow(40002, Some("127.0.0.3")),
+                flow(40003, Some("127.0.0.2")),
+            ]),
+        )
+        .expect("incoming");
+    assert_eq!(
+        st.flows,
+        [flow(40001, None), flow(40003, Some("127.0.0.2"))],
+        "one spelling per flow, and nothing for a flow already at the new address"
+    );
+    for bad in ["0.0.0.0", "255.255.255.255", "224.0.0.1"] {
+        assert!(
+            dest.incoming("n2", &req(vec![flow(40004, Some(bad))]))
+                .is_err(),
+            "{bad} accepted"
+        );
+    }
+}
+
 /// A pod that moves twice. A connection opened between the moves reached
 /// the pod at its second address, so the second move translates that flow
 /// from there, and the first connection's from the registered one; the
@@ -815,7 +871,8 @@ async fn a_second_move_translates_flows_opened_after_the_first(m: Mechanism) {
     );
     let mut addrs: Vec<Option<Ipv4Addr>> = st.backend_flows.iter().map(|f| f.pod_addr).collect();
     addrs.sort();
-    assert_eq!(addrs, [Some(ip("127.0.0.1")), Some(ip("127.0.0.2"))]);
+    // Only where it is not the endpoint's own (older destinations refuse it).
+    assert_eq!(addrs, [None, Some(ip("127.0.0.2"))]);
 
     // The destination translates and shields both old addresses.
     let (dest, _, _, dest_intercept) =

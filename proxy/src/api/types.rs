@@ -197,3 +197,23 @@ pub struct ErrorBody {
     pub error: String,
     pub detail: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::BackendFlow;
+
+    /// A flow at the endpoint's own address is written as before, so a
+    /// destination that predates `pod_addr` (which refuses unknown fields)
+    /// still takes it; one without the field still parses.
+    #[test]
+    fn backend_flow_pod_addr_is_optional_both_ways() {
+        let old = r#"{"node":"10.0.1.11:41582","pod_port":6379}"#;
+        let f: BackendFlow = serde_json::from_str(old).expect("parse");
+        assert_eq!(f.pod_addr, None);
+        assert_eq!(serde_json::to_string(&f).expect("json"), old);
+        let moved = r#"{"node":"10.0.1.11:41582","pod_port":6379,"pod_addr":"10.0.2.7"}"#;
+        let f: BackendFlow = serde_json::from_str(moved).expect("parse");
+        assert_eq!(f.pod_addr, Some([10, 0, 2, 7].into()));
+        assert_eq!(serde_json::to_string(&f).expect("json"), moved);
+    }
+}

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 #[derive(Subcommand)]
 pub enum ConnCmd {
-    /// List relayed connections: client, original destination, backend socket.
+    /// List relayed connections: client, original destination, backend socket (node and pod ends).
     Ls,
 }
 
@@ -26,7 +26,11 @@ pub fn run(cmd: ConnCmd, api: &Api, json: bool) -> anyhow::Result<ExitCode> {
                             c.id.to_string(),
                             c.client.clone(),
                             c.endpoint.clone(),
-                            c.backend_local.clone().unwrap_or_else(|| "(queued)".into()),
+                            match (&c.backend_local, &c.backend_peer) {
+                                (Some(local), Some(peer)) => format!("{local} > {peer}"),
+                                (Some(local), None) => local.clone(),
+                                (None, _) => "(queued)".into(),
+                            },
                             output::bytes(c.bytes_up),
                             output::bytes(c.bytes_down),
                             output::bytes(c.queued as u64),
@@ -38,7 +42,7 @@ pub fn run(cmd: ConnCmd, api: &Api, json: bool) -> anyhow::Result<ExitCode> {
                         "ID",
                         "CLIENT",
                         "ENDPOINT",
-                        "BACKEND_LOCAL",
+                        "BACKEND (NODE > POD)",
                         "UP",
                         "DOWN",
                         "QUEUED",

@@ -121,16 +121,28 @@ impl Control {
         endpoints.sort();
         endpoints.dedup();
         let mut flows = req.flows.clone();
-        flows.sort_by_key(|f| (f.node, f.pod_port, f.pod_addr));
-        flows.dedup();
-        for f in &flows {
-            if !endpoints.iter().any(|e| e.0.port() == f.pod_port) {
+        for f in &mut flows {
+            let Some(ep) = endpoints.iter().find(|e| e.0.port() == f.pod_port) else {
                 return Err(ControlError::Invalid(format!(
                     "flow {} > pod port {} matches none of the endpoints",
                     f.node, f.pod_port
                 )));
+            };
+            if let Some(a) = f.pod_addr {
+                if a.is_unspecified() || a.is_broadcast() || a.is_multicast() {
+                    return Err(ControlError::Invalid(format!(
+                        "flow {} > {a}:{}: pod_addr must be a unicast address",
+                        f.node, f.pod_port
+                    )));
+                }
+            }
+            // One spelling per flow: the endpoint's own address is implied.
+            if f.pod_addr == Some(*ep.0.ip()) {
+                f.pod_addr = None;
             }
         }
+        flows.sort_by_key(|f| (f.node, f.pod_port, f.pod_addr));
+        flows.dedup();
         if let Some(to) = req.to {
             // A pod restored on the node of the proxy that holds its flows
             // (it comes back to the node it left): the proxy's and the
@@ -140,9 +152,16 @@ impl Control {
             // node. Installing this side's entries over them would rewrite
             // the pod's replies to an address the proxy's socket does not
             // know.
+            // Flows already at `to` need nothing either.
             flows.retain(|f| {
-                let own = translated_key(&endpoints, to, f)
-                    .and_then(|(key, _)| self.intercept.translation(key).ok().flatten())
+                let Some((key, _)) = translated_key(&endpoints, to, f) else {
+                    return false;
+                };
+                let own = self
+                    .intercept
+                    .translation(key)
+                    .ok()
+                    .flatten()
                     .is_some_and(|t| t.role == ROLE_ORIGIN);
                 if own {
                     tracing::info!(migration = id, flow = %f.node, "incoming: flow of this node's own proxy, not translated here");

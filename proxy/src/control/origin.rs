@@ -437,13 +437,6 @@ impl Control {
                 }
             }
         }
-        for (state, c) in &conns {
-            if backend_flow(c).and_then(|f| f.pod_addr) == Some(to) {
-                // Back at the address this flow's sockets use: nothing to
-                // translate, and what earlier migrations installed must go.
-                state.untranslate(c, false);
-            }
-        }
         let installed = match self.translate_flows(&m.endpoints, to, &flows, ROLE_ORIGIN) {
             Ok(i) => i,
             Err(e) => {
@@ -455,6 +448,14 @@ impl Control {
             }
         };
         m.replaced = replaced;
+        // Only now that nothing can fail: flows back at the address their
+        // sockets use need no translation, and what earlier migrations
+        // installed for them goes (an abort puts it back from `replaced`).
+        for (state, c) in &conns {
+            if backend_flow(c).map(|f| flow_pod_addr(c, &f)) == Some(to) {
+                state.untranslate(c, false);
+            }
+        }
         // Each connection removes its entry when its backend socket is done,
         // so the map does not fill up across migrations.
         let mut unclaimed: std::collections::HashSet<FlowKey> = installed.iter().copied().collect();
@@ -488,10 +489,17 @@ fn backend_flow(c: &ConnInfo) -> Option<BackendFlow> {
         SocketAddr::V4(node) => Some(BackendFlow {
             node,
             pod_port: b.peer.port(),
-            pod_addr: Some(*b.peer.ip()),
+            // Only when it is not the endpoint's own: a destination that
+            // predates the field refuses it, and most flows never need it.
+            pod_addr: Some(*b.peer.ip()).filter(|a| a != c.orig_dst.ip()),
         }),
         SocketAddr::V6(_) => None,
     }
+}
+
+/// The pod address backend flow `f` of connection `c` uses.
+fn flow_pod_addr(c: &ConnInfo, f: &BackendFlow) -> Ipv4Addr {
+    f.pod_addr.unwrap_or(*c.orig_dst.ip())
 }
 
 /// The translation key of a connection's backend flow (under the pod
@@ -501,7 +509,7 @@ fn conn_flow_key(c: &ConnInfo) -> Option<FlowKey> {
     Some(FlowKey::new(
         f.node.ip().octets(),
         f.node.port(),
-        f.pod_addr?.octets(),
+        flow_pod_addr(c, &f).octets(),
         f.pod_port,
     ))
 }

@@ -156,10 +156,13 @@ impl Conn {
     ) -> Self {
         let (client_r, client_w) = client.into_split();
         let mut mode_rx = endpoint.subscribe();
-        // Read first: a reconnect counted after this is seen as a change
-        // (and a connection without a backend has nothing to drop anyway).
-        let reconnects_seen = endpoint.reconnects();
         let mode = mode_rx.borrow_and_update().clone();
+        // Read after the mode: a reconnect counted before it is one this
+        // connection, which has no backend yet, has nothing to do for; one
+        // counted after it arrives as a mode change too. (Read before, a
+        // count that moved in between would make it drop the backend it is
+        // about to open, at the next hold.)
+        let reconnects_seen = endpoint.reconnects();
         if let Mode::Holding(h) = &mode {
             // Accepted during a hold: queued; it connects after release and has
             // nothing in flight towards the pod, so it is quiescent already.
@@ -326,7 +329,11 @@ impl Conn {
                 let new = self.mode_rx.borrow_and_update().clone();
                 // A reconnect release counts even if a later mode hid it.
                 let reconnects = self.endpoint.reconnects();
-                let reconnect = reconnects != self.reconnects_seen;
+                if reconnects != self.reconnects_seen {
+                    // First, so a hold that starts here counts the
+                    // connection as queued (it has no backend any more).
+                    self.drop_backend_for_reconnect();
+                }
                 self.reconnects_seen = reconnects;
                 match (&self.mode, &new) {
                     (Mode::Forwarding { .. }, Mode::Holding(h)) => {
@@ -358,10 +365,11 @@ impl Conn {
                         self.replay_left = self.up.len();
                         self.replay_stats = after.clone();
                     }
+                    // Holding → Forwarding of a later hold (that hold and
+                    // its release both passed unseen: its quiescence timed
+                    // out) leaves both holds' counters short; the bytes are
+                    // still replayed, in order.
                     _ => {}
-                }
-                if reconnect {
-                    self.drop_backend_for_reconnect();
                 }
                 self.mode = new;
             }
@@ -564,14 +572,23 @@ impl Conn {
     /// queued goes to a fresh backend connection, opened once nothing holds
     /// it.
     fn drop_backend_for_reconnect(&mut self) {
-        if self.backend.take().is_none() {
+        if self.backend.is_none() {
             return;
         }
-        // The old socket's translated flow is dead, and a stale entry could
-        // catch a new flow on its port.
-        self.endpoint.untranslate(&self.info, false);
+        self.forget_backend();
         self.backend_eof = false;
         self.backend_shut = false;
+    }
+
+    /// Drops the backend socket and everything that names it: the status's
+    /// backend flow (a `target` must not translate a dead flow) and its
+    /// translation (a stale entry could catch a new flow on its port).
+    fn forget_backend(&mut self) {
+        self.backend = None;
+        if let Ok(mut b) = self.info.backend.lock() {
+            *b = None;
+        }
+        self.endpoint.untranslate(&self.info, false);
     }
 
     async fn connect_backend(&mut self) -> io::Result<()> {
@@ -604,10 +621,9 @@ impl Conn {
         if let Some(h) = hold {
             h.record_close(reason);
         }
-        self.backend = None;
         // The socket is gone: its translation goes now, not after the
         // client's linger (a new flow could take the port meanwhile).
-        self.endpoint.untranslate(&self.info, false);
+        self.forget_backend();
         let linger = self.ctx.close_linger;
         let mut down = std::mem::take(&mut self.down);
         if !self.down_lane.is_empty() {
