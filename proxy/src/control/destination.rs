@@ -144,15 +144,15 @@ impl Control {
         flows.sort_by_key(|f| (f.node, f.pod_port, f.pod_addr));
         flows.dedup();
         if let Some(to) = req.to {
-            // A pod restored on the node of the proxy that holds its flows
-            // (it comes back to the node it left): the proxy's and the
-            // pod's sockets meet on the pod-facing side and both use the
-            // flow's old address, so nothing is translated here; the origin
-            // side's entries (`target`) apply only where packets leave the
-            // node. Installing this side's entries over them would rewrite
-            // the pod's replies to an address the proxy's socket does not
-            // know.
-            // Flows already at `to` need nothing either.
+            // Two kinds of flow need nothing here:
+            // - one already at `to`;
+            // - one of this node's own proxy (the pod comes back to the
+            //   node it left). The proxy's and the pod's sockets meet on the
+            //   pod-facing side, both at the flow's old address; the origin
+            //   side's entries (`target`) act only where packets leave the
+            //   node. This side's entries put over them would rewrite the
+            //   pod's replies to an address the proxy's socket does not
+            //   know.
             flows.retain(|f| {
                 let Some((key, _)) = translated_key(&endpoints, to, f) else {
                     return false;
