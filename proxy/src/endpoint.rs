@@ -171,6 +171,12 @@ impl ConnInfo {
     /// already gone (the caller removes the entry itself).
     pub fn mark_translated(&self, key: FlowKey) -> bool {
         match self.translated_flow.lock() {
+            // No backend socket any more (see `forget_backend`): nobody
+            // would remove the entry.
+            Ok(t) if self.backend.lock().map_or(true, |b| b.is_none()) => {
+                drop(t);
+                false
+            }
             Ok(mut t) if *t != FlowTranslation::Done => {
                 *t = FlowTranslation::Installed(key);
                 true
@@ -182,6 +188,26 @@ impl ConnInfo {
     /// The backend socket whose flow was translated is done: returns the
     /// entry to remove, if any. `last`: no later backend socket can need a
     /// translation either (the connection is closing).
+    /// The backend socket is gone (dropped for a reconnect, or failed):
+    /// forgets it, so a `target` no longer sees its flow, and returns its
+    /// translation's entry to remove, if any. One step under the
+    /// translation's lock, so a `target` that read the flow before cannot
+    /// mark it translated after (see `mark_translated`).
+    pub fn forget_backend(&self) -> Option<FlowKey> {
+        let mut t = self.translated_flow.lock().ok()?;
+        if let Ok(mut b) = self.backend.lock() {
+            *b = None;
+        }
+        let key = match *t {
+            FlowTranslation::Installed(k) => Some(k),
+            _ => None,
+        };
+        if *t != FlowTranslation::Done {
+            *t = FlowTranslation::None;
+        }
+        key
+    }
+
     pub fn take_translation(&self, last: bool) -> Option<FlowKey> {
         let mut t = self.translated_flow.lock().ok()?;
         let key = match *t {

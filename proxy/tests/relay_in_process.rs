@@ -750,13 +750,13 @@ fn translated_addrs(
 async fn a_pod_restored_beside_its_proxy_keeps_the_origin_entries() {
     use shepherd::api::types::IncomingRequest;
     let r = rig(Mechanism::Copy, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
-    let _c = held_and_translated(&r, "m40").await;
-    let st = r.control.status("m40").expect("status");
     let roles = |r: &Rig| -> Vec<u32> {
         let t = r.intercept.translations.lock().expect("lock");
         t.values().map(|t| t.role).collect()
     };
-    assert_eq!(roles(&r), [shepherd_common::ROLE_ORIGIN]);
+    // Whichever comes first: `incoming` with the flows before `target`...
+    let (_c, _) = consumed_then_held(&r, "m40").await;
+    let st = r.control.status("m40").expect("status");
     let req = IncomingRequest {
         endpoints: vec![r.endpoint],
         to: Some("127.0.0.2".parse().expect("ip")),
@@ -765,15 +765,23 @@ async fn a_pod_restored_beside_its_proxy_keeps_the_origin_entries() {
     };
     let inc = r.control.incoming("m40", &req).expect("incoming");
     assert!(inc.flows.is_empty(), "{inc:?}");
+    assert_eq!(r.translations(), 0, "no destination entry for our own flow");
+    r.control
+        .target("m40", "127.0.0.2".parse().expect("ip"))
+        .expect("target");
+    assert_eq!(roles(&r), [shepherd_common::ROLE_ORIGIN]);
+    // ... or after it.
+    let inc = r.control.incoming("m40", &req).expect("incoming again");
+    assert!(inc.flows.is_empty(), "{inc:?}");
     assert_eq!(
         roles(&r),
         [shepherd_common::ROLE_ORIGIN],
         "left as they were"
     );
-    r.control.complete_incoming("m40", None).expect("complete");
     r.control
         .release("m40", ReleaseMode::Resume, None)
         .expect("release");
+    r.control.complete_incoming("m40", None).expect("complete");
 }
 
 /// `incoming` reads a flow's `pod_addr` strictly: the endpoint's own

@@ -6,13 +6,13 @@
 //!   `DELETE /v1/endpoints/{ip:port}`
 //! - `GET /v1/connections`
 //! - `GET /v1/migrations`, `GET /v1/migrations/{id}`,
-//!   `PUT /v1/migrations/{id}/hold` `{endpoints, deadline_ms?, quiesce_timeout_ms?}`,
+//!   `PUT /v1/migrations/{id}/hold` `{endpoints, deadline_ms?, quiesce_timeout_ms?, to?}`,
 //!   `POST /v1/migrations/{id}/release` `{mode?, to?}`,
 //!   `POST /v1/migrations/{id}/abort` `{reason?}`,
 //!   `PUT /v1/migrations/{id}/target` `{to}` (origin: the pod's new address)
 //! - destination side: `PUT /v1/migrations/{id}/incoming`
 //!   `{endpoints, to?, flows?, deadline_ms?}`, `GET /v1/migrations/{id}/incoming`,
-//!   `POST /v1/migrations/{id}/incoming/complete`
+//!   `POST /v1/migrations/{id}/incoming/complete` `{reason?}`
 //!
 //! Bodies are read with a hard size limit and parsed here, so malformed or
 //! oversized input gets a JSON error rather than a framework default.

@@ -65,7 +65,9 @@ pub struct HoldRequest {
 pub struct ReleaseRequest {
     #[serde(default)]
     pub mode: Option<ReleaseMode>,
-    /// New pod address (next issue: translation). Rejected for now.
+    /// The pod's new address: new backend connections go there, and in
+    /// resume mode the held flows are translated to it (as `target`).
+    /// Default: the migration's target, if one was set.
     #[serde(default)]
     pub to: Option<String>,
 }

@@ -143,7 +143,10 @@ impl Control {
         }
         flows.sort_by_key(|f| (f.node, f.pod_port, f.pod_addr));
         flows.dedup();
+        // Shielded whether or not they are translated here (below).
+        let shield_flows = flows.clone();
         if let Some(to) = req.to {
+            let own_conns = self.own_backend_flows();
             // Two kinds of flow need nothing here:
             // - one already at `to`;
             // - one of this node's own proxy (the pod comes back to the
@@ -157,12 +160,15 @@ impl Control {
                 let Some((key, _)) = translated_key(&endpoints, to, f) else {
                     return false;
                 };
-                let own = self
-                    .intercept
-                    .translation(key)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|t| t.role == ROLE_ORIGIN);
+                // A live connection of this agent's proxy, or an entry
+                // `target` installed for one (whichever came first).
+                let own = own_conns.contains(&key)
+                    || self
+                        .intercept
+                        .translation(key)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|t| t.role == ROLE_ORIGIN);
                 if own {
                     tracing::info!(migration = id, flow = %f.node, "incoming: flow of this node's own proxy, not translated here");
                 }
@@ -183,6 +189,10 @@ impl Control {
                 .into_iter()
                 .filter(|f| !existing.flows.contains(f) && !existing.swept.contains(f))
                 .collect();
+            let fresh_shield: Vec<BackendFlow> = shield_flows
+                .into_iter()
+                .filter(|f| !existing.swept.contains(f))
+                .collect();
             let keys = match existing.to {
                 Some(to) => self.translate_flows(&existing.endpoints, to, &fresh, ROLE_DEST)?,
                 None => Vec::new(),
@@ -190,7 +200,7 @@ impl Control {
             if !existing.completed {
                 // Flows from a connection opened after an earlier move use
                 // the address the pod had then: shield that one too.
-                let wanted = shield_addrs(&existing.endpoints, existing.to, &fresh);
+                let wanted = shield_addrs(&existing.endpoints, existing.to, &fresh_shield);
                 let mut added = Vec::new();
                 if let Err(e) = self.shield(&wanted, &registered, &existing.shielded, &mut added) {
                     self.lift_shield(&added, &registered);
@@ -218,7 +228,7 @@ impl Control {
             None => Vec::new(),
         };
         let mut shielded = Vec::new();
-        let wanted = shield_addrs(&endpoints, req.to, &flows);
+        let wanted = shield_addrs(&endpoints, req.to, &shield_flows);
         if let Err(e) = self.shield(&wanted, &registered, &[], &mut shielded) {
             // Undo: no record will exist to lift or sweep these.
             self.lift_shield(&shielded, &registered);
@@ -374,6 +384,17 @@ impl Control {
             );
         }
         removed
+    }
+
+    /// The translation keys (under the pod address their sockets use) of
+    /// this agent's own live backend flows.
+    fn own_backend_flows(&self) -> HashSet<FlowKey> {
+        let states: Vec<_> = lock(&self.endpoints).values().cloned().collect();
+        states
+            .iter()
+            .flat_map(|s| s.connections())
+            .filter_map(|c| super::origin::conn_flow_key(&c))
+            .collect()
     }
 
     /// Raises the shield on each of `addrs` not already in `done`, pushing

@@ -207,16 +207,16 @@ impl Control {
                 })
             })
             .transpose()?;
+        if let (Some(ip), ReleaseMode::Resume) = (to, mode) {
+            // The restored sockets keep their old address: translate.
+            self.target(id, ip)?;
+        }
         // Without `to`, new connections go where `target` said the pod is:
         // its old address may no longer reach it.
         let to = match to {
             Some(ip) => Some(ip),
             None => lock(&self.migrations).get(id).and_then(|m| m.target),
         };
-        if let (Some(ip), ReleaseMode::Resume) = (to, mode) {
-            // The restored sockets keep their old address: translate.
-            self.target(id, ip)?;
-        }
         self.finish(id, Request::Release, None, Some(mode), to)
     }
 
@@ -432,8 +432,13 @@ impl Control {
         let mut replaced = std::collections::HashMap::new();
         for (_, c) in &conns {
             if let Some(key) = conn_flow_key(c) {
+                // Only this side's: a destination entry for the same flow
+                // (the pod was restored beside this proxy) is not ours to
+                // put back.
                 if let Ok(Some(prev)) = self.intercept.translation(key) {
-                    replaced.insert(key, prev);
+                    if prev.role == ROLE_ORIGIN {
+                        replaced.insert(key, prev);
+                    }
                 }
             }
         }
@@ -504,7 +509,7 @@ fn flow_pod_addr(c: &ConnInfo, f: &BackendFlow) -> Ipv4Addr {
 
 /// The translation key of a connection's backend flow (under the pod
 /// address its sockets use), once its backend socket exists.
-fn conn_flow_key(c: &ConnInfo) -> Option<FlowKey> {
+pub(super) fn conn_flow_key(c: &ConnInfo) -> Option<FlowKey> {
     let f = backend_flow(c)?;
     Some(FlowKey::new(
         f.node.ip().octets(),

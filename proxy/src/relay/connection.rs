@@ -585,10 +585,9 @@ impl Conn {
     /// translation (a stale entry could catch a new flow on its port).
     fn forget_backend(&mut self) {
         self.backend = None;
-        if let Ok(mut b) = self.info.backend.lock() {
-            *b = None;
+        if let Some(key) = self.info.forget_backend() {
+            self.endpoint.remove_translation(key);
         }
-        self.endpoint.untranslate(&self.info, false);
     }
 
     async fn connect_backend(&mut self) -> io::Result<()> {
