@@ -14,7 +14,7 @@
 //! is followed by a restore of the same images on A.
 use crate::agent::Agent;
 use crate::criu::{self, DumpOpts, Images, RestoredProcess, TcpRestore};
-use crate::topology::TwoNode;
+use crate::topology::PodMove;
 use serde_json::{json, Value};
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
@@ -70,9 +70,10 @@ impl Plan {
     }
 }
 
-/// The two agents and the topology they run in.
+/// The two agents, and where the migration takes the pod (a
+/// [`TwoNode`](crate::topology::TwoNode) for its first move).
 pub struct Cluster<'a> {
-    pub topo: &'a TwoNode,
+    pub topo: &'a dyn PodMove,
     pub origin: &'a Agent,
     pub dest: &'a Agent,
 }
@@ -142,7 +143,8 @@ pub fn reap(pid: u32, timeout: Duration) {
 
 /// Migrates the pod whose process tree is rooted at `pod_pid` (started by the
 /// caller, who reaps the root with `reap_root` once the dump has killed it)
-/// from pod A to pod B. `progress` receives one line per step.
+/// as `c.topo` says (pod A to pod B, for a first move). `progress` receives
+/// one line per step.
 pub fn migrate(
     c: &Cluster<'_>,
     plan: &Plan,
@@ -153,7 +155,7 @@ pub fn migrate(
     let mut report = Report::default();
     let t = c.topo;
     let eps: Vec<String> = plan.endpoints.iter().map(|e| e.to_string()).collect();
-    let new_ip = (!t.same_ip()).then_some(t.pod_b_ip);
+    let new_ip = t.new_ip();
     let mode = match plan.mode {
         ReleaseMode::Resume => TcpRestore::Established,
         ReleaseMode::Reconnect => TcpRestore::Close,
@@ -237,7 +239,7 @@ pub fn migrate(
                 api(c.dest, "PUT", path, Some(body)).map(|_| s.elapsed())
             })
         });
-        let dumped = criu::dump(&t.pod_a, pod_pid, &images, &DumpOpts::default());
+        let dumped = criu::dump(t.source_ns(), pod_pid, &images, &DumpOpts::default());
         let sent = sender.map(|h| {
             h.join()
                 .unwrap_or_else(|_| Err("flows thread panicked".into()))
@@ -286,14 +288,16 @@ pub fn migrate(
         Some(e) => Err(format!(
             "the destination did not take the flows to translate: {e}"
         )),
-        None => criu::restore(&t.pod_b, &on_b, mode).map_err(|e| e.to_string()),
+        None => criu::restore(t.dest_ns(), &on_b, mode).map_err(|e| e.to_string()),
     };
     let restored = match on_dest {
         Ok((p, _)) => p,
         Err(e) => {
             // Put the pod back where it was.
             t.restore_routes();
-            let back = criu::restore(&t.pod_a, &images, mode).ok().map(|(p, _)| p);
+            let back = criu::restore(t.source_ns(), &images, mode)
+                .ok()
+                .map(|(p, _)| p);
             abort("restore failed");
             return Err(ControllerError {
                 step: "restore",

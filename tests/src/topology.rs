@@ -426,3 +426,120 @@ impl TwoNode {
         route_del_if_present(&self.node_b, &pod_b);
     }
 }
+
+/// Where one migration takes the pod, as the reference controller needs to
+/// know it: the namespace it leaves and the one it is restored in, its new
+/// address (if it changes), and the route switch (and its undoing).
+pub trait PodMove: Sync {
+    /// The namespace the pod runs in now.
+    fn source_ns(&self) -> &Netns;
+    /// The namespace it is restored in.
+    fn dest_ns(&self) -> &Netns;
+    /// Its address after the move, if it changes.
+    fn new_ip(&self) -> Option<Ipv4Addr>;
+    /// Routes the pod's addresses to where it lands.
+    fn switch_routes(&self);
+    /// Undoes [`switch_routes`](Self::switch_routes) (the pod stays).
+    fn restore_routes(&self);
+}
+
+/// The first move: pod A to pod B.
+impl PodMove for TwoNode {
+    fn source_ns(&self) -> &Netns {
+        &self.pod_a
+    }
+    fn dest_ns(&self) -> &Netns {
+        &self.pod_b
+    }
+    fn new_ip(&self) -> Option<Ipv4Addr> {
+        (!self.same_ip()).then_some(self.pod_b_ip)
+    }
+    fn switch_routes(&self) {
+        TwoNode::switch_routes(self);
+    }
+    fn restore_routes(&self) {
+        TwoNode::restore_routes(self);
+    }
+}
+
+/// Pod C's address: the third one a pod has, for a second move.
+pub const POD_C_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 30);
+
+/// A third pod namespace, `{prefix}podc`, behind node B on its `pod1`, with
+/// [`POD_C_IP`] on eth0 and the pod's two earlier addresses ([`POD_IP`] and
+/// pod B's) on `lo`, so CRIU can restore sockets bound to either. Node B
+/// routes to it only when [`SecondMove::switch_routes`] says so. Dropping it
+/// deletes the namespace (and the veth).
+#[derive(Debug)]
+pub struct PodC {
+    pub ns: Netns,
+}
+
+impl PodC {
+    /// Node B's side of pod C's veth.
+    pub const HOST_IF: &'static str = "pod1";
+
+    /// Builds it behind `t`'s node B (a [`TwoNode::new_ip`] topology).
+    pub fn new(t: &TwoNode, prefix: &str) -> PodC {
+        let c = PodC {
+            ns: Netns::create(&format!("{prefix}podc")),
+        };
+        wire_pod_unrouted(&t.node_b, Self::HOST_IF, &c.ns, POD_C_IP);
+        for ip in [t.pod_ip, t.pod_b_ip] {
+            addr_add(&c.ns, "lo", &format!("{ip}/32"));
+        }
+        rp_filter_off(&c.ns, &[POD_IF, "lo"]);
+        rp_filter_off(&t.node_b, &[Self::HOST_IF]);
+        t.node_b.sysctl(
+            &format!("net.ipv4.conf.{}.send_redirects", Self::HOST_IF),
+            "0",
+        );
+        c
+    }
+}
+
+/// The second move of a [`TwoNode::new_ip`] pod: from pod B to [`PodC`],
+/// both behind node B. Node A (the anchor) already routes the pod's first
+/// two addresses to node B; it now routes pod C's as well.
+pub struct SecondMove<'a> {
+    pub t: &'a TwoNode,
+    pub pod_c: &'a PodC,
+}
+
+impl SecondMove<'_> {
+    fn routes(&self) -> (Vec<String>, Vec<String>) {
+        let on_b = pod_route(PodC::HOST_IF, POD_C_IP, self.t.node_b_ip);
+        let on_a = [
+            format!("{POD_C_IP}/32"),
+            "via".to_owned(),
+            self.t.node_b_ip.to_string(),
+            "dev".to_owned(),
+            self.t.node_fabric_if().to_owned(),
+        ]
+        .to_vec();
+        (on_b, on_a)
+    }
+}
+
+impl PodMove for SecondMove<'_> {
+    fn source_ns(&self) -> &Netns {
+        &self.t.pod_b
+    }
+    fn dest_ns(&self) -> &Netns {
+        &self.pod_c.ns
+    }
+    fn new_ip(&self) -> Option<Ipv4Addr> {
+        Some(POD_C_IP)
+    }
+    /// Node B first, then node A, as for the first move.
+    fn switch_routes(&self) {
+        let (on_b, on_a) = self.routes();
+        ip_route(&self.t.node_b, "replace", &on_b);
+        ip_route(&self.t.node_a, "replace", &on_a);
+    }
+    fn restore_routes(&self) {
+        let cidr = format!("{POD_C_IP}/32");
+        route_del_if_present(&self.t.node_a, &cidr);
+        route_del_if_present(&self.t.node_b, &cidr);
+    }
+}

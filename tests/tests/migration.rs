@@ -12,7 +12,7 @@ use shepherd_tests::criu::RestoredProcess;
 use shepherd_tests::names::unique_prefix;
 use shepherd_tests::process::{wait_tcp_ready, Workload};
 use shepherd_tests::stream::{request_response, CounterReport, CounterStream};
-use shepherd_tests::topology::TwoNode;
+use shepherd_tests::topology::{PodC, SecondMove, TwoNode};
 use shepherd_tests::{echo_bin, privileged};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, SocketAddrV4};
@@ -32,6 +32,8 @@ struct World {
     dest: Agent,
     restored: Option<RestoredProcess>,
     pod: Option<Workload>,
+    /// Where a second move lands (see [`World::with_second_move`]).
+    pod_c: Option<PodC>,
     _dir: tempfile::TempDir,
     t: TwoNode,
 }
@@ -48,12 +50,24 @@ impl World {
     /// Topology (same or new IP), both agents, and an echo pod on `ports`
     /// (two ports: two processes in one pod, as one process tree).
     fn new(tag: &str, new_ip: bool, ports: &[u16]) -> World {
+        Self::build(tag, new_ip, false, ports)
+    }
+
+    /// A new-IP world with [`PodC`] behind node B for a second move (the
+    /// destination agent shields and translates on its interface too).
+    fn with_second_move(tag: &str, ports: &[u16]) -> World {
+        Self::build(tag, true, true, ports)
+    }
+
+    fn build(tag: &str, new_ip: bool, second_move: bool, ports: &[u16]) -> World {
         let dir = tempfile::tempdir().expect("tempdir");
+        let prefix = unique_prefix(tag);
         let t = if new_ip {
-            TwoNode::new_ip(&unique_prefix(tag))
+            TwoNode::new_ip(&prefix)
         } else {
-            TwoNode::new(&unique_prefix(tag))
+            TwoNode::new(&prefix)
         };
+        let pod_c = second_move.then(|| PodC::new(&t, &prefix));
         let echo = copy_bin(&echo_bin!(), dir.path());
         let log = dir.path().join("pod.log");
         // A pod that changes address must listen on any address, as pods do:
@@ -89,13 +103,24 @@ impl World {
             )
             .unwrap_or_else(|e| panic!("{e}; pod log:\n{}", pod.log()));
         }
-        Self::finish(dir, t, pod, ports)
+        Self::finish(dir, t, pod, pod_c, ports)
     }
 
-    fn finish(dir: tempfile::TempDir, t: TwoNode, pod: Workload, ports: &[u16]) -> World {
+    fn finish(
+        dir: tempfile::TempDir,
+        t: TwoNode,
+        pod: Workload,
+        pod_c: Option<PodC>,
+        ports: &[u16],
+    ) -> World {
         // Two data threads whatever the machine's default: holds,
         // quiescence and replays then cross threads in every test.
-        let (origin, dest) = shepherd_tests::agent::start_pair(&t, &["--data-threads", "2"]);
+        let dest_extra: &[&str] = match pod_c {
+            Some(_) => &["--shield-iface", PodC::HOST_IF],
+            None => &[],
+        };
+        let (origin, dest) =
+            shepherd_tests::agent::start_pair_with(&t, &["--data-threads", "2"], dest_extra);
         let eps: Vec<String> = ports.iter().map(|p| t.pod_addr(*p).to_string()).collect();
         let mut add = vec!["endpoint", "add"];
         add.extend(eps.iter().map(String::as_str));
@@ -107,6 +132,7 @@ impl World {
             dest,
             restored: None,
             pod: Some(pod),
+            pod_c,
             _dir: dir,
             t,
         }
@@ -138,6 +164,30 @@ impl World {
             Ok((restored, report)) => {
                 self.restored = Some(restored);
                 drop(pod);
+                report
+            }
+            Err(e) => panic!("{e}\norigin log:\n{}", self.origin.log()),
+        }
+    }
+
+    /// Moves the pod restored by [`migrate`](Self::migrate) on to [`PodC`].
+    fn migrate_again(&mut self, plan: &Plan) -> Report {
+        let mut first = self.restored.take();
+        let pid = first.as_ref().expect("pod restored at B").pid();
+        let pod_c = self.pod_c.as_ref().expect("a world with pod C");
+        let second = SecondMove { t: &self.t, pod_c };
+        let c = Cluster {
+            topo: &second,
+            origin: &self.origin,
+            dest: &self.dest,
+        };
+        // The dump kills the restored root; dropping it reaps it.
+        let result = controller::migrate(&c, plan, pid, &mut || drop(first.take()), &|line| {
+            eprintln!("[{}] {line}", plan.id)
+        });
+        match result {
+            Ok((restored, report)) => {
+                self.restored = Some(restored);
                 report
             }
             Err(e) => panic!("{e}\norigin log:\n{}", self.origin.log()),
@@ -269,6 +319,65 @@ fn new_ip_migration_translates_the_migrated_flows() {
         0,
         "the old address crossed the fabric: {by_addr:?}"
     );
+    w.assert_no_rst();
+}
+
+/// A pod that changes address twice: pod A → pod B (a new IP) → pod C (a
+/// third, behind node B). A connection opened between the moves reaches the
+/// pod at pod B's address, so the second move translates its flow from
+/// there, and the one from before the first move from pod A's. Both streams
+/// keep every byte, in order, with no RST; after the second move only pod
+/// C's address is on the wire between the nodes.
+#[test]
+fn second_move_keeps_connections_opened_between_the_moves() {
+    privileged!();
+    let mut w = World::with_second_move("mg2", &[PORT]);
+    let before = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
+    std::thread::sleep(Duration::from_millis(500));
+    let first = w.migrate(&w.plan("mig-first", &[PORT]));
+    let between = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
+    std::thread::sleep(Duration::from_millis(500));
+    let conns = w.origin.cli_json(&["conn", "ls"]);
+    let at_b = w.t.pod_b_addr(PORT).to_string();
+    assert!(
+        conns["connections"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["backend_peer"] == at_b.as_str())),
+        "no backend connection to pod B's address: {conns}"
+    );
+    let second = w.migrate_again(&w.plan("mig-second", &[PORT]));
+    // Before it, pod B's address was on the wire; from now on only pod C's.
+    let fabric = Capture::start(&w.t.node_b, w.t.node_fabric_if());
+    std::thread::sleep(Duration::from_millis(500));
+    let flows = &second.origin_status["backend_flows"];
+    let b_ip = w.t.pod_b_ip.to_string();
+    assert!(
+        flows
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f["pod_addr"] == b_ip.as_str())),
+        "the flow opened between the moves is not at pod B's address: {flows}"
+    );
+    let longest = if first.freeze > second.freeze {
+        &first
+    } else {
+        &second
+    };
+    assert_stream(&before.stop(), longest);
+    assert_stream(&between.stop(), &second);
+    assert_replayed(&w, &second);
+    let wire = fabric.stop();
+    assert_eq!(wire.rsts, 0, "{:#?}", wire.rst_lines);
+    let by_addr = &wire.tcp_by_addr;
+    for old in [w.t.pod_ip, w.t.pod_b_ip] {
+        assert_eq!(
+            by_addr.get(&old).copied().unwrap_or(0),
+            0,
+            "{old} crossed the fabric after the second move: {by_addr:?}"
+        );
+    }
+    // New connections go to pod C.
+    request_response(&w.t.client, w.t.pod_addr(PORT), b"after")
+        .expect("new connection after the second move");
     w.assert_no_rst();
 }
 
@@ -423,7 +532,7 @@ fn redis_survives_migration_with_zero_failed_commands() {
         Duration::from_secs(10),
     )
     .unwrap_or_else(|e| panic!("{e}; redis log:\n{}", redis.log()));
-    let mut w = World::finish(dir, t, redis, &[REDIS]);
+    let mut w = World::finish(dir, t, redis, None, &[REDIS]);
     let server = w.t.pod_addr(REDIS);
     redis_cli(&w.t, server, &["SET", "before-migration", "kept"]);
 
