@@ -382,14 +382,15 @@ pub fn start_single(t: &crate::topology::SingleNode, extra: &[&str]) -> Agent {
 /// fabric interface and shielding (and translating) on its pod interface,
 /// plus `extra` arguments for both.
 pub fn start_pair(t: &crate::topology::TwoNode, extra: &[&str]) -> (Agent, Agent) {
-    start_pair_with(t, extra, &[])
+    start_pair_with(t, extra, &[], &[])
 }
 
-/// [`start_pair`], with `dest_extra` for the destination only (say, a
-/// second pod interface to shield on).
+/// [`start_pair`], with `origin_extra` and `dest_extra` for one agent only
+/// (say, a second pod interface to shield on).
 pub fn start_pair_with(
     t: &crate::topology::TwoNode,
     extra: &[&str],
+    origin_extra: &[&str],
     dest_extra: &[&str],
 ) -> (Agent, Agent) {
     let mut args = vec![
@@ -399,11 +400,12 @@ pub fn start_pair_with(
         t.node_pod_if(),
     ];
     args.extend_from_slice(extra);
-    let mut dest_args = args.clone();
-    dest_args.extend_from_slice(dest_extra);
+    let mut origin_args = args.clone();
+    origin_args.extend_from_slice(origin_extra);
+    args.extend_from_slice(dest_extra);
     (
-        Agent::start(&t.node_a, args),
-        Agent::start(&t.node_b, dest_args),
+        Agent::start(&t.node_a, origin_args),
+        Agent::start(&t.node_b, args),
     )
 }
 

@@ -464,60 +464,83 @@ impl PodMove for TwoNode {
 
 /// Pod C's address: the third one a pod has, for a second move.
 pub const POD_C_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 30);
+/// Pod D's address: the pod back behind node A, at yet another address.
+pub const POD_D_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 40);
 
-/// A third pod namespace, `{prefix}podc`, behind node B on its `pod1`, with
-/// [`POD_C_IP`] on eth0 and the pod's two earlier addresses ([`POD_IP`] and
-/// pod B's) on `lo`, so CRIU can restore sockets bound to either. Node B
-/// routes to it only when [`SecondMove::switch_routes`] says so. Dropping it
-/// deletes the namespace (and the veth).
+/// One more pod namespace behind a node of a [`TwoNode::new_ip`] topology,
+/// for a second move: `ip` on its eth0, and the pod's two earlier addresses
+/// ([`POD_IP`] and pod B's) on `lo`, so CRIU can restore sockets bound to
+/// either. Its node routes to it only when a move switches routes. Dropping
+/// it deletes the namespace (and the veth).
 #[derive(Debug)]
-pub struct PodC {
+pub struct ExtraPod {
     pub ns: Netns,
+    /// Its node's side of the veth.
+    pub host_if: &'static str,
+    pub ip: Ipv4Addr,
+    /// Behind node A, the proxy's own node (else behind node B).
+    pub behind_origin: bool,
 }
 
-impl PodC {
-    /// Node B's side of pod C's veth.
-    pub const HOST_IF: &'static str = "pod1";
+impl ExtraPod {
+    /// Pod C: `{prefix}podc` behind node B (`pod1`), at [`POD_C_IP`].
+    pub fn pod_c(t: &TwoNode, prefix: &str) -> ExtraPod {
+        Self::behind(t, false, "pod1", &format!("{prefix}podc"), POD_C_IP)
+    }
 
-    /// Builds it behind `t`'s node B (a [`TwoNode::new_ip`] topology).
-    pub fn new(t: &TwoNode, prefix: &str) -> PodC {
-        let c = PodC {
-            ns: Netns::create(&format!("{prefix}podc")),
+    /// Pod D: `{prefix}podd` behind node A (`pod2`), at [`POD_D_IP`].
+    pub fn pod_d(t: &TwoNode, prefix: &str) -> ExtraPod {
+        Self::behind(t, true, "pod2", &format!("{prefix}podd"), POD_D_IP)
+    }
+
+    fn behind(
+        t: &TwoNode,
+        behind_origin: bool,
+        host_if: &'static str,
+        name: &str,
+        ip: Ipv4Addr,
+    ) -> ExtraPod {
+        let node = if behind_origin { &t.node_a } else { &t.node_b };
+        let p = ExtraPod {
+            ns: Netns::create(name),
+            host_if,
+            ip,
+            behind_origin,
         };
-        wire_pod_unrouted(&t.node_b, Self::HOST_IF, &c.ns, POD_C_IP);
-        for ip in [t.pod_ip, t.pod_b_ip] {
-            addr_add(&c.ns, "lo", &format!("{ip}/32"));
+        wire_pod_unrouted(node, host_if, &p.ns, ip);
+        for old in [t.pod_ip, t.pod_b_ip] {
+            addr_add(&p.ns, "lo", &format!("{old}/32"));
         }
-        rp_filter_off(&c.ns, &[POD_IF, "lo"]);
-        rp_filter_off(&t.node_b, &[Self::HOST_IF]);
-        t.node_b.sysctl(
-            &format!("net.ipv4.conf.{}.send_redirects", Self::HOST_IF),
-            "0",
-        );
-        c
+        rp_filter_off(&p.ns, &[POD_IF, "lo"]);
+        rp_filter_off(node, &[host_if]);
+        node.sysctl(&format!("net.ipv4.conf.{host_if}.send_redirects"), "0");
+        p
     }
 }
 
-/// The second move of a [`TwoNode::new_ip`] pod: from pod B to [`PodC`],
-/// both behind node B. Node A (the anchor) already routes the pod's first
-/// two addresses to node B; it now routes pod C's as well.
+/// The second move of a [`TwoNode::new_ip`] pod, from pod B to an
+/// [`ExtraPod`]:
+/// - to pod C (behind node B): node B routes pod C's address to it, and node
+///   A (the anchor, which already routes the pod's first two addresses to
+///   node B) routes pod C's there too;
+/// - to pod D (back behind node A, the proxy's own node): node A routes pod
+///   D's address and the pod's first two to pod D, whose sockets still use
+///   those two. Nothing is translated between a proxy and a pod on one node.
 pub struct SecondMove<'a> {
     pub t: &'a TwoNode,
-    pub pod_c: &'a PodC,
+    pub to: &'a ExtraPod,
 }
 
 impl SecondMove<'_> {
-    fn routes(&self) -> (Vec<String>, Vec<String>) {
-        let on_b = pod_route(PodC::HOST_IF, POD_C_IP, self.t.node_b_ip);
-        let on_a = [
-            format!("{POD_C_IP}/32"),
+    fn via_b(&self, ip: Ipv4Addr) -> Vec<String> {
+        [
+            format!("{ip}/32"),
             "via".to_owned(),
             self.t.node_b_ip.to_string(),
             "dev".to_owned(),
             self.t.node_fabric_if().to_owned(),
         ]
-        .to_vec();
-        (on_b, on_a)
+        .to_vec()
     }
 }
 
@@ -526,20 +549,41 @@ impl PodMove for SecondMove<'_> {
         &self.t.pod_b
     }
     fn dest_ns(&self) -> &Netns {
-        &self.pod_c.ns
+        &self.to.ns
     }
     fn new_ip(&self) -> Option<Ipv4Addr> {
-        Some(POD_C_IP)
+        Some(self.to.ip)
     }
-    /// Node B first, then node A, as for the first move.
     fn switch_routes(&self) {
-        let (on_b, on_a) = self.routes();
-        ip_route(&self.t.node_b, "replace", &on_b);
-        ip_route(&self.t.node_a, "replace", &on_a);
+        let (t, to) = (self.t, self.to);
+        if self.to.behind_origin {
+            for ip in [to.ip, t.pod_ip, t.pod_b_ip] {
+                ip_route(
+                    &t.node_a,
+                    "replace",
+                    &pod_route(to.host_if, ip, t.node_a_ip),
+                );
+            }
+        } else {
+            // Node B first, so nothing reaches it before it can deliver.
+            ip_route(
+                &t.node_b,
+                "replace",
+                &pod_route(to.host_if, to.ip, t.node_b_ip),
+            );
+            ip_route(&t.node_a, "replace", &self.via_b(to.ip));
+        }
     }
     fn restore_routes(&self) {
-        let cidr = format!("{POD_C_IP}/32");
-        route_del_if_present(&self.t.node_a, &cidr);
-        route_del_if_present(&self.t.node_b, &cidr);
+        let (t, to) = (self.t, self.to);
+        let cidr = format!("{}/32", to.ip);
+        route_del_if_present(&t.node_a, &cidr);
+        if self.to.behind_origin {
+            for ip in [t.pod_ip, t.pod_b_ip] {
+                ip_route(&t.node_a, "replace", &self.via_b(ip));
+            }
+        } else {
+            route_del_if_present(&t.node_b, &cidr);
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! Live migration with Shepherd and real CRIU: a pod is dumped in pod A
 //! (behind node A) and restored in pod B (behind node B) by the reference
-//! controller while clients stream through the origin's proxy. Every scenario
+//! controller while clients stream through the origin's proxy; two
+//! scenarios move it a second time, on to pod C (behind node B) or back
+//! behind node A as pod D. Every scenario
 //! checks every byte, counts RSTs on the client's wire, and bounds the
 //! client's longest pause by the freeze.
 
@@ -12,7 +14,7 @@ use shepherd_tests::criu::RestoredProcess;
 use shepherd_tests::names::unique_prefix;
 use shepherd_tests::process::{wait_tcp_ready, Workload};
 use shepherd_tests::stream::{request_response, CounterReport, CounterStream};
-use shepherd_tests::topology::{PodC, SecondMove, TwoNode};
+use shepherd_tests::topology::{ExtraPod, SecondMove, TwoNode};
 use shepherd_tests::{echo_bin, privileged};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, SocketAddrV4};
@@ -33,7 +35,7 @@ struct World {
     restored: Option<RestoredProcess>,
     pod: Option<Workload>,
     /// Where a second move lands (see [`World::with_second_move`]).
-    pod_c: Option<PodC>,
+    second: Option<ExtraPod>,
     _dir: tempfile::TempDir,
     t: TwoNode,
 }
@@ -50,16 +52,22 @@ impl World {
     /// Topology (same or new IP), both agents, and an echo pod on `ports`
     /// (two ports: two processes in one pod, as one process tree).
     fn new(tag: &str, new_ip: bool, ports: &[u16]) -> World {
-        Self::build(tag, new_ip, false, ports)
+        Self::build(tag, new_ip, None, ports)
     }
 
-    /// A new-IP world with [`PodC`] behind node B for a second move (the
-    /// destination agent shields and translates on its interface too).
-    fn with_second_move(tag: &str, ports: &[u16]) -> World {
-        Self::build(tag, true, true, ports)
+    /// A new-IP world with one more pod namespace for a second move, made
+    /// by `second` ([`ExtraPod::pod_c`] or [`ExtraPod::pod_d`]); its node's
+    /// agent shields and translates on its interface too.
+    fn with_second_move(tag: &str, ports: &[u16], second: fn(&TwoNode, &str) -> ExtraPod) -> World {
+        Self::build(tag, true, Some(second), ports)
     }
 
-    fn build(tag: &str, new_ip: bool, second_move: bool, ports: &[u16]) -> World {
+    fn build(
+        tag: &str,
+        new_ip: bool,
+        second: Option<fn(&TwoNode, &str) -> ExtraPod>,
+        ports: &[u16],
+    ) -> World {
         let dir = tempfile::tempdir().expect("tempdir");
         let prefix = unique_prefix(tag);
         let t = if new_ip {
@@ -67,7 +75,7 @@ impl World {
         } else {
             TwoNode::new(&prefix)
         };
-        let pod_c = second_move.then(|| PodC::new(&t, &prefix));
+        let second = second.map(|make| make(&t, &prefix));
         let echo = copy_bin(&echo_bin!(), dir.path());
         let log = dir.path().join("pod.log");
         // A pod that changes address must listen on any address, as pods do:
@@ -103,24 +111,26 @@ impl World {
             )
             .unwrap_or_else(|e| panic!("{e}; pod log:\n{}", pod.log()));
         }
-        Self::finish(dir, t, pod, pod_c, ports)
+        Self::finish(dir, t, pod, second, ports)
     }
 
     fn finish(
         dir: tempfile::TempDir,
         t: TwoNode,
         pod: Workload,
-        pod_c: Option<PodC>,
+        second: Option<ExtraPod>,
         ports: &[u16],
     ) -> World {
         // Two data threads whatever the machine's default: holds,
         // quiescence and replays then cross threads in every test.
-        let dest_extra: &[&str] = match pod_c {
-            Some(_) => &["--shield-iface", PodC::HOST_IF],
-            None => &[],
+        let extra = ["--shield-iface", second.as_ref().map_or("", |p| p.host_if)];
+        let (on_a, on_b): (&[&str], &[&str]) = match &second {
+            Some(p) if p.behind_origin => (&extra, &[]),
+            Some(_) => (&[], &extra),
+            None => (&[], &[]),
         };
         let (origin, dest) =
-            shepherd_tests::agent::start_pair_with(&t, &["--data-threads", "2"], dest_extra);
+            shepherd_tests::agent::start_pair_with(&t, &["--data-threads", "2"], on_a, on_b);
         let eps: Vec<String> = ports.iter().map(|p| t.pod_addr(*p).to_string()).collect();
         let mut add = vec!["endpoint", "add"];
         add.extend(eps.iter().map(String::as_str));
@@ -132,7 +142,7 @@ impl World {
             dest,
             restored: None,
             pod: Some(pod),
-            pod_c,
+            second,
             _dir: dir,
             t,
         }
@@ -170,16 +180,23 @@ impl World {
         }
     }
 
-    /// Moves the pod restored by [`migrate`](Self::migrate) on to [`PodC`].
+    /// Moves the pod restored by [`migrate`](Self::migrate) on to the
+    /// world's second pod namespace. Back behind node A, the origin's agent
+    /// is the destination too.
     fn migrate_again(&mut self, plan: &Plan) -> Report {
         let mut first = self.restored.take();
         let pid = first.as_ref().expect("pod restored at B").pid();
-        let pod_c = self.pod_c.as_ref().expect("a world with pod C");
-        let second = SecondMove { t: &self.t, pod_c };
+        let to = self.second.as_ref().expect("a world with a second pod");
+        let dest = if to.behind_origin {
+            &self.origin
+        } else {
+            &self.dest
+        };
+        let second = SecondMove { t: &self.t, to };
         let c = Cluster {
             topo: &second,
             origin: &self.origin,
-            dest: &self.dest,
+            dest,
         };
         // The dump kills the restored root; dropping it reaps it.
         let result = controller::migrate(&c, plan, pid, &mut || drop(first.take()), &|line| {
@@ -331,7 +348,7 @@ fn new_ip_migration_translates_the_migrated_flows() {
 #[test]
 fn second_move_keeps_connections_opened_between_the_moves() {
     privileged!();
-    let mut w = World::with_second_move("mg2", &[PORT]);
+    let mut w = World::with_second_move("mg2", &[PORT], ExtraPod::pod_c);
     let before = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
     std::thread::sleep(Duration::from_millis(500));
     let first = w.migrate(&w.plan("mig-first", &[PORT]));
@@ -378,6 +395,52 @@ fn second_move_keeps_connections_opened_between_the_moves() {
     // New connections go to pod C.
     request_response(&w.t.client, w.t.pod_addr(PORT), b"after")
         .expect("new connection after the second move");
+    w.assert_no_rst();
+}
+
+/// A pod that comes back, at a new address, to the node it left: pod A →
+/// pod B (a new IP) → pod D, behind node A again. Node A's agent is both the
+/// origin and the destination of the second move. The proxy's flows need no
+/// translation there (the proxy's and the pod's sockets meet on node A's pod
+/// side, both at their old addresses), so its `incoming` installs nothing
+/// for them. Both streams keep every byte, with no RST; new connections
+/// reach pod D.
+#[test]
+fn pod_back_beside_its_proxy_keeps_every_connection() {
+    privileged!();
+    let mut w = World::with_second_move("mgh", &[PORT], ExtraPod::pod_d);
+    let before = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
+    std::thread::sleep(Duration::from_millis(500));
+    let first = w.migrate(&w.plan("mig-away", &[PORT]));
+    let between = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
+    std::thread::sleep(Duration::from_millis(500));
+    let back = w.migrate_again(&w.plan("mig-back", &[PORT]));
+    std::thread::sleep(Duration::from_millis(500));
+    let longest = if first.freeze > back.freeze {
+        &first
+    } else {
+        &back
+    };
+    assert_stream(&before.stop(), longest);
+    assert_stream(&between.stop(), &back);
+    assert!(
+        back.dest_status["flows"]
+            .as_array()
+            .is_some_and(|f| f.is_empty()),
+        "node A translated its own proxy's flows: {}",
+        back.dest_status
+    );
+    assert_replayed(&w, &back);
+    request_response(&w.t.client, w.t.pod_addr(PORT), b"home")
+        .expect("new connection after the pod came back");
+    let eps = w.origin.cli_json(&["endpoint", "ls"]);
+    assert_eq!(
+        eps["endpoints"][0]["backend"],
+        SocketAddrV4::new(shepherd_tests::topology::POD_D_IP, PORT)
+            .to_string()
+            .as_str(),
+        "{eps}"
+    );
     w.assert_no_rst();
 }
 
