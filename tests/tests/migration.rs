@@ -339,6 +339,38 @@ fn new_ip_migration_translates_the_migrated_flows() {
     w.assert_no_rst();
 }
 
+/// Moves the pod twice (ids `{tag}-1`, `{tag}-2`) while two clients
+/// stream: one connected before the first move, one opened between the
+/// moves. `between` runs between the moves, `after` right after the second
+/// (what it returns is handed back). Checks both streams (every value once,
+/// in order; pauses bounded by the freezes) and the second move's replay;
+/// returns the second move's report.
+fn migrate_twice<T>(
+    w: &mut World,
+    tag: &str,
+    between: impl FnOnce(&World),
+    after: impl FnOnce(&World) -> T,
+) -> (Report, T) {
+    let before = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
+    std::thread::sleep(Duration::from_millis(500));
+    let first = w.migrate(&w.plan(&format!("{tag}-1"), &[PORT]));
+    let opened_between = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
+    std::thread::sleep(Duration::from_millis(500));
+    between(w);
+    let second = w.migrate_again(&w.plan(&format!("{tag}-2"), &[PORT]));
+    let seen = after(w);
+    std::thread::sleep(Duration::from_millis(500));
+    let longest = if first.freeze > second.freeze {
+        &first
+    } else {
+        &second
+    };
+    assert_stream(&before.stop(), longest);
+    assert_stream(&opened_between.stop(), &second);
+    assert_replayed(w, &second);
+    (second, seen)
+}
+
 /// A pod that changes address twice: pod A → pod B (a new IP) → pod C (a
 /// third, behind node B). A connection opened between the moves reaches the
 /// pod at pod B's address, so the second move translates its flow from
@@ -349,23 +381,23 @@ fn new_ip_migration_translates_the_migrated_flows() {
 fn second_move_keeps_connections_opened_between_the_moves() {
     privileged!();
     let mut w = World::with_second_move("mg2", &[PORT], ExtraPod::pod_c);
-    let before = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
-    std::thread::sleep(Duration::from_millis(500));
-    let first = w.migrate(&w.plan("mig-first", &[PORT]));
-    let between = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
-    std::thread::sleep(Duration::from_millis(500));
-    let conns = w.origin.cli_json(&["conn", "ls"]);
     let at_b = w.t.pod_b_addr(PORT).to_string();
-    assert!(
-        conns["connections"]
-            .as_array()
-            .is_some_and(|c| c.iter().any(|c| c["backend_peer"] == at_b.as_str())),
-        "no backend connection to pod B's address: {conns}"
+    let (second, fabric) = migrate_twice(
+        &mut w,
+        "mig-twice",
+        |w| {
+            let conns = w.origin.cli_json(&["conn", "ls"]);
+            assert!(
+                conns["connections"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["backend_peer"] == at_b.as_str())),
+                "no backend connection to pod B's address: {conns}"
+            );
+        },
+        // Before the second move, pod B's address was on the wire; from now
+        // on only pod C's.
+        |w| Capture::start(&w.t.node_b, w.t.node_fabric_if()),
     );
-    let second = w.migrate_again(&w.plan("mig-second", &[PORT]));
-    // Before it, pod B's address was on the wire; from now on only pod C's.
-    let fabric = Capture::start(&w.t.node_b, w.t.node_fabric_if());
-    std::thread::sleep(Duration::from_millis(500));
     let flows = &second.origin_status["backend_flows"];
     let b_ip = w.t.pod_b_ip.to_string();
     assert!(
@@ -374,14 +406,6 @@ fn second_move_keeps_connections_opened_between_the_moves() {
             .is_some_and(|f| f.iter().any(|f| f["pod_addr"] == b_ip.as_str())),
         "the flow opened between the moves is not at pod B's address: {flows}"
     );
-    let longest = if first.freeze > second.freeze {
-        &first
-    } else {
-        &second
-    };
-    assert_stream(&before.stop(), longest);
-    assert_stream(&between.stop(), &second);
-    assert_replayed(&w, &second);
     let wire = fabric.stop();
     assert_eq!(wire.rsts, 0, "{:#?}", wire.rst_lines);
     let by_addr = &wire.tcp_by_addr;
@@ -409,20 +433,7 @@ fn second_move_keeps_connections_opened_between_the_moves() {
 fn pod_back_beside_its_proxy_keeps_every_connection() {
     privileged!();
     let mut w = World::with_second_move("mgh", &[PORT], ExtraPod::pod_d);
-    let before = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
-    std::thread::sleep(Duration::from_millis(500));
-    let first = w.migrate(&w.plan("mig-away", &[PORT]));
-    let between = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
-    std::thread::sleep(Duration::from_millis(500));
-    let back = w.migrate_again(&w.plan("mig-back", &[PORT]));
-    std::thread::sleep(Duration::from_millis(500));
-    let longest = if first.freeze > back.freeze {
-        &first
-    } else {
-        &back
-    };
-    assert_stream(&before.stop(), longest);
-    assert_stream(&between.stop(), &back);
+    let (back, ()) = migrate_twice(&mut w, "mig-back", |_| {}, |_| ());
     assert!(
         back.dest_status["flows"]
             .as_array()
@@ -430,7 +441,6 @@ fn pod_back_beside_its_proxy_keeps_every_connection() {
         "node A translated its own proxy's flows: {}",
         back.dest_status
     );
-    assert_replayed(&w, &back);
     request_response(&w.t.client, w.t.pod_addr(PORT), b"home")
         .expect("new connection after the pod came back");
     let eps = w.origin.cli_json(&["endpoint", "ls"]);
