@@ -185,9 +185,6 @@ impl ConnInfo {
         }
     }
 
-    /// The backend socket whose flow was translated is done: returns the
-    /// entry to remove, if any. `last`: no later backend socket can need a
-    /// translation either (the connection is closing).
     /// The backend socket is gone (dropped for a reconnect, or failed):
     /// forgets it, so a `target` no longer sees its flow, and returns its
     /// translation's entry to remove, if any. One step under the
@@ -208,6 +205,9 @@ impl ConnInfo {
         key
     }
 
+    /// The backend socket whose flow was translated is done: returns the
+    /// entry to remove, if any. `last`: no later backend socket can need a
+    /// translation either (the connection is closing).
     pub fn take_translation(&self, last: bool) -> Option<FlowKey> {
         let mut t = self.translated_flow.lock().ok()?;
         let key = match *t {
