@@ -100,7 +100,9 @@ pub enum Mode {
     /// Relay both ways. `after` is the hold that just ended, if any: bytes it
     /// queued are counted as replayed when they are written. `reconnect`: that
     /// hold ended in `reconnect` mode, so connections drop their old backend
-    /// socket and open a new one to the endpoint's current backend address.
+    /// socket and open a new one to the endpoint's current backend address
+    /// (they act on [`EndpointState::reconnects`], which `set_mode` counts
+    /// from this flag, so a later mode cannot hide it).
     Forwarding {
         after: Option<Arc<HoldStats>>,
         reconnect: bool,

@@ -599,6 +599,41 @@ async fn a_reconnect_hidden_by_the_next_hold_still_reconnects() {
     }
 }
 
+/// A whole hold and release a connection never saw (the hold stopped
+/// waiting for quiescence at once) between the release of the hold it is
+/// in and its next look: it sees Holding(h1) → Forwarding after h2. Its
+/// bytes are replayed once, and both holds' counters add up: h1's held
+/// bytes count as replayed (handed on), and h2 never shows more replayed
+/// than held. On one thread, nothing runs the connection in between.
+#[tokio::test(flavor = "current_thread")]
+async fn a_hold_and_release_never_seen_keep_the_counters_straight() {
+    let r = rig(Mechanism::Copy, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let (mut c, _) = consumed_then_held(&r, "g1").await;
+    c.write_all(b"held;").await.expect("write during hold");
+    let t0 = std::time::Instant::now();
+    while r.control.status("g1").expect("status").bytes_held < 5 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "never held");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    r.control
+        .release("g1", ReleaseMode::Resume, None)
+        .expect("release");
+    let no_wait = HoldRequest {
+        quiesce_timeout_ms: Some(0),
+        ..hold_req(r.endpoint)
+    };
+    let st = r.control.hold("g2", &no_wait).await.expect("hold");
+    assert!(!st.quiescent, "{st:?}");
+    r.control
+        .release("g2", ReleaseMode::Resume, None)
+        .expect("release");
+    assert_eq!(read_exact_timeout(&mut c, 5).await, b"held;");
+    let g1 = r.control.status("g1").expect("status");
+    assert_eq!(g1.bytes_replayed, g1.bytes_held, "{g1:?}");
+    let g2 = r.control.status("g2").expect("status");
+    assert!(g2.bytes_replayed <= g2.bytes_held, "{g2:?}");
+}
+
 impl Rig {
     /// Holds the endpoint under migration `id` and says the pod lands at `to`.
     async fn hold_to(&self, id: &str, to: std::net::Ipv4Addr) -> MigrationStatus {

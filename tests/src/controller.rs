@@ -8,10 +8,13 @@
 //! the destination (`incoming` again, new IP only) → `criu dump
 //! --tcp-established` → copy the images → [extra freeze] → switch routes (safe
 //! before the restore: the destination's shield drops RSTs from the pod's
-//! address) → `criu restore` into the pod namespace on node B → `release` on
-//! the origin → `complete` on the destination. Every step is timed. On any failure the controller aborts and leaves the pod running
-//! where it was: a failed dump is rolled back by CRIU; a failed restore on B
-//! is followed by a restore of the same images on A.
+//! address) → `criu restore` into the destination pod namespace → `release`
+//! on the origin → `complete` on the destination. Every step is timed. On
+//! any failure the controller aborts and leaves the pod running where it
+//! was: a failed dump is rolled back by CRIU; a failed restore is followed
+//! by a restore of the same images in the source namespace. Where the pod
+//! goes is a [`PodMove`]: a [`TwoNode`](crate::topology::TwoNode) for its
+//! first move, a [`SecondMove`](crate::topology::SecondMove) for a second.
 use crate::agent::Agent;
 use crate::criu::{self, DumpOpts, Images, RestoredProcess, TcpRestore};
 use crate::topology::PodMove;

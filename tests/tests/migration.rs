@@ -14,7 +14,7 @@ use shepherd_tests::criu::RestoredProcess;
 use shepherd_tests::names::unique_prefix;
 use shepherd_tests::process::{wait_tcp_ready, Workload};
 use shepherd_tests::stream::{request_response, CounterReport, CounterStream};
-use shepherd_tests::topology::{ExtraPod, SecondMove, TwoNode};
+use shepherd_tests::topology::{ExtraPod, SecondMove, TwoNode, POD_C_IP, POD_D_IP};
 use shepherd_tests::{echo_bin, privileged};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, SocketAddrV4};
@@ -207,7 +207,11 @@ impl World {
                 self.restored = Some(restored);
                 report
             }
-            Err(e) => panic!("{e}\norigin log:\n{}", self.origin.log()),
+            Err(e) => panic!(
+                "{e}\norigin log:\n{}\ndestination log:\n{}",
+                self.origin.log(),
+                self.dest.log()
+            ),
         }
     }
 
@@ -341,24 +345,36 @@ fn new_ip_migration_translates_the_migrated_flows() {
 
 /// Moves the pod twice (ids `{tag}-1`, `{tag}-2`) while two clients
 /// stream: one connected before the first move, one opened between the
-/// moves. `between` runs between the moves, `after` right after the second
-/// (what it returns is handed back). Checks both streams (every value once,
-/// in order; pauses bounded by the freezes) and the second move's replay;
-/// returns the second move's report.
-fn migrate_twice<T>(
-    w: &mut World,
-    tag: &str,
-    between: impl FnOnce(&World),
-    after: impl FnOnce(&World) -> T,
-) -> (Report, T) {
+/// moves. `after` runs right after the second move (what it returns is
+/// handed back). Checks that the second connection's backend is at pod B's
+/// address and the second move's flows say so, both streams (every value
+/// once, in order; pauses bounded by the freezes) and the second move's
+/// replay; returns the second move's report.
+fn migrate_twice<T>(w: &mut World, tag: &str, after: impl FnOnce(&World) -> T) -> (Report, T) {
     let before = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
     std::thread::sleep(Duration::from_millis(500));
     let first = w.migrate(&w.plan(&format!("{tag}-1"), &[PORT]));
     let opened_between = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
     std::thread::sleep(Duration::from_millis(500));
-    between(w);
+    let at_b = w.t.pod_b_addr(PORT).to_string();
+    let conns = w.origin.cli_json(&["conn", "ls"]);
+    assert!(
+        conns["connections"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["backend_peer"] == at_b.as_str())),
+        "no backend connection to pod B's address: {conns}"
+    );
     let second = w.migrate_again(&w.plan(&format!("{tag}-2"), &[PORT]));
     let seen = after(w);
+    let flows = &second.origin_status["backend_flows"];
+    let b_ip = w.t.pod_b_ip.to_string();
+    assert!(
+        flows
+            .as_array()
+            .is_some_and(|f| f.len() == 2
+                && f.iter().filter(|f| f["pod_addr"] == b_ip.as_str()).count() == 1),
+        "expected two held flows, the one opened between the moves at pod B's address: {flows}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     let longest = if first.freeze > second.freeze {
         &first
@@ -371,6 +387,16 @@ fn migrate_twice<T>(
     (second, seen)
 }
 
+/// New connections to the endpoint go to `ip`.
+fn assert_backend(w: &World, ip: std::net::Ipv4Addr) {
+    let eps = w.origin.cli_json(&["endpoint", "ls"]);
+    assert_eq!(
+        eps["endpoints"][0]["backend"],
+        SocketAddrV4::new(ip, PORT).to_string().as_str(),
+        "{eps}"
+    );
+}
+
 /// A pod that changes address twice: pod A → pod B (a new IP) → pod C (a
 /// third, behind node B). A connection opened between the moves reaches the
 /// pod at pod B's address, so the second move translates its flow from
@@ -381,34 +407,19 @@ fn migrate_twice<T>(
 fn second_move_keeps_connections_opened_between_the_moves() {
     privileged!();
     let mut w = World::with_second_move("mg2", &[PORT], ExtraPod::pod_c);
-    let at_b = w.t.pod_b_addr(PORT).to_string();
-    let (second, fabric) = migrate_twice(
-        &mut w,
-        "mig-twice",
-        |w| {
-            let conns = w.origin.cli_json(&["conn", "ls"]);
-            assert!(
-                conns["connections"]
-                    .as_array()
-                    .is_some_and(|c| c.iter().any(|c| c["backend_peer"] == at_b.as_str())),
-                "no backend connection to pod B's address: {conns}"
-            );
-        },
-        // Before the second move, pod B's address was on the wire; from now
-        // on only pod C's.
-        |w| Capture::start(&w.t.node_b, w.t.node_fabric_if()),
-    );
-    let flows = &second.origin_status["backend_flows"];
-    let b_ip = w.t.pod_b_ip.to_string();
-    assert!(
-        flows
-            .as_array()
-            .is_some_and(|f| f.iter().any(|f| f["pod_addr"] == b_ip.as_str())),
-        "the flow opened between the moves is not at pod B's address: {flows}"
-    );
+    // Before the second move, pod B's address was on the wire; from now on
+    // only pod C's.
+    let (_, fabric) = migrate_twice(&mut w, "mig-twice", |w| {
+        Capture::start(&w.t.node_b, w.t.node_fabric_if())
+    });
     let wire = fabric.stop();
+    assert!(wire.error.is_none(), "capture failed: {:?}", wire.error);
     assert_eq!(wire.rsts, 0, "{:#?}", wire.rst_lines);
     let by_addr = &wire.tcp_by_addr;
+    assert!(
+        by_addr.get(&POD_C_IP).copied().unwrap_or(0) > 0,
+        "no traffic to pod C's address on node B's fabric link: {by_addr:?}"
+    );
     for old in [w.t.pod_ip, w.t.pod_b_ip] {
         assert_eq!(
             by_addr.get(&old).copied().unwrap_or(0),
@@ -419,6 +430,7 @@ fn second_move_keeps_connections_opened_between_the_moves() {
     // New connections go to pod C.
     request_response(&w.t.client, w.t.pod_addr(PORT), b"after")
         .expect("new connection after the second move");
+    assert_backend(&w, POD_C_IP);
     w.assert_no_rst();
 }
 
@@ -433,7 +445,7 @@ fn second_move_keeps_connections_opened_between_the_moves() {
 fn pod_back_beside_its_proxy_keeps_every_connection() {
     privileged!();
     let mut w = World::with_second_move("mgh", &[PORT], ExtraPod::pod_d);
-    let (back, ()) = migrate_twice(&mut w, "mig-back", |_| {}, |_| ());
+    let (back, ()) = migrate_twice(&mut w, "mig-back", |_| ());
     assert!(
         back.dest_status["flows"]
             .as_array()
@@ -443,14 +455,7 @@ fn pod_back_beside_its_proxy_keeps_every_connection() {
     );
     request_response(&w.t.client, w.t.pod_addr(PORT), b"home")
         .expect("new connection after the pod came back");
-    let eps = w.origin.cli_json(&["endpoint", "ls"]);
-    assert_eq!(
-        eps["endpoints"][0]["backend"],
-        SocketAddrV4::new(shepherd_tests::topology::POD_D_IP, PORT)
-            .to_string()
-            .as_str(),
-        "{eps}"
-    );
+    assert_backend(&w, POD_D_IP);
     w.assert_no_rst();
 }
 

@@ -6,7 +6,10 @@
 //! cannot reset a client) and, when the pod's address changes, translates the
 //! migrated backend flows between the old address (which the restored sockets
 //! still use, kept on the pod's `lo`) and the new one (the only one on the
-//! wire). `complete` lifts the shield. The translations outlive the
+//! wire). Flows of this node's own proxy (a pod restored beside the proxy
+//! that holds its connections) are shielded but not translated: both ends
+//! meet on the pod-facing side at the old addresses. `complete` lifts the
+//! shield. The translations outlive the
 //! migration, as the flows they serve do: each one goes when the translate
 //! programs have seen its flow end (an RST, or a FIN each way) and TIME_WAIT
 //! is over ([`Control::sweep_ended_flows`], run every 10 s by the agent).
@@ -50,7 +53,8 @@ pub(super) struct Incoming {
     flows: Vec<BackendFlow>,
     completed: bool,
     reason: Option<String>,
-    /// Kernel entries shielded: the endpoints at their old and new address.
+    /// Kernel entries shielded: the endpoints at their old and new address,
+    /// and at each flow's `pod_addr`.
     shielded: Vec<EndpointKey>,
     /// Counters kept when the shield is lifted (entries may be removed).
     final_rsts: u64,

@@ -245,8 +245,8 @@ impl Control {
 }
 
 impl Control {
-    /// Starts translating `flows` between each one's endpoint address (old)
-    /// and `to` (new), for this node's `role` (origin or destination). Flows
+    /// Starts translating `flows` between the address each one's sockets use
+    /// (old: its `pod_addr`, or its endpoint's) and `to` (new), for this node's `role` (origin or destination). Flows
     /// whose pod port matches no endpoint, or whose address does not change,
     /// are skipped. Returns the flows installed; on an error, none stay.
     fn translate_flows(

@@ -361,14 +361,24 @@ impl Conn {
                             .fetch_add(self.up.len() as u64, Ordering::Relaxed);
                         self.start_hold(h);
                     }
-                    (Mode::Holding(_), Mode::Forwarding { after, .. }) => {
-                        self.replay_left = self.up.len();
-                        self.replay_stats = after.clone();
+                    (Mode::Holding(last), Mode::Forwarding { after, .. }) => {
+                        match after {
+                            Some(a) if !Arc::ptr_eq(last, a) => {
+                                // The release of a later hold, whose hold
+                                // passed unseen (its quiescence timed out):
+                                // that hold never counted these bytes, so
+                                // they count as the last one's, handed on.
+                                last.bytes_replayed
+                                    .fetch_add(self.up.len() as u64, Ordering::Relaxed);
+                                self.replay_stats = None;
+                                self.replay_left = 0;
+                            }
+                            _ => {
+                                self.replay_left = self.up.len();
+                                self.replay_stats = after.clone();
+                            }
+                        }
                     }
-                    // Holding → Forwarding of a later hold (that hold and
-                    // its release both passed unseen: its quiescence timed
-                    // out) leaves both holds' counters short; the bytes are
-                    // still replayed, in order.
                     _ => {}
                 }
                 self.mode = new;
