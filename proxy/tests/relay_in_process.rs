@@ -863,6 +863,73 @@ async fn incoming_normalises_and_checks_flow_addresses() {
     }
 }
 
+/// The pod moves on from this node, and that move fails: the controller's
+/// `complete` with a reason puts back the earlier migration's entries (the
+/// pod stays here, and its flows need them), and gives the flow back to
+/// that record. A second move that succeeds keeps its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_move_on_from_this_node_puts_back_the_earlier_entries() {
+    use shepherd::api::types::{BackendFlow, IncomingRequest};
+    use std::net::Ipv4Addr;
+    let ip = |s: &str| -> Ipv4Addr { s.parse().expect("ip") };
+    let (dest, _, _, intercept) =
+        control_for(Mechanism::Copy, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
+    let flow = BackendFlow {
+        node: "10.1.0.1:40001".parse().expect("node"),
+        pod_port: 80,
+        pod_addr: None,
+    };
+    let to = |id: &str, new: &str| {
+        let req = IncomingRequest {
+            endpoints: vec!["10.1.0.5:80".parse().expect("ep")],
+            to: Some(ip(new)),
+            flows: vec![flow],
+            deadline_ms: None,
+        };
+        dest.incoming(id, &req).expect("incoming")
+    };
+    to("here", "10.1.0.6");
+    dest.complete_incoming("here", None).expect("arrived");
+    assert_eq!(
+        translated_addrs(&intercept),
+        [(ip("10.1.0.5"), ip("10.1.0.6"))]
+    );
+    // On to another pod on this node; the restore fails.
+    to("on", "10.1.0.7");
+    assert_eq!(
+        translated_addrs(&intercept),
+        [(ip("10.1.0.5"), ip("10.1.0.7"))]
+    );
+    assert!(dest
+        .incoming_status("here")
+        .expect("status")
+        .flows
+        .is_empty());
+    dest.complete_incoming("on", Some("restore failed".into()))
+        .expect("failed");
+    assert_eq!(
+        translated_addrs(&intercept),
+        [(ip("10.1.0.5"), ip("10.1.0.6"))],
+        "the earlier translation is back"
+    );
+    assert_eq!(dest.incoming_status("here").expect("status").flows, [flow]);
+    assert!(dest.incoming_status("on").expect("status").flows.is_empty());
+    // A move on that succeeds keeps its entries, even if a late reason
+    // then says it failed after all... which puts them back too.
+    to("again", "10.1.0.8");
+    dest.complete_incoming("again", None).expect("arrived");
+    assert_eq!(
+        translated_addrs(&intercept),
+        [(ip("10.1.0.5"), ip("10.1.0.8"))]
+    );
+    dest.complete_incoming("again", Some("it died after all".into()))
+        .expect("late reason");
+    assert_eq!(
+        translated_addrs(&intercept),
+        [(ip("10.1.0.5"), ip("10.1.0.6"))]
+    );
+}
+
 /// A pod that moves twice. A connection opened between the moves reached
 /// the pod at its second address, so the second move translates that flow
 /// from there, and the first connection's from the registered one; the
@@ -1080,9 +1147,10 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
     r.control.incoming("m11", &req).expect("retry");
     assert_eq!(r.translations(), 0, "a swept flow stays swept");
 
-    // A flow of a failed migration that no pod-side segment ever crossed
-    // (the pod was never restored here) goes UNSEEN_FLOW_LIMIT after the
-    // failure; a successful one's flows are taken to have arrived.
+    // A failure the controller reports undoes the migration's entries at
+    // once. One that only its deadline ended keeps a flow that no pod-side
+    // segment ever crossed (the pod was never restored here) for
+    // UNSEEN_FLOW_LIMIT. A successful one's flows are taken to have arrived.
     let flow_on = |port: u16| shepherd::api::types::BackendFlow {
         node: std::net::SocketAddrV4::new("10.1.0.1".parse().expect("ip"), port),
         pod_port: 80,
@@ -1092,6 +1160,10 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
         flows: vec![flow_on(port)],
         ..req.clone()
     };
+    let by_deadline = |port: u16| IncomingRequest {
+        deadline_ms: Some(30),
+        ..on(port)
+    };
     r.control.incoming("m13", &on(40001)).expect("incoming");
     r.control.incoming("m17", &on(40003)).expect("incoming");
     let t1 = std::time::Instant::now();
@@ -1100,39 +1172,48 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
     r.control
         .complete_incoming("m17", None)
         .expect("complete, restored");
+    let before = r.translations();
     r.control
         .complete_incoming("m13", Some("restore failed".into()))
         .expect("complete, failed");
+    assert_eq!(r.translations(), before - 1, "undone at once");
+    let st = r.control.incoming_status("m13").expect("status");
+    assert!(st.flows.is_empty(), "{st:?}");
+    r.control
+        .incoming("m18", &by_deadline(40004))
+        .expect("incoming");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let st = r.control.incoming_status("m18").expect("status");
+    assert_eq!(st.reason.as_deref(), Some("deadline"), "{st:?}");
     let t2 = std::time::Instant::now();
     let limit = UNSEEN_FLOW_LIMIT - Duration::from_secs(1);
     assert_eq!(r.control.sweep_ended_flows(t2 + limit), 0, "not yet");
     assert_eq!(r.control.sweep_ended_flows(t2 + UNSEEN_FLOW_LIMIT), 1);
-    assert_eq!(r.translations(), 1, "only the failed migration's flow went");
     assert_eq!(r.control.sweep_ended_flows(much_later), 0, "m17's stays");
     // A retry that installs a failed migration's flow again owns it: the
     // old record's sweep leaves it alone.
-    r.control.incoming("m18", &on(40004)).expect("incoming");
     r.control
-        .complete_incoming("m18", Some("dump failed".into()))
-        .expect("failed");
-    r.control.incoming("m19", &on(40004)).expect("the retry");
+        .incoming("m20", &by_deadline(40006))
+        .expect("incoming");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    r.control.incoming("m19", &on(40006)).expect("the retry");
     assert_eq!(
         r.control.sweep_ended_flows(much_later),
         0,
         "m19 owns it now"
     );
     // A late repeat of the failed one's `incoming` does not take it back.
-    r.control.incoming("m18", &on(40004)).expect("late repeat");
-    let st = r.control.incoming_status("m18").expect("status");
+    r.control.incoming("m20", &on(40006)).expect("late repeat");
+    let st = r.control.incoming_status("m20").expect("status");
     assert!(st.flows.is_empty(), "{st:?}");
     let st = r.control.incoming_status("m19").expect("status");
     assert_eq!(st.flows.len(), 1, "{st:?}");
     // A controller that learns late that m17's restore failed can say so.
+    let before = r.translations();
     r.control
         .complete_incoming("m17", Some("restore failed after all".into()))
         .expect("late reason");
-    let t3 = std::time::Instant::now();
-    assert_eq!(r.control.sweep_ended_flows(t3 + UNSEEN_FLOW_LIMIT), 1);
+    assert_eq!(r.translations(), before - 1, "undone at once");
     // One seen and then reused by a new connection goes at once.
     r.control.incoming("m14", &on(40002)).expect("incoming");
     let before = r.translations();

@@ -9,7 +9,7 @@
 use serde_json::Value;
 use shepherd_tests::agent::Agent;
 use shepherd_tests::capture::{Capture, CaptureReport};
-use shepherd_tests::controller::{self, Cluster, Plan, ReleaseMode, Report};
+use shepherd_tests::controller::{self, Cluster, ControllerError, Plan, ReleaseMode, Report};
 use shepherd_tests::criu::RestoredProcess;
 use shepherd_tests::names::unique_prefix;
 use shepherd_tests::process::{wait_tcp_ready, Workload};
@@ -184,6 +184,20 @@ impl World {
     /// world's second pod namespace. Back behind node A, the origin's agent
     /// is the destination too.
     fn migrate_again(&mut self, plan: &Plan) -> Report {
+        match self.try_migrate_again(plan) {
+            Ok(report) => report,
+            Err(e) => panic!(
+                "{e}\norigin log:\n{}\ndestination log:\n{}",
+                self.origin.log(),
+                self.dest.log()
+            ),
+        }
+    }
+
+    /// [`migrate_again`](Self::migrate_again), with the controller's error.
+    /// The pod stays owned by the world: where it ran, or where the
+    /// controller restored it after a failure.
+    fn try_migrate_again(&mut self, plan: &Plan) -> Result<Report, ControllerError> {
         let mut first = self.restored.take();
         let pid = first.as_ref().expect("pod restored at B").pid();
         let to = self.second.as_ref().expect("a world with a second pod");
@@ -205,13 +219,12 @@ impl World {
         match result {
             Ok((restored, report)) => {
                 self.restored = Some(restored);
-                report
+                Ok(report)
             }
-            Err(e) => panic!(
-                "{e}\norigin log:\n{}\ndestination log:\n{}",
-                self.origin.log(),
-                self.dest.log()
-            ),
+            Err(mut e) => {
+                self.restored = first.or(e.rolled_back.take());
+                Err(e)
+            }
         }
     }
 
@@ -456,6 +469,47 @@ fn pod_back_beside_its_proxy_keeps_every_connection() {
     request_response(&w.t.client, w.t.pod_addr(PORT), b"home")
         .expect("new connection after the pod came back");
     assert_backend(&w, POD_D_IP);
+    w.assert_no_rst();
+}
+
+/// A second move whose dump fails (its images land on a tiny tmpfs): CRIU
+/// rolls the dump back and the pod runs on in pod B. Node B, which the pod
+/// was leaving, had already replaced its first-move entries with the second
+/// move's (the flows go to the destination during the dump). The
+/// controller's abort and failed `complete` put both sides back, so both
+/// streams, one from before the first move and one opened between, keep
+/// every byte with no RST.
+#[test]
+fn failed_second_move_leaves_the_pod_serving_where_it_was() {
+    privileged!();
+    let mut w = World::with_second_move("mgf", &[PORT], ExtraPod::pod_c);
+    let before = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
+    std::thread::sleep(Duration::from_millis(500));
+    w.migrate(&w.plan("mig-ok", &[PORT]));
+    let between = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut plan = w.plan("mig-fails", &[PORT]);
+    plan.image_limit = Some(64 * 1024);
+    let err = w.try_migrate_again(&plan).expect_err("the dump must fail");
+    assert_eq!(err.step, "dump", "{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    for s in [before, between] {
+        let r = s.stop();
+        r.assert_ok();
+        assert!(r.max_gap < Duration::from_secs(2), "{:?}", r.max_gap);
+    }
+    let dest = w
+        .dest
+        .http("GET", "/v1/migrations/mig-fails/incoming", None)
+        .1;
+    let dest: Value = serde_json::from_str(&dest).expect("incoming status");
+    assert!(
+        dest["reason"].is_string() && dest["flows"].as_array().is_some_and(|f| f.is_empty()),
+        "the failed move's translations are not undone: {dest}"
+    );
+    request_response(&w.t.client, w.t.pod_addr(PORT), b"still here")
+        .expect("pod still serving at B");
+    assert_backend(&w, w.t.pod_b_ip);
     w.assert_no_rst();
 }
 

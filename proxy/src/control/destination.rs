@@ -32,9 +32,10 @@ use std::time::{Duration, Instant};
 /// retransmitted FIN through them.
 pub const ENDED_FLOW_LINGER: Duration = Duration::from_secs(65);
 
-/// How long after a failed migration (one `complete`d with a reason, or
-/// by its deadline) a flow none of whose pod-side segments crossed this
-/// node keeps its entries: the pod was never restored here. A restored
+/// How long after a migration its deadline ended (no `complete` came) a
+/// flow none of whose pod-side segments crossed this node keeps its
+/// entries: the pod was never restored here. (A failure the controller
+/// reports, `complete` with a reason, undoes them at once.) A restored
 /// established socket sends a window probe as it leaves repair mode, so a
 /// flow that did arrive is seen within moments.
 pub const UNSEEN_FLOW_LIMIT: Duration = Duration::from_secs(600);
@@ -67,6 +68,17 @@ pub(super) struct Incoming {
     /// Flows whose entries the sweep removed: a repeated `incoming` must not
     /// install them again.
     swept: HashSet<BackendFlow>,
+    /// Entries of other records this one overwrote (the pod moves on from
+    /// this node to this node, or a retry): a failure the controller reports
+    /// puts them back.
+    overwritten: HashMap<FlowKey, Overwritten>,
+}
+
+/// An earlier record's entry that `incoming` overwrote.
+struct Overwritten {
+    prev: Translation,
+    owner: String,
+    flow: BackendFlow,
 }
 
 impl Incoming {
@@ -197,9 +209,13 @@ impl Control {
                 .into_iter()
                 .filter(|f| !existing.swept.contains(f))
                 .collect();
-            let keys = match existing.to {
-                Some(to) => self.translate_flows(&existing.endpoints, to, &fresh, ROLE_DEST)?,
-                None => Vec::new(),
+            let (keys, prev) = match existing.to {
+                Some(to) => {
+                    let prev = self.dest_entries(&existing.endpoints, to, &fresh);
+                    let keys = self.translate_flows(&existing.endpoints, to, &fresh, ROLE_DEST)?;
+                    (keys, prev)
+                }
+                None => Default::default(),
             };
             if !existing.completed {
                 // Flows from a connection opened after an earlier move use
@@ -215,10 +231,11 @@ impl Control {
                 }
                 existing.shielded.extend(added);
             }
-            take_over(&mut incoming, id, &keys);
+            let given = take_over(&mut incoming, id, &keys);
             let Some(existing) = incoming.get_mut(id) else {
                 return Err(ControlError::UnknownMigration(id.to_string()));
             };
+            existing.overwritten.extend(overwritten(given, &prev));
             existing.flows.extend(fresh);
             existing
                 .flows
@@ -227,9 +244,15 @@ impl Control {
         }
         // Translate first: if that fails (a full map), nothing is shielded
         // and `translate_flows` has undone its own entries.
-        let keys = match req.to {
-            Some(to) => self.translate_flows(&endpoints, to, &flows, ROLE_DEST)?,
-            None => Vec::new(),
+        let (keys, prev) = match req.to {
+            Some(to) => {
+                let prev = self.dest_entries(&endpoints, to, &flows);
+                (
+                    self.translate_flows(&endpoints, to, &flows, ROLE_DEST)?,
+                    prev,
+                )
+            }
+            None => Default::default(),
         };
         let mut shielded = Vec::new();
         let wanted = shield_addrs(&endpoints, req.to, &shield_flows);
@@ -241,7 +264,7 @@ impl Control {
             }
             return Err(e);
         }
-        take_over(&mut incoming, id, &keys);
+        let given = take_over(&mut incoming, id, &keys);
         let rec = Incoming {
             id: id.to_string(),
             endpoints,
@@ -255,6 +278,7 @@ impl Control {
             completed_at: None,
             watch: HashMap::new(),
             swept: HashSet::new(),
+            overwritten: overwritten(given, &prev),
         };
         tracing::info!(migration = id, endpoints = ?rec.endpoints, to = ?rec.to, flows = rec.flows.len(), "incoming: shielding and translating");
         let status = self.incoming_status_of(&rec);
@@ -277,6 +301,8 @@ impl Control {
 
     /// Lifts the shield of an incoming migration (idempotent). A `reason`
     /// says it failed; it may also come after a completion without one.
+    /// Either way its translations are undone at once (see
+    /// [`undo_translations`](Self::undo_translations)).
     pub fn complete_incoming(
         &self,
         id: &str,
@@ -285,37 +311,115 @@ impl Control {
         self.complete(id, reason, true)
     }
 
-    /// `late_reason`: a reason given after a completion without one still
-    /// counts (the controller learned later that the restore failed).
+    /// `by_controller`: the controller's call, not the deadline's. Only the
+    /// controller knows a restore failed: its reason may come after a
+    /// completion without one (it learned later), and it puts back the
+    /// entries this record overwrote. The deadline's only lets the sweep
+    /// remove flows never seen here.
     fn complete(
         &self,
         id: &str,
         reason: Option<String>,
-        late_reason: bool,
+        by_controller: bool,
     ) -> Result<IncomingStatus, ControlError> {
         let registered: Vec<EndpointAddr> = lock(&self.endpoints).keys().copied().collect();
         let mut incoming = lock(&self.incoming);
         let rec = incoming
             .get_mut(id)
             .ok_or_else(|| ControlError::UnknownMigration(id.to_string()))?;
+        let failed = by_controller && reason.is_some();
         if rec.completed {
             // A controller that learns later that the restore failed may
             // still say so (see `sweep_ended_flows`).
-            if late_reason && rec.reason.is_none() && reason.is_some() {
+            if failed && rec.reason.is_none() {
                 rec.reason = reason;
                 rec.completed_at = Some(Instant::now());
+                self.undo_translations(&mut incoming, id);
             }
-            return Ok(self.incoming_status_of(rec));
+        } else {
+            let (rsts, translated) = self.incoming_counters(rec);
+            rec.final_rsts = rsts;
+            rec.final_translated = translated;
+            self.lift_shield(&rec.shielded, &registered);
+            rec.completed = true;
+            rec.completed_at = Some(Instant::now());
+            rec.reason = reason;
+            tracing::info!(migration = id, reason = ?rec.reason, "incoming: shield lifted");
+            if failed {
+                self.undo_translations(&mut incoming, id);
+            }
         }
-        let (rsts, translated) = self.incoming_counters(rec);
-        rec.final_rsts = rsts;
-        rec.final_translated = translated;
-        self.lift_shield(&rec.shielded, &registered);
-        rec.completed = true;
-        rec.completed_at = Some(Instant::now());
-        rec.reason = reason;
-        tracing::info!(migration = id, reason = ?rec.reason, "incoming: shield lifted");
+        let rec = incoming
+            .get(id)
+            .ok_or_else(|| ControlError::UnknownMigration(id.to_string()))?;
         Ok(self.incoming_status_of(rec))
+    }
+
+    /// A migration the controller says failed undoes its translations at
+    /// once: the pod is not here, or it is here from before (it failed to
+    /// move on), and then this record's entries would rewrite its replies.
+    /// Entries it made anew go; those it overwrote go back to their earlier
+    /// translation, and to the record that had them.
+    fn undo_translations(&self, incoming: &mut HashMap<String, Incoming>, id: &str) {
+        let Some(rec) = incoming.get_mut(id) else {
+            return;
+        };
+        let over = std::mem::take(&mut rec.overwritten);
+        let mut made = Vec::new();
+        rec.retain_translated(|f, key, watch, swept| {
+            watch.remove(f);
+            swept.insert(*f);
+            if !over.contains_key(&key) {
+                made.push(key);
+            }
+            false
+        });
+        if made.is_empty() && over.is_empty() {
+            return;
+        }
+        for key in &made {
+            if let Err(e) = self.intercept.remove_translation(*key) {
+                tracing::warn!(migration = id, error = %e, "could not remove a failed migration's translation");
+            }
+        }
+        for (key, o) in over {
+            if let Err(e) = self.intercept.set_translation(key, o.prev) {
+                tracing::warn!(migration = id, flow = %o.flow.node, error = %e, "could not put back a flow's earlier translation");
+                continue;
+            }
+            if let Some(owner) = incoming.get_mut(&o.owner) {
+                owner.swept.remove(&o.flow);
+                if !owner.flows.contains(&o.flow) {
+                    owner.flows.push(o.flow);
+                    owner
+                        .flows
+                        .sort_by_key(|f| (f.node, f.pod_port, f.pod_addr));
+                }
+            }
+        }
+        tracing::info!(
+            migration = id,
+            removed = made.len(),
+            "incoming failed: its translations are undone"
+        );
+    }
+
+    /// This node's destination entries for `flows` as they are now (before
+    /// an `incoming` overwrites them), by key.
+    fn dest_entries(
+        &self,
+        endpoints: &[EndpointAddr],
+        to: Ipv4Addr,
+        flows: &[BackendFlow],
+    ) -> HashMap<FlowKey, Translation> {
+        flows
+            .iter()
+            .filter_map(|f| {
+                let (key, _) = translated_key(endpoints, to, f)?;
+                let t = self.intercept.translation(key).ok()??;
+                (t.role == ROLE_DEST).then_some((key, t))
+            })
+            .collect()
     }
 
     /// Removes the destination's translations that no flow needs any more,
@@ -323,8 +427,8 @@ impl Control {
     /// - the flow ended (an RST, or a FIN each way) at least
     ///   [`ENDED_FLOW_LINGER`] before `now`, so its TIME_WAIT is over;
     /// - a new connection reused the flow's wire tuple (at once);
-    /// - the migration failed (completed with a reason, or by its
-    ///   deadline) [`UNSEEN_FLOW_LIMIT`] before `now`, and no pod-side
+    /// - the migration's deadline ended it [`UNSEEN_FLOW_LIMIT`] before
+    ///   `now` (a reason from the controller undoes them at once), and no pod-side
     ///   segment of the flow ever crossed this node (the pod never came
     ///   back here). After a completion without a reason the flows are
     ///   taken to have arrived: a restored socket that is half closed sends
@@ -507,15 +611,22 @@ fn shield_addrs(
 }
 
 /// Entries `keys` now belong to incoming migration `id` (it has just
-/// installed them, say on a retry of a migration that failed): other
-/// records stop watching them, so their sweep cannot remove what `id`
-/// needs.
-fn take_over(incoming: &mut HashMap<String, Incoming>, id: &str, keys: &[FlowKey]) {
+/// installed them: a retry of a migration that failed, or the pod moving on
+/// from this node): other records stop watching them, so their sweep cannot
+/// remove what `id` needs. Returns what was given away: each key, the
+/// record that had it, and its flow there.
+fn take_over(
+    incoming: &mut HashMap<String, Incoming>,
+    id: &str,
+    keys: &[FlowKey],
+) -> Vec<(FlowKey, String, BackendFlow)> {
+    let mut given = Vec::new();
     if keys.is_empty() {
-        return;
+        return given;
     }
     let keys: HashSet<FlowKey> = keys.iter().copied().collect();
     for rec in incoming.values_mut().filter(|r| r.id != id) {
+        let owner = rec.id.clone();
         rec.retain_translated(|f, key, watch, swept| {
             if !keys.contains(&key) {
                 return true;
@@ -524,7 +635,24 @@ fn take_over(incoming: &mut HashMap<String, Incoming>, id: &str, keys: &[FlowKey
             // take it back.
             watch.remove(f);
             swept.insert(*f);
+            given.push((key, owner.clone(), *f));
             false
         });
     }
+    given
+}
+
+/// The overwritten entries to keep for a failure, from what `take_over`
+/// gave away and the entries as they were before (`dest_entries`).
+fn overwritten(
+    given: Vec<(FlowKey, String, BackendFlow)>,
+    prev: &HashMap<FlowKey, Translation>,
+) -> HashMap<FlowKey, Overwritten> {
+    given
+        .into_iter()
+        .filter_map(|(key, owner, flow)| {
+            let prev = *prev.get(&key)?;
+            Some((key, Overwritten { prev, owner, flow }))
+        })
+        .collect()
 }
