@@ -928,6 +928,74 @@ async fn a_failed_move_on_from_this_node_puts_back_the_earlier_entries() {
         translated_addrs(&intercept),
         [(ip("10.1.0.5"), ip("10.1.0.6"))]
     );
+    let now = |r: &[(Ipv4Addr, Ipv4Addr)]| assert_eq!(translated_addrs(&intercept), r);
+    let held_by_here = || dest.incoming_status("here").expect("status").flows == [flow];
+    let at = |new: &str| [(ip("10.1.0.5"), ip(new))];
+
+    // A chain (here → c1 → c2): c1's failure, reported late, leaves c2's
+    // entry alone; c2's then brings back here's, not c1's.
+    to("c1", "10.1.0.7");
+    dest.complete_incoming("c1", None).expect("arrived");
+    to("c2", "10.1.0.8");
+    dest.complete_incoming("c1", Some("late".into()))
+        .expect("late reason");
+    now(&at("10.1.0.8"));
+    assert!(!held_by_here());
+    dest.complete_incoming("c2", Some("failed".into()))
+        .expect("failed");
+    now(&at("10.1.0.6"));
+    assert!(held_by_here());
+
+    // A retry (r2, same address) supersedes r1; r1's late failure leaves
+    // r2's entry; r2's failure brings back here's.
+    to("r1", "10.1.0.7");
+    to("r2", "10.1.0.7");
+    dest.complete_incoming("r2", None).expect("arrived");
+    dest.complete_incoming("r1", Some("late".into()))
+        .expect("late reason");
+    now(&at("10.1.0.7"));
+    assert!(!held_by_here());
+    dest.complete_incoming("r2", Some("failed".into()))
+        .expect("failed");
+    now(&at("10.1.0.6"));
+    assert!(held_by_here());
+
+    // The deadline completed it; the controller's reason still undoes it.
+    let late = IncomingRequest {
+        endpoints: vec!["10.1.0.5:80".parse().expect("ep")],
+        to: Some(ip("10.1.0.9")),
+        flows: vec![flow],
+        deadline_ms: Some(30),
+    };
+    dest.incoming("dl", &late).expect("incoming");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    now(&at("10.1.0.9"));
+    dest.complete_incoming("dl", Some("restore failed".into()))
+        .expect("reason after the deadline");
+    now(&at("10.1.0.6"));
+    // A record the controller said failed takes no new flows.
+    let more = IncomingRequest {
+        flows: vec![BackendFlow {
+            node: "10.1.0.1:40002".parse().expect("node"),
+            ..flow
+        }],
+        ..late.clone()
+    };
+    assert!(dest.incoming("dl", &more).is_err(), "a failed record grew");
+
+    // A flow that ended under a later record is not brought back by that
+    // record's failure.
+    to("e1", "10.1.0.7");
+    for t in intercept.translations.lock().expect("lock").values_mut() {
+        t.marks[shepherd_common::MARK_RST] = 1;
+    }
+    let t0 = std::time::Instant::now();
+    dest.sweep_ended_flows(t0);
+    assert_eq!(dest.sweep_ended_flows(t0 + ENDED_FLOW_LINGER), 1);
+    dest.complete_incoming("e1", Some("failed".into()))
+        .expect("failed");
+    now(&[]);
+    assert!(!held_by_here());
 }
 
 /// A pod that moves twice. A connection opened between the moves reached

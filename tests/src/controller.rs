@@ -181,8 +181,9 @@ pub fn migrate(
                 &format!("/v1/migrations/{id}/abort"),
                 Some(json!({ "reason": why })),
             );
-            // With the reason: a failed migration's translations go once
-            // no segment of theirs has crossed the destination.
+            // With the reason: the destination undoes this migration's
+            // translations at once (a pod failing to move on from that node
+            // gets its earlier ones back).
             let _ = api(
                 c.dest,
                 "POST",

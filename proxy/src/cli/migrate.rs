@@ -85,8 +85,9 @@ pub enum MigrateCmd {
     Complete {
         #[arg(long)]
         id: String,
-        /// The migration failed: flows the pod's side never sent on are
-        /// untranslated 10 minutes later.
+        /// The migration failed: its translations are undone at once (an
+        /// earlier migration's, replaced by this one, come back). Give it
+        /// only if the pod is not running here.
         #[arg(long)]
         reason: Option<String>,
     },

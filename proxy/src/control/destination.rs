@@ -72,9 +72,13 @@ pub(super) struct Incoming {
     /// this node to this node, or a retry): a failure the controller reports
     /// puts them back.
     overwritten: HashMap<FlowKey, Overwritten>,
+    /// Completed by its deadline, not by the controller: a reason the
+    /// controller gives later still counts as its word.
+    by_deadline: bool,
 }
 
 /// An earlier record's entry that `incoming` overwrote.
+#[derive(Clone)]
 struct Overwritten {
     prev: Translation,
     owner: String,
@@ -205,6 +209,11 @@ impl Control {
                 .into_iter()
                 .filter(|f| !existing.flows.contains(f) && !existing.swept.contains(f))
                 .collect();
+            if !fresh.is_empty() && existing.reason.is_some() && !existing.by_deadline {
+                return Err(ControlError::Conflict(format!(
+                    "incoming migration {id} was completed as failed; use a new id for a retry"
+                )));
+            }
             let fresh_shield: Vec<BackendFlow> = shield_flows
                 .into_iter()
                 .filter(|f| !existing.swept.contains(f))
@@ -212,21 +221,28 @@ impl Control {
             let (keys, prev) = match existing.to {
                 Some(to) => {
                     let prev = self.dest_entries(&existing.endpoints, to, &fresh);
-                    let keys = self.translate_flows(&existing.endpoints, to, &fresh, ROLE_DEST)?;
-                    (keys, prev)
+                    match self.translate_flows(&existing.endpoints, to, &fresh, ROLE_DEST) {
+                        Ok(keys) => (keys, prev),
+                        Err(e) => {
+                            self.put_back(&prev);
+                            return Err(e);
+                        }
+                    }
                 }
                 None => Default::default(),
             };
             if !existing.completed {
                 // Flows from a connection opened after an earlier move use
                 // the address the pod had then: shield that one too.
-                let wanted = shield_addrs(&existing.endpoints, existing.to, &fresh_shield);
+                let mut wanted = shield_addrs(&existing.endpoints, existing.to, &fresh_shield);
+                wanted.extend(prev_addrs(&prev));
                 let mut added = Vec::new();
                 if let Err(e) = self.shield(&wanted, &registered, &existing.shielded, &mut added) {
                     self.lift_shield(&added, &registered);
                     for k in &keys {
                         let _ = self.intercept.remove_translation(*k);
                     }
+                    self.put_back(&prev);
                     return Err(e);
                 }
                 existing.shielded.extend(added);
@@ -247,21 +263,26 @@ impl Control {
         let (keys, prev) = match req.to {
             Some(to) => {
                 let prev = self.dest_entries(&endpoints, to, &flows);
-                (
-                    self.translate_flows(&endpoints, to, &flows, ROLE_DEST)?,
-                    prev,
-                )
+                match self.translate_flows(&endpoints, to, &flows, ROLE_DEST) {
+                    Ok(keys) => (keys, prev),
+                    Err(e) => {
+                        self.put_back(&prev);
+                        return Err(e);
+                    }
+                }
             }
             None => Default::default(),
         };
         let mut shielded = Vec::new();
-        let wanted = shield_addrs(&endpoints, req.to, &shield_flows);
+        let mut wanted = shield_addrs(&endpoints, req.to, &shield_flows);
+        wanted.extend(prev_addrs(&prev));
         if let Err(e) = self.shield(&wanted, &registered, &[], &mut shielded) {
             // Undo: no record will exist to lift or sweep these.
             self.lift_shield(&shielded, &registered);
             for k in &keys {
                 let _ = self.intercept.remove_translation(*k);
             }
+            self.put_back(&prev);
             return Err(e);
         }
         let given = take_over(&mut incoming, id, &keys);
@@ -279,6 +300,7 @@ impl Control {
             watch: HashMap::new(),
             swept: HashSet::new(),
             overwritten: overwritten(given, &prev),
+            by_deadline: false,
         };
         tracing::info!(migration = id, endpoints = ?rec.endpoints, to = ?rec.to, flows = rec.flows.len(), "incoming: shielding and translating");
         let status = self.incoming_status_of(&rec);
@@ -330,9 +352,11 @@ impl Control {
         let failed = by_controller && reason.is_some();
         if rec.completed {
             // A controller that learns later that the restore failed may
-            // still say so (see `sweep_ended_flows`).
-            if failed && rec.reason.is_none() {
+            // still say so (see `undo_translations`), also after the
+            // deadline completed it.
+            if failed && (rec.reason.is_none() || rec.by_deadline) {
                 rec.reason = reason;
+                rec.by_deadline = false;
                 rec.completed_at = Some(Instant::now());
                 self.undo_translations(&mut incoming, id);
             }
@@ -344,6 +368,7 @@ impl Control {
             rec.completed = true;
             rec.completed_at = Some(Instant::now());
             rec.reason = reason;
+            rec.by_deadline = !by_controller;
             tracing::info!(migration = id, reason = ?rec.reason, "incoming: shield lifted");
             if failed {
                 self.undo_translations(&mut incoming, id);
@@ -364,33 +389,63 @@ impl Control {
         let Some(rec) = incoming.get_mut(id) else {
             return;
         };
-        let over = std::mem::take(&mut rec.overwritten);
-        let mut made = Vec::new();
+        let mut over = std::mem::take(&mut rec.overwritten);
+        let mut give_back = Vec::new();
+        let mut removed = 0;
+        // Flows this record still holds. One whose kernel entry cannot be
+        // changed stays listed, so a later sweep can still remove it.
         rec.retain_translated(|f, key, watch, swept| {
-            watch.remove(f);
-            swept.insert(*f);
-            if !over.contains_key(&key) {
-                made.push(key);
+            let done = match over.remove(&key) {
+                Some(o) => match self.intercept.set_translation(key, o.prev) {
+                    Ok(()) => {
+                        give_back.push((o.owner, o.flow));
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(migration = %id, flow = %f.node, error = %e, "could not put back a flow's earlier translation; removing it");
+                        self.intercept.remove_translation(key).is_ok()
+                    }
+                },
+                None => match self.intercept.remove_translation(key) {
+                    Ok(()) => {
+                        removed += 1;
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(migration = %id, flow = %f.node, error = %e, "could not remove a failed migration's translation");
+                        false
+                    }
+                },
+            };
+            if done {
+                watch.remove(f);
+                swept.insert(*f);
             }
-            false
+            !done
         });
-        if made.is_empty() && over.is_empty() {
-            return;
+        // Keys this record gave away since (a retry, or the pod moving on
+        // again) are not touched in the kernel: their holder inherits what
+        // this record would have put back, so this failed record's
+        // translation never comes back. Keys whose flow ended here are gone.
+        for other in incoming.values_mut().filter(|r| r.id != id) {
+            other.overwritten.retain(|key, o| {
+                if o.owner != id {
+                    return true;
+                }
+                match over.remove(key) {
+                    Some(mine) => {
+                        *o = mine;
+                        true
+                    }
+                    None => false,
+                }
+            });
         }
-        for key in &made {
-            if let Err(e) = self.intercept.remove_translation(*key) {
-                tracing::warn!(migration = id, error = %e, "could not remove a failed migration's translation");
-            }
-        }
-        for (key, o) in over {
-            if let Err(e) = self.intercept.set_translation(key, o.prev) {
-                tracing::warn!(migration = id, flow = %o.flow.node, error = %e, "could not put back a flow's earlier translation");
-                continue;
-            }
-            if let Some(owner) = incoming.get_mut(&o.owner) {
-                owner.swept.remove(&o.flow);
-                if !owner.flows.contains(&o.flow) {
-                    owner.flows.push(o.flow);
+        for (owner, flow) in give_back {
+            if let Some(owner) = incoming.get_mut(&owner) {
+                owner.swept.remove(&flow);
+                if !owner.flows.contains(&flow) {
+                    owner.flows.push(flow);
                     owner
                         .flows
                         .sort_by_key(|f| (f.node, f.pod_port, f.pod_addr));
@@ -399,9 +454,19 @@ impl Control {
         }
         tracing::info!(
             migration = id,
-            removed = made.len(),
+            removed,
             "incoming failed: its translations are undone"
         );
+    }
+
+    /// Puts back entries an `incoming` overwrote and then had to remove (its
+    /// own rollback).
+    fn put_back(&self, prev: &HashMap<FlowKey, Translation>) {
+        for (key, t) in prev {
+            if let Err(e) = self.intercept.set_translation(*key, *t) {
+                tracing::warn!(error = %e, "could not put back an earlier translation");
+            }
+        }
     }
 
     /// This node's destination entries for `flows` as they are now (before
@@ -608,6 +673,21 @@ fn shield_addrs(
     addrs.sort();
     addrs.dedup();
     addrs
+}
+
+/// The addresses the pod had under the entries an `incoming` overwrites (it
+/// is moving on from this node): if the move fails, the origin's abort may
+/// send to them before the failure is reported here and the entries put
+/// back, and the pod's kernel must not reset those flows meanwhile.
+fn prev_addrs(prev: &HashMap<FlowKey, Translation>) -> Vec<EndpointAddr> {
+    prev.iter()
+        .map(|(k, t)| {
+            EndpointAddr(SocketAddrV4::new(
+                Ipv4Addr::from(t.new_addr.to_ne_bytes()),
+                u16::from_be_bytes(k.pod_port.to_ne_bytes()),
+            ))
+        })
+        .collect()
 }
 
 /// Entries `keys` now belong to incoming migration `id` (it has just

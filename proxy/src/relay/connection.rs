@@ -363,19 +363,19 @@ impl Conn {
                     }
                     (Mode::Holding(last), Mode::Forwarding { after, .. }) => {
                         match after {
-                            Some(a) if !Arc::ptr_eq(last, a) => {
-                                // The release of a later hold, whose hold
-                                // passed unseen (its quiescence timed out):
-                                // that hold never counted these bytes, so
-                                // they count as the last one's, handed on.
+                            Some(a) if Arc::ptr_eq(last, a) => {
+                                self.replay_left = self.up.len();
+                                self.replay_stats = after.clone();
+                            }
+                            // The release of a later hold, whose hold passed
+                            // unseen (its quiescence timed out): that hold
+                            // never counted these bytes, so they count as
+                            // the last one's, handed on.
+                            _ => {
                                 last.bytes_replayed
                                     .fetch_add(self.up.len() as u64, Ordering::Relaxed);
                                 self.replay_stats = None;
                                 self.replay_left = 0;
-                            }
-                            _ => {
-                                self.replay_left = self.up.len();
-                                self.replay_stats = after.clone();
                             }
                         }
                     }
