@@ -197,26 +197,26 @@ impl ConnInfo {
         if let Ok(mut b) = self.backend.lock() {
             *b = None;
         }
-        let key = match *t {
-            FlowTranslation::Installed(k) => Some(k),
-            _ => None,
-        };
-        if *t != FlowTranslation::Done {
-            *t = FlowTranslation::None;
-        }
-        key
+        t.take(false)
     }
 
     /// The backend socket whose flow was translated is done: returns the
     /// entry to remove, if any. `last`: no later backend socket can need a
     /// translation either (the connection is closing).
     pub fn take_translation(&self, last: bool) -> Option<FlowKey> {
-        let mut t = self.translated_flow.lock().ok()?;
-        let key = match *t {
+        self.translated_flow.lock().ok()?.take(last)
+    }
+}
+
+impl FlowTranslation {
+    /// The installed entry, if any, leaving none (or done, if `last` or
+    /// already done).
+    fn take(&mut self, last: bool) -> Option<FlowKey> {
+        let key = match *self {
             FlowTranslation::Installed(k) => Some(k),
             _ => None,
         };
-        *t = if last || *t == FlowTranslation::Done {
+        *self = if last || *self == FlowTranslation::Done {
             FlowTranslation::Done
         } else {
             FlowTranslation::None

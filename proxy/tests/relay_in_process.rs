@@ -519,6 +519,17 @@ async fn consumed_then_held(r: &Rig, id: &str) -> (TcpStream, Option<String>) {
     (c, backend)
 }
 
+/// Writes `bytes` on `c` while hold `id` is on, and waits until the hold
+/// has queued them all (it held nothing before).
+async fn write_held(r: &Rig, c: &mut TcpStream, id: &str, bytes: &[u8]) {
+    c.write_all(bytes).await.expect("write during hold");
+    let t0 = std::time::Instant::now();
+    while r.control.status(id).expect("status").bytes_held < bytes.len() as u64 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "never held");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 async fn reconnect_mode_replays_held_bytes_on_a_new_backend_connection(m: Mechanism) {
     let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
     let (mut c, first_backend) = consumed_then_held(&r, "m8").await;
@@ -555,12 +566,7 @@ async fn a_reconnect_hidden_by_the_next_hold_still_reconnects() {
     for m in [Mechanism::Copy, Mechanism::Splice] {
         let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
         let (mut c, first_backend) = consumed_then_held(&r, "h1").await;
-        c.write_all(b"held;").await.expect("write during hold");
-        let t0 = std::time::Instant::now();
-        while r.control.status("h1").expect("status").bytes_held < 5 {
-            assert!(t0.elapsed() < Duration::from_secs(5), "never held");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        write_held(&r, &mut c, "h1", b"held;").await;
         r.control
             .release("h1", ReleaseMode::Reconnect, None)
             .expect("release");
@@ -609,12 +615,7 @@ async fn a_reconnect_hidden_by_the_next_hold_still_reconnects() {
 async fn a_hold_and_release_never_seen_keep_the_counters_straight() {
     let r = rig(Mechanism::Copy, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
     let (mut c, _) = consumed_then_held(&r, "g1").await;
-    c.write_all(b"held;").await.expect("write during hold");
-    let t0 = std::time::Instant::now();
-    while r.control.status("g1").expect("status").bytes_held < 5 {
-        assert!(t0.elapsed() < Duration::from_secs(5), "never held");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    write_held(&r, &mut c, "g1", b"held;").await;
     r.control
         .release("g1", ReleaseMode::Resume, None)
         .expect("release");

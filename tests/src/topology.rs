@@ -392,15 +392,21 @@ impl TwoNode {
             ips.push(self.pod_ip);
         }
         for ip in ips {
-            let args = [
-                format!("{ip}/32"),
-                "via".to_owned(),
-                self.node_b_ip.to_string(),
-                "dev".to_owned(),
-                self.node_fabric_if().to_owned(),
-            ];
-            ip_route(&self.node_a, "replace", &args);
+            ip_route(&self.node_a, "replace", &self.via_node_b(ip));
         }
+    }
+
+    /// Node A's route sending `ip` to node B:
+    /// `IP/32 via 10.77.1.12 dev fab0`, as `ip route` arguments.
+    fn via_node_b(&self, ip: Ipv4Addr) -> Vec<String> {
+        [
+            format!("{ip}/32"),
+            "via".to_owned(),
+            self.node_b_ip.to_string(),
+            "dev".to_owned(),
+            self.node_fabric_if().to_owned(),
+        ]
+        .to_vec()
     }
 
     /// The migration's "switch routes" step: first
@@ -531,19 +537,6 @@ pub struct SecondMove<'a> {
     pub to: &'a ExtraPod,
 }
 
-impl SecondMove<'_> {
-    fn via_b(&self, ip: Ipv4Addr) -> Vec<String> {
-        [
-            format!("{ip}/32"),
-            "via".to_owned(),
-            self.t.node_b_ip.to_string(),
-            "dev".to_owned(),
-            self.t.node_fabric_if().to_owned(),
-        ]
-        .to_vec()
-    }
-}
-
 impl PodMove for SecondMove<'_> {
     fn source_ns(&self) -> &Netns {
         &self.t.pod_b
@@ -571,7 +564,7 @@ impl PodMove for SecondMove<'_> {
                 "replace",
                 &pod_route(to.host_if, to.ip, t.node_b_ip),
             );
-            ip_route(&t.node_a, "replace", &self.via_b(to.ip));
+            ip_route(&t.node_a, "replace", &t.via_node_b(to.ip));
         }
     }
     fn restore_routes(&self) {
@@ -580,7 +573,7 @@ impl PodMove for SecondMove<'_> {
         route_del_if_present(&t.node_a, &cidr);
         if self.to.behind_origin {
             for ip in [t.pod_ip, t.pod_b_ip] {
-                ip_route(&t.node_a, "replace", &self.via_b(ip));
+                ip_route(&t.node_a, "replace", &t.via_node_b(ip));
             }
         } else {
             route_del_if_present(&t.node_b, &cidr);

@@ -82,8 +82,9 @@ pub struct AbortRequest {
 /// A proxy→pod backend flow as the destination must know it to translate:
 /// the proxy's (node) address and port, the pod's port, and the pod address
 /// the flow's sockets use (the endpoint's, or for a connection opened after
-/// an earlier move, the address the pod had then).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+/// an earlier move, the address the pod had then). Ordered by node address
+/// and port, pod port, then pod address (the order of the lists).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(deny_unknown_fields)]
 pub struct BackendFlow {
     pub node: SocketAddrV4,

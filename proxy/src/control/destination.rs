@@ -77,6 +77,14 @@ pub(super) struct Incoming {
     by_deadline: bool,
 }
 
+/// What [`Control::install`] did: the entries it made, those it overwrote
+/// (as they were), and the shield entries it raised.
+struct Installed {
+    keys: Vec<FlowKey>,
+    prev: HashMap<FlowKey, Translation>,
+    shielded: Vec<EndpointKey>,
+}
+
 /// An earlier record's entry that `incoming` overwrote.
 #[derive(Clone)]
 struct Overwritten {
@@ -161,7 +169,7 @@ impl Control {
                 f.pod_addr = None;
             }
         }
-        flows.sort_by_key(|f| (f.node, f.pod_port, f.pod_addr));
+        flows.sort();
         flows.dedup();
         // Shielded whether or not they are translated here (below).
         let shield_flows = flows.clone();
@@ -218,73 +226,45 @@ impl Control {
                 .into_iter()
                 .filter(|f| !existing.swept.contains(f))
                 .collect();
-            let (keys, prev) = match existing.to {
-                Some(to) => {
-                    let prev = self.dest_entries(&existing.endpoints, to, &fresh);
-                    match self.translate_flows(&existing.endpoints, to, &fresh, ROLE_DEST) {
-                        Ok(keys) => (keys, prev),
-                        Err(e) => {
-                            self.put_back(&prev);
-                            return Err(e);
-                        }
-                    }
-                }
-                None => Default::default(),
-            };
-            if !existing.completed {
-                // Flows from a connection opened after an earlier move use
-                // the address the pod had then: shield that one too.
-                let mut wanted = shield_addrs(&existing.endpoints, existing.to, &fresh_shield);
-                wanted.extend(prev_addrs(&prev));
-                let mut added = Vec::new();
-                if let Err(e) = self.shield(&wanted, &registered, &existing.shielded, &mut added) {
-                    self.lift_shield(&added, &registered);
-                    for k in &keys {
-                        let _ = self.intercept.remove_translation(*k);
-                    }
-                    self.put_back(&prev);
-                    return Err(e);
-                }
-                existing.shielded.extend(added);
-            }
+            // Flows from a connection opened after an earlier move use the
+            // address the pod had then: shield that one too (while the
+            // shield is up).
+            let Installed {
+                keys,
+                prev,
+                shielded,
+            } = self.install(
+                &existing.endpoints,
+                existing.to,
+                &fresh,
+                (!existing.completed).then_some(&fresh_shield[..]),
+                &registered,
+                &existing.shielded,
+            )?;
+            existing.shielded.extend(shielded);
             let given = take_over(&mut incoming, id, &keys);
             let Some(existing) = incoming.get_mut(id) else {
                 return Err(ControlError::UnknownMigration(id.to_string()));
             };
             existing.overwritten.extend(overwritten(given, &prev));
             existing.flows.extend(fresh);
-            existing
-                .flows
-                .sort_by_key(|f| (f.node, f.pod_port, f.pod_addr));
+            existing.flows.sort();
             return Ok(self.incoming_status_of(existing));
         }
-        // Translate first: if that fails (a full map), nothing is shielded
-        // and `translate_flows` has undone its own entries.
-        let (keys, prev) = match req.to {
-            Some(to) => {
-                let prev = self.dest_entries(&endpoints, to, &flows);
-                match self.translate_flows(&endpoints, to, &flows, ROLE_DEST) {
-                    Ok(keys) => (keys, prev),
-                    Err(e) => {
-                        self.put_back(&prev);
-                        return Err(e);
-                    }
-                }
-            }
-            None => Default::default(),
-        };
-        let mut shielded = Vec::new();
-        let mut wanted = shield_addrs(&endpoints, req.to, &shield_flows);
-        wanted.extend(prev_addrs(&prev));
-        if let Err(e) = self.shield(&wanted, &registered, &[], &mut shielded) {
-            // Undo: no record will exist to lift or sweep these.
-            self.lift_shield(&shielded, &registered);
-            for k in &keys {
-                let _ = self.intercept.remove_translation(*k);
-            }
-            self.put_back(&prev);
-            return Err(e);
-        }
+        // On an error nothing is left: no record will exist to lift or
+        // sweep anything.
+        let Installed {
+            keys,
+            prev,
+            shielded,
+        } = self.install(
+            &endpoints,
+            req.to,
+            &flows,
+            Some(&shield_flows),
+            &registered,
+            &[],
+        )?;
         let given = take_over(&mut incoming, id, &keys);
         let rec = Incoming {
             id: id.to_string(),
@@ -446,9 +426,7 @@ impl Control {
                 owner.swept.remove(&flow);
                 if !owner.flows.contains(&flow) {
                     owner.flows.push(flow);
-                    owner
-                        .flows
-                        .sort_by_key(|f| (f.node, f.pod_port, f.pod_addr));
+                    owner.flows.sort();
                 }
             }
         }
@@ -568,6 +546,55 @@ impl Control {
             .flat_map(|s| s.connections())
             .filter_map(|c| super::origin::conn_flow_key(&c))
             .collect()
+    }
+
+    /// Translates `flows` (when the pod's address changes, to `to`) and,
+    /// given `shield_flows`, raises the shield on the endpoints' addresses,
+    /// those flows' and those the replaced entries had (see
+    /// [`prev_addrs`]), leaving out what `shielded` has up already. All or
+    /// nothing: translate first, and if anything fails, undo what this call
+    /// did and put back the entries it overwrote.
+    fn install(
+        &self,
+        endpoints: &[EndpointAddr],
+        to: Option<Ipv4Addr>,
+        flows: &[BackendFlow],
+        shield_flows: Option<&[BackendFlow]>,
+        registered: &[EndpointAddr],
+        shielded: &[EndpointKey],
+    ) -> Result<Installed, ControlError> {
+        let (keys, prev) = match to {
+            Some(to) => {
+                let prev = self.dest_entries(endpoints, to, flows);
+                match self.translate_flows(endpoints, to, flows, ROLE_DEST) {
+                    Ok(keys) => (keys, prev),
+                    Err(e) => {
+                        // `translate_flows` removed its own entries.
+                        self.put_back(&prev);
+                        return Err(e);
+                    }
+                }
+            }
+            None => Default::default(),
+        };
+        let mut added = Vec::new();
+        if let Some(shield_flows) = shield_flows {
+            let mut wanted = shield_addrs(endpoints, to, shield_flows);
+            wanted.extend(prev_addrs(&prev));
+            if let Err(e) = self.shield(&wanted, registered, shielded, &mut added) {
+                self.lift_shield(&added, registered);
+                for k in &keys {
+                    let _ = self.intercept.remove_translation(*k);
+                }
+                self.put_back(&prev);
+                return Err(e);
+            }
+        }
+        Ok(Installed {
+            keys,
+            prev,
+            shielded: added,
+        })
     }
 
     /// Raises the shield on each of `addrs` not already in `done`, pushing

@@ -213,10 +213,7 @@ impl Control {
         }
         // Without `to`, new connections go where `target` said the pod is:
         // its old address may no longer reach it.
-        let to = match to {
-            Some(ip) => Some(ip),
-            None => lock(&self.migrations).get(id).and_then(|m| m.target),
-        };
+        let to = to.or_else(|| lock(&self.migrations).get(id).and_then(|m| m.target));
         self.finish(id, Request::Release, None, Some(mode), to)
     }
 
@@ -526,6 +523,6 @@ fn backend_flows(states: &[Arc<EndpointState>]) -> Vec<BackendFlow> {
         .flat_map(|s| s.connections())
         .filter_map(|c| backend_flow(&c))
         .collect();
-    flows.sort_by_key(|f| (f.node, f.pod_port, f.pod_addr));
+    flows.sort();
     flows
 }

@@ -357,8 +357,7 @@ impl Conn {
                         // A release and the next hold, seen as one change:
                         // everything the last hold queued is this one's to
                         // replay.
-                        last.bytes_replayed
-                            .fetch_add(self.up.len() as u64, Ordering::Relaxed);
+                        self.hand_on_queue(last);
                         self.start_hold(h);
                     }
                     (Mode::Holding(last), Mode::Forwarding { after, .. }) => {
@@ -372,8 +371,7 @@ impl Conn {
                             // never counted these bytes, so they count as
                             // the last one's, handed on.
                             _ => {
-                                last.bytes_replayed
-                                    .fetch_add(self.up.len() as u64, Ordering::Relaxed);
+                                self.hand_on_queue(last);
                                 self.replay_stats = None;
                                 self.replay_left = 0;
                             }
@@ -563,6 +561,14 @@ impl Conn {
         }
         // Bytes queued but not yet written are held too.
         h.bytes_held
+            .fetch_add(self.up.len() as u64, Ordering::Relaxed);
+    }
+
+    /// The hold `last` ends for this connection without it having seen the
+    /// release: everything it queued is the next hold's (or the stream's)
+    /// to replay, and `last` counts it as handed on.
+    fn hand_on_queue(&self, last: &HoldStats) {
+        last.bytes_replayed
             .fetch_add(self.up.len() as u64, Ordering::Relaxed);
     }
 
