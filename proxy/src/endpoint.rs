@@ -77,6 +77,10 @@ pub struct HoldStats {
     pub bytes_held: AtomicU64,
     /// Of those, bytes written to the pod after the release (or abort).
     pub bytes_replayed: AtomicU64,
+    /// Held connections whose backend ended (FIN, reset or error) during
+    /// the hold: the original pod stopped or died. They wait for the
+    /// release: a reconnect gives them a new backend connection.
+    pub backends_ended: AtomicU64,
     /// Connections closed because their backend could not be reached or failed.
     pub connections_closed: AtomicU64,
     /// Why the last of those was closed.

@@ -791,6 +791,53 @@ fn deadline_abort_with_the_pod_gone_closes_cleanly_and_says_why() {
     w.assert_no_rst();
 }
 
+/// Kubernetes' sequence on one node: hold, the pod's process is killed
+/// (its sockets close and a FIN reaches the proxy), a fresh pod process
+/// starts, `release --mode reconnect`. The clients must not see the first
+/// pod's end: every stream goes on, in order, with no RST on their wire.
+#[test]
+fn a_pod_killed_during_a_hold_and_restarted_keeps_its_clients() {
+    privileged!();
+    let mut w = World::new("kr", &[]);
+    w.register();
+    let streams: Vec<CounterStream> = (0..3)
+        .map(|_| CounterStream::start(&w.t.client, w.ep(), TICK))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let ep = w.ep().to_string();
+    let held = w.agent.cli_json(&["migrate", "hold", "--id", "m-kr", &ep]);
+    assert_eq!(held["quiescent"], true, "{held}");
+    w.echo.signal(libc::SIGKILL).expect("kill the pod");
+    let t0 = Instant::now();
+    while u(&w.status("m-kr"), "backends_ended") < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the proxy never saw the pod's sockets close: {}",
+            w.status("m-kr")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The old pod is gone; its replacement listens on the same address.
+    w.echo = start_echo(&w.t, w.dir.path());
+    std::thread::sleep(Duration::from_millis(300));
+    let released = w
+        .agent
+        .cli_json(&["migrate", "release", "--id", "m-kr", "--mode", "reconnect"]);
+    assert_eq!(released["state"], "released", "{released}");
+    std::thread::sleep(Duration::from_millis(500));
+    for s in streams {
+        let r = s.stop();
+        // Every value sent, echoed once and in order, up to the stream's
+        // own close: a connection ended by the first pod's FIN fails here.
+        r.assert_ok();
+        assert!(r.sent > 50, "stream too short: {r:?}");
+    }
+    let st = w.status("m-kr");
+    assert_eq!(u(&st, "connections_closed"), 0, "{st}");
+    assert_eq!(u(&st, "bytes_replayed"), u(&st, "bytes_held"), "{st}");
+    w.assert_no_rst();
+}
+
 /// While an endpoint is held, RSTs from the pod's address are dropped by
 /// `rst_shield` and counted; outside a hold they pass (and a stray,
 /// out-of-window one is harmless to the connection anyway).

@@ -146,6 +146,13 @@ pub struct MigrationStatus {
     pub connections: u64,
     pub connections_queued: u64,
     pub connections_closed: u64,
+    /// Held connections whose pod end closed or failed during the hold (the
+    /// original was stopped, as Kubernetes does after a leave-running
+    /// checkpoint, or died). Their clients are not told: a `reconnect`
+    /// release gives them a new backend connection; `resume` or an abort
+    /// closes them cleanly (counted in `connections_closed`, with why).
+    #[serde(default)]
+    pub backends_ended: u64,
     /// Whether every held connection's backend acknowledged all bytes before
     /// `hold` returned.
     pub quiescent: bool,

@@ -245,6 +245,12 @@ fn print(s: &MigrationStatus, json: bool) -> anyhow::Result<()> {
         "connections:    {} held ({} queued during the hold, {} closed)",
         s.connections, s.connections_queued, s.connections_closed
     );
+    if s.backends_ended > 0 {
+        println!(
+            "backends ended: {} during the hold (the pod closed them; a reconnect release reopens them)",
+            s.backends_ended
+        );
+    }
     println!(
         "quiescent:      {}{}",
         if s.quiescent { "yes" } else { "no" },

@@ -364,6 +364,7 @@ impl Control {
             connections: held + queued,
             connections_queued: queued,
             connections_closed: closed,
+            backends_ended: s.backends_ended.load(Ordering::Relaxed),
             quiescent: matches!(m.quiesce, Some(Ok(_))),
             quiesce_ms: m.quiesce.map(|q| match q {
                 Ok(d) | Err(d) => d.as_millis() as u64,

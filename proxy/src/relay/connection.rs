@@ -11,6 +11,15 @@
 //! This task must never drop a client byte, write one twice, or reset the
 //! client: when the backend fails, the client is closed with a FIN after the
 //! bytes the pod sent have been delivered.
+//!
+//! During a hold, the pod's end of the backend connection does not reach
+//! the client: a FIN, a reset or an error is recorded ([`BackendEnd`]) and
+//! the release decides. Kubernetes checkpoints a container and leaves it
+//! running; the controller then stops the original, whose sockets close
+//! while the hold is on, and restores the checkpoint elsewhere. A
+//! `reconnect` release opens a new backend connection and replays what it
+//! defines; `resume` and abort (or the deadline) find the backend gone and
+//! close the client cleanly, after every byte the pod sent.
 use super::hold_buffer::{Budget, HoldBuffer, READ_CHUNK};
 use super::splice::{Filled, Lane, PIPE_SIZE};
 use super::Mechanism;
@@ -73,6 +82,16 @@ enum Event {
 struct Backend {
     r: OwnedReadHalf,
     w: OwnedWriteHalf,
+}
+
+/// How the pod's end of a backend connection ended while a hold was on.
+/// The client is not told until the release says what it means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BackendEnd {
+    /// A FIN: the pod (or its stopped original) closed the connection.
+    Fin,
+    /// A reset or an error, with what failed.
+    Failed(String),
 }
 
 /// Relays one accepted client connection until both directions are done.
@@ -145,6 +164,9 @@ struct Conn {
     replay_stats: Option<Arc<HoldStats>>,
     /// The endpoint's reconnect count this connection has acted on.
     reconnects_seen: u64,
+    /// The backend ended during a hold; the release decides what the
+    /// client sees (see the module doc).
+    ended_in_hold: Option<BackendEnd>,
 }
 
 impl Conn {
@@ -196,6 +218,7 @@ impl Conn {
             replay_left: 0,
             replay_stats: None,
             reconnects_seen,
+            ended_in_hold: None,
         }
     }
 
@@ -230,8 +253,11 @@ impl Conn {
                 && self.down.is_empty()
                 && self.down_lane.is_empty()
                 && !self.client_shut
+                && hold.is_none()
             {
-                // The pod's FIN follows all its bytes to the client.
+                // The pod's FIN follows all its bytes to the client (after
+                // the release, if it came during a hold: the release may
+                // give the client a new backend connection instead).
                 let _ = self.client_w.shutdown().await;
                 self.client_shut = true;
             }
@@ -380,6 +406,11 @@ impl Conn {
                     _ => {}
                 }
                 self.mode = new;
+                if self.mode.hold().is_none() {
+                    if let Some(end) = self.ended_in_hold.take() {
+                        self.settle_end_in_hold(end).await?;
+                    }
+                }
             }
             Event::ClientReadable(Err(e), _) => return Err(format!("client read failed: {e}")),
             Event::ClientReadable(Ok(()), false) => self.copy_from_client()?,
@@ -407,12 +438,10 @@ impl Conn {
                     (r, _) => r,
                 };
                 if let Err(e) = r {
-                    return Err(self.backend_failed("write to", e).await);
+                    return self.backend_failed("write to", e).await;
                 }
             }
-            Event::BackendReadable(Err(e), _) => {
-                return Err(self.backend_failed("read from", e).await)
-            }
+            Event::BackendReadable(Err(e), _) => return self.backend_failed("read from", e).await,
             Event::BackendReadable(Ok(()), false) => self.copy_from_backend().await?,
             Event::BackendReadable(Ok(()), true) => {
                 let filled = match self.backend.as_ref() {
@@ -424,7 +453,7 @@ impl Conn {
                         self.down_bulk = n >= SPLICE_MIN;
                         self.info.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
                     }
-                    Ok(Filled::Eof) => self.backend_eof = true,
+                    Ok(Filled::Eof) => self.backend_ended(),
                     Ok(Filled::WouldBlock) => {}
                     Ok(Filled::NoPipe | Filled::Stuck) => {
                         // As on the client side; the next read decides
@@ -432,7 +461,7 @@ impl Conn {
                         self.copy_from_backend().await?;
                         self.down_bulk = false;
                     }
-                    Err(e) => return Err(self.backend_failed("read from", e).await),
+                    Err(e) => return self.backend_failed("read from", e).await,
                 }
             }
             Event::ClientWritable(r) => {
@@ -461,7 +490,7 @@ impl Conn {
                     }
                 }
             }
-            Event::BackendWrote(Err(e)) => return Err(self.backend_failed("write to", e).await),
+            Event::BackendWrote(Err(e)) => return self.backend_failed("write to", e).await,
             Event::ClientWrote(Ok(n)) => self.down.advance(n),
             Event::ClientWrote(Err(e)) => return Err(format!("client write failed: {e}")),
         }
@@ -490,23 +519,70 @@ impl Conn {
     /// A buffered read from the backend finished.
     async fn backend_read(&mut self, r: io::Result<usize>) -> Result<(), String> {
         match r {
-            Ok(0) => self.backend_eof = true,
+            Ok(0) => self.backend_ended(),
             Ok(n) => {
                 self.down_bulk = n >= SPLICE_MIN;
                 self.down = self.down_spare.split_to(n).freeze();
                 self.info.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
             }
-            Err(e) => return Err(self.backend_failed("read from", e).await),
+            Err(e) => return self.backend_failed("read from", e).await,
         }
         Ok(())
     }
 
-    /// `op` ("read from", "write to") the backend failed: closes the client
-    /// cleanly (see [`Conn::fail_backend`]) and returns the reason.
-    async fn backend_failed(&mut self, op: &str, e: io::Error) -> String {
+    /// The pod sent its FIN. During a hold it is only recorded: the
+    /// release decides whether the client sees it.
+    fn backend_ended(&mut self) {
+        self.backend_eof = true;
+        if let Some(h) = self.mode.hold() {
+            if self.ended_in_hold.is_none() {
+                h.backends_ended.fetch_add(1, Ordering::Relaxed);
+                self.ended_in_hold = Some(BackendEnd::Fin);
+            }
+        }
+    }
+
+    /// `op` ("read from", "write to") the backend failed. During a hold it
+    /// is recorded and the connection waits for the release (nothing more
+    /// is read from that socket); otherwise the client is closed cleanly
+    /// (see [`Conn::fail_backend`]) and the reason returned.
+    async fn backend_failed(&mut self, op: &str, e: io::Error) -> Result<(), String> {
         let reason = format!("{op} backend {} failed: {e}", self.info.orig_dst);
+        if let Some(h) = self.mode.hold() {
+            tracing::info!(client = %self.info.client, %reason, "backend ended during a hold; the release decides");
+            if self.ended_in_hold.is_none() {
+                h.backends_ended.fetch_add(1, Ordering::Relaxed);
+            }
+            self.ended_in_hold = Some(BackendEnd::Failed(reason));
+            self.backend_eof = true;
+            return Ok(());
+        }
         self.fail_backend(&reason).await;
-        reason
+        Err(reason)
+    }
+
+    /// The hold ended (a release or an abort) with the backend gone during
+    /// it, and no reconnect gave the connection a new one: the pod this
+    /// socket reached is not coming back. A FIN goes on to the client after
+    /// every byte the pod sent (the loop's usual half-close); an error
+    /// closes the client cleanly. Either way the migration's status says so.
+    async fn settle_end_in_hold(&mut self, end: BackendEnd) -> Result<(), String> {
+        match end {
+            BackendEnd::Fin => {
+                if let Mode::Forwarding { after: Some(h), .. } = &self.mode {
+                    h.record_close(
+                        "the pod closed the connection during the hold and the release did not \
+                         reconnect: the client got a FIN after every byte the pod sent",
+                    );
+                }
+                Ok(())
+            }
+            BackendEnd::Failed(reason) => {
+                let reason = format!("{reason} (during the hold; the release did not reconnect)");
+                self.fail_backend(&reason).await;
+                Err(reason)
+            }
+        }
     }
 
     /// Reads what the client sent into the hold buffer (as much as `room`
@@ -594,6 +670,8 @@ impl Conn {
         self.forget_backend();
         self.backend_eof = false;
         self.backend_shut = false;
+        // Whatever ended the old socket, the new one starts afresh.
+        self.ended_in_hold = None;
     }
 
     /// Drops the backend socket and everything that names it: the status's

@@ -49,6 +49,19 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "xz-utils",
     "dpkg-dev",
     "procps",
+    // Container runtimes (issue: real runtimes). runc, not crun: this kind of
+    // machine has hybrid cgroups v1 and no systemd, where Debian's crun fails
+    // and has no CRIU support. `--no-install-recommends` (above) keeps
+    // Debian 12's CRIU 3.17 out; runc finds CRIU 4.2 in /usr/local/sbin.
+    "podman",
+    "runc",
+    "conmon",
+    "netavark",
+    "aardvark-dns",
+    "catatonit",
+    "uidmap",
+    "golang-github-containers-common",
+    "zstd",
 ];
 
 /// Components the nightly toolchain needs for the eBPF crate.

@@ -69,8 +69,20 @@ fn serve_echo(l: TcpListener, seen: Arc<AtomicUsize>) {
 }
 
 async fn rig(m: Mechanism, per_conn_cap: usize, total_cap: usize, deadline: Duration) -> Rig {
+    rig_on(echo_backend().await, m, per_conn_cap, total_cap, deadline).await
+}
+
+/// As [`rig`], with the pod served by `backend` (its address and the count
+/// of bytes it received).
+async fn rig_on(
+    backend: (SocketAddrV4, Arc<AtomicUsize>),
+    m: Mechanism,
+    per_conn_cap: usize,
+    total_cap: usize,
+    deadline: Duration,
+) -> Rig {
     let (control, endpoint, backend_seen, intercept) =
-        control_for(m, per_conn_cap, total_cap, deadline).await;
+        control_on(backend, m, per_conn_cap, total_cap, deadline).await;
     let listener = plain_listener().expect("listener");
     let proxy = listener.local_addr().expect("addr");
     static ACCEPTED: AtomicU64 = AtomicU64::new(0);
@@ -103,7 +115,22 @@ async fn control_for(
     Arc<AtomicUsize>,
     Arc<RecordingInterception>,
 ) {
-    let (backend, backend_seen) = echo_backend().await;
+    control_on(echo_backend().await, m, per_conn_cap, total_cap, deadline).await
+}
+
+/// As [`control_for`], with the endpoint served by `backend`.
+async fn control_on(
+    (backend, backend_seen): (SocketAddrV4, Arc<AtomicUsize>),
+    m: Mechanism,
+    per_conn_cap: usize,
+    total_cap: usize,
+    deadline: Duration,
+) -> (
+    Arc<Control>,
+    EndpointAddr,
+    Arc<AtomicUsize>,
+    Arc<RecordingInterception>,
+) {
     let relay = RelayContext {
         connector: Arc::new(MarkedConnector {
             timeout: Duration::from_secs(2),
@@ -1424,3 +1451,6 @@ for_each_mechanism!(
     urgent_data_neither_stalls_nor_cuts_the_stream,
     urgent_mark_behind_a_full_hold_buffer_does_not_stall,
 );
+
+// After the macro: its scenarios run with each mechanism too.
+mod backend_ends_during_hold;
