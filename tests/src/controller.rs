@@ -15,8 +15,14 @@
 //! by a restore of the same images in the source namespace. Where the pod
 //! goes is a [`PodMove`]: a [`TwoNode`](crate::topology::TwoNode) for its
 //! first move, a [`SecondMove`](crate::topology::SecondMove) for a second.
+//!
+//! How the pod is checkpointed and restored is a [`Checkpointer`]: raw CRIU
+//! on a process tree ([`CriuProcess`], what [`migrate`] uses), or a
+//! container runtime ([`RuncPod`](crate::runtime::RuncPod): runc, the OCI
+//! runtime under CRI-O and containerd), through [`migrate_with`].
 use crate::agent::Agent;
 use crate::criu::{self, DumpOpts, Images, RestoredProcess, TcpRestore};
+use crate::netns::Netns;
 use crate::topology::PodMove;
 use serde_json::{json, Value};
 use std::net::SocketAddrV4;
@@ -130,6 +136,69 @@ fn api(agent: &Agent, method: &str, path: &str, body: Option<Value>) -> Result<V
     serde_json::from_str(&text).map_err(|e| format!("{method} {path}: bad JSON ({e}): {text}"))
 }
 
+/// How the controller checkpoints the pod and restores it elsewhere.
+pub trait Checkpointer {
+    /// Checkpoints the pod running in `from` into `images`. On failure the
+    /// pod runs on where it was (CRIU rolls a failed dump back).
+    fn checkpoint(&mut self, from: &Netns, images: &Images) -> Result<(), String>;
+    /// After a good checkpoint, before the restore: the original must be
+    /// gone. A dump killed it (reap it); a checkpoint that left it running
+    /// (the kubelet's way) stops it now, and its sockets close.
+    fn retire_original(&mut self);
+    /// Restores `images` into `into`, with or without the TCP connections.
+    /// On failure nothing of the pod runs in `into`.
+    fn restore(&mut self, into: &Netns, images: &Images, tcp: TcpRestore) -> Result<(), String>;
+}
+
+/// Raw CRIU on the process tree rooted at `pid`: `criu dump` in its
+/// namespace, `criu restore` in the destination's.
+pub struct CriuProcess<'a> {
+    pid: u32,
+    tree: Vec<u32>,
+    reap_root: &'a mut dyn FnMut(),
+    /// The restored root, once restored (where it lands, or back where it
+    /// was after a failed restore).
+    pub restored: Option<RestoredProcess>,
+}
+
+impl<'a> CriuProcess<'a> {
+    /// The pod rooted at `pid`, started by the caller, who reaps the root
+    /// with `reap_root` once the dump has killed it.
+    pub fn new(pid: u32, reap_root: &'a mut dyn FnMut()) -> Result<Self, ControllerError> {
+        // Orphans of the dumped tree must be reaped by us, or their pids
+        // stay taken and the restore fails.
+        criu::become_subreaper()
+            .map_err(|e| fail("setup", format!("PR_SET_CHILD_SUBREAPER: {e}")))?;
+        Ok(CriuProcess {
+            pid,
+            tree: crate::process::process_tree(pid),
+            reap_root,
+            restored: None,
+        })
+    }
+}
+
+impl Checkpointer for CriuProcess<'_> {
+    fn checkpoint(&mut self, from: &Netns, images: &Images) -> Result<(), String> {
+        criu::dump(from, self.pid, images, &DumpOpts::default())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn retire_original(&mut self) {
+        (self.reap_root)();
+        for pid in self.tree.iter().skip(1) {
+            reap(*pid, Duration::from_secs(2));
+        }
+    }
+
+    fn restore(&mut self, into: &Netns, images: &Images, tcp: TcpRestore) -> Result<(), String> {
+        let (p, _) = criu::restore(into, images, tcp).map_err(|e| e.to_string())?;
+        self.restored = Some(p);
+        Ok(())
+    }
+}
+
 /// Reaps `pid` if it is our (sub-reaped) child, waiting up to `timeout`.
 pub fn reap(pid: u32, timeout: Duration) {
     let until = Instant::now() + timeout;
@@ -155,6 +224,30 @@ pub fn migrate(
     reap_root: &mut dyn FnMut(),
     progress: &dyn Fn(&str),
 ) -> Result<(RestoredProcess, Report), ControllerError> {
+    let mut pod = CriuProcess::new(pod_pid, reap_root)?;
+    match migrate_with(c, plan, &mut pod, progress) {
+        Ok(report) => match pod.restored.take() {
+            Some(p) => Ok((p, report)),
+            None => Err(fail("restore", "CRIU reported no restored process")),
+        },
+        Err(mut e) => {
+            if e.step == "restore" {
+                e.rolled_back = pod.restored.take();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Migrates the pod that `pod` checkpoints, as `c.topo` says. On a failed
+/// restore the pod is restored back where it was (the error's step is
+/// `"restore"`).
+pub fn migrate_with(
+    c: &Cluster<'_>,
+    plan: &Plan,
+    pod: &mut dyn Checkpointer,
+    progress: &dyn Fn(&str),
+) -> Result<Report, ControllerError> {
     let mut report = Report::default();
     let t = c.topo;
     let eps: Vec<String> = plan.endpoints.iter().map(|e| e.to_string()).collect();
@@ -163,10 +256,6 @@ pub fn migrate(
         ReleaseMode::Resume => TcpRestore::Established,
         ReleaseMode::Reconnect => TcpRestore::Close,
     };
-    // Orphans of the dumped tree must be reaped by us, or their pids stay
-    // taken and the restore fails.
-    criu::become_subreaper().map_err(|e| fail("setup", format!("PR_SET_CHILD_SUBREAPER: {e}")))?;
-    let tree = crate::process::process_tree(pod_pid);
     let step = |name: &'static str, start: Instant, report: &mut Report| {
         let d = start.elapsed();
         progress(&format!("{name}: {} ms", d.as_millis()));
@@ -243,7 +332,7 @@ pub fn migrate(
                 api(c.dest, "PUT", path, Some(body)).map(|_| s.elapsed())
             })
         });
-        let dumped = criu::dump(t.source_ns(), pod_pid, &images, &DumpOpts::default());
+        let dumped = pod.checkpoint(t.source_ns(), &images);
         let sent = sender.map(|h| {
             h.join()
                 .unwrap_or_else(|_| Err("flows thread panicked".into()))
@@ -253,7 +342,7 @@ pub fn migrate(
     if let Err(e) = dumped {
         // CRIU rolled the dump back: the pod runs on where it was.
         abort("dump failed");
-        return Err(fail("dump", e.to_string()));
+        return Err(fail("dump", e));
     }
     step("dump", t_freeze, &mut report);
     let flows_error = match flows_sent {
@@ -268,10 +357,7 @@ pub fn migrate(
         Some(Err(e)) => Some(e),
         None => None,
     };
-    reap_root();
-    for pid in tree.iter().skip(1) {
-        reap(*pid, Duration::from_secs(2));
-    }
+    pod.retire_original();
     let s = Instant::now();
     let on_b = images.copy_to();
     report.image_bytes = on_b.total_bytes();
@@ -292,24 +378,19 @@ pub fn migrate(
         Some(e) => Err(format!(
             "the destination did not take the flows to translate: {e}"
         )),
-        None => criu::restore(t.dest_ns(), &on_b, mode).map_err(|e| e.to_string()),
+        None => pod.restore(t.dest_ns(), &on_b, mode),
     };
-    let restored = match on_dest {
-        Ok((p, _)) => p,
-        Err(e) => {
-            // Put the pod back where it was.
-            t.restore_routes();
-            let back = criu::restore(t.source_ns(), &images, mode)
-                .ok()
-                .map(|(p, _)| p);
-            abort("restore failed");
-            return Err(ControllerError {
-                step: "restore",
-                detail: e,
-                rolled_back: back,
-            });
-        }
-    };
+    if let Err(e) = on_dest {
+        // Put the pod back where it was.
+        t.restore_routes();
+        let back = pod.restore(t.source_ns(), &images, mode);
+        abort("restore failed");
+        let detail = match back {
+            Ok(()) => e,
+            Err(b) => format!("{e}; restoring it where it was failed too: {b}"),
+        };
+        return Err(fail("restore", detail));
+    }
     report.freeze = t_freeze.elapsed();
     step("restore", s, &mut report);
     if !routes_early {
@@ -338,5 +419,5 @@ pub fn migrate(
         .map_err(|e| fail("complete", e))?;
         step("complete", s, &mut report);
     }
-    Ok((restored, report))
+    Ok(report)
 }

@@ -1,8 +1,8 @@
 //! Privileged test harness for Shepherd.
 //!
 //! The integration tests under `tests/tests/` run as root on a real topology of
-//! network namespaces joined by veths (see DESIGN.md, "Testing" and "Pod
-//! wiring"). This library holds the pieces they share; every resource it makes
+//! network namespaces joined by veths (docs/testing.md describes it and the
+//! pod wiring). This library holds the pieces they share; every resource it makes
 //! (namespace, process, capture thread, agent) is owned by an RAII guard that
 //! removes exactly that resource when dropped, also when a test panics.
 //!
@@ -19,6 +19,11 @@
 //! - [`criu`]: checkpoint and restore with the real CRIU ≥ 4.2
 //!   ([`criu::dump`], [`criu::restore`]), the [`criu::Images`] guard for image
 //!   directories and the [`criu::RestoredProcess`] guard for restored pods.
+//! - [`runtime`]: pods as real OCI containers run, checkpointed and restored
+//!   by runc ([`runtime::RuncPod`], a [`controller::Checkpointer`]), on a
+//!   root filesystem built from this machine's files.
+//! - [`resp`]: a checking Redis client ([`resp::RedisCounter`]): every
+//!   command answered once, none lost, none run twice.
 //! - [`capture`]: an AF_PACKET capture that counts TCP segments and RSTs.
 //! - [`inject`]: crafted packets (a RST with a chosen source).
 //! - [`stream`]: client-side measurements (ordered counter stream, bulk echo,
@@ -42,6 +47,8 @@ pub mod names;
 pub mod netns;
 pub mod privilege;
 pub mod process;
+pub mod resp;
+pub mod runtime;
 pub mod stream;
 pub mod topology;
 

@@ -580,3 +580,27 @@ impl PodMove for SecondMove<'_> {
         }
     }
 }
+
+/// A same-IP [`TwoNode`]'s pod moving back from pod B to pod A: the move
+/// after a first one, for pods that ping-pong between the two nodes. Node A
+/// (the origin) is the destination too.
+pub struct Back<'a>(pub &'a TwoNode);
+
+impl PodMove for Back<'_> {
+    fn source_ns(&self) -> &Netns {
+        &self.0.pod_b
+    }
+    fn dest_ns(&self) -> &Netns {
+        &self.0.pod_a
+    }
+    fn new_ip(&self) -> Option<Ipv4Addr> {
+        assert!(self.0.same_ip(), "Back moves a same-IP pod only");
+        None
+    }
+    fn switch_routes(&self) {
+        self.0.restore_routes();
+    }
+    fn restore_routes(&self) {
+        self.0.switch_routes();
+    }
+}

@@ -255,6 +255,7 @@ impl Conn {
                 && !self.client_shut
                 && hold.is_none()
             {
+                tracing::debug!(client = %self.info.client, "passing the pod's FIN on to the client");
                 // The pod's FIN follows all its bytes to the client (after
                 // the release, if it came during a hold: the release may
                 // give the client a new backend connection instead).
@@ -536,6 +537,7 @@ impl Conn {
         self.backend_eof = true;
         if let Some(h) = self.mode.hold() {
             if self.ended_in_hold.is_none() {
+                tracing::info!(client = %self.info.client, "the pod closed the backend connection during a hold; the release decides");
                 h.backends_ended.fetch_add(1, Ordering::Relaxed);
                 self.ended_in_hold = Some(BackendEnd::Fin);
             }

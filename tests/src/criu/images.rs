@@ -124,27 +124,48 @@ impl Images {
         names
     }
 
-    /// Total size of the image files, in bytes.
+    /// Total size of the image files, in bytes (a container runtime's
+    /// checkpoint keeps one directory of images per container: counted too).
     pub fn total_bytes(&self) -> u64 {
-        self.files()
-            .iter()
-            .filter_map(|n| fs::metadata(self.dir.join(n)).ok())
-            .map(|m| m.len())
-            .sum()
+        tree_bytes(&self.dir)
     }
 
-    /// Copies every image file into a new [`Images`] ("moving the images to
-    /// node B"). Panics on an I/O error.
+    /// Copies every image file (and per-container directory of them) into
+    /// a new [`Images`] ("moving the images to node B"). Panics on an I/O
+    /// error.
     pub fn copy_to(&self) -> Images {
         let to = Images::new();
-        for name in self.files() {
-            let (src, dst) = (self.dir.join(&name), to.dir.join(&name));
-            if fs::metadata(&src).is_ok_and(|m| m.is_file()) {
+        copy_tree(&self.dir, &to.dir);
+        to
+    }
+}
+
+fn tree_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| Some((e.path(), e.metadata().ok()?)))
+                .map(|(p, m)| if m.is_dir() { tree_bytes(&p) } else { m.len() })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    let entries = fs::read_dir(from).unwrap_or_else(|e| panic!("read {}: {e}", from.display()));
+    for e in entries.filter_map(Result::ok) {
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        match e.metadata() {
+            Ok(m) if m.is_dir() => {
+                fs::create_dir(&dst).unwrap_or_else(|e| panic!("create {}: {e}", dst.display()));
+                copy_tree(&src, &dst);
+            }
+            Ok(m) if m.is_file() => {
                 fs::copy(&src, &dst)
                     .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dst.display()));
             }
+            _ => {}
         }
-        to
     }
 }
 
