@@ -95,6 +95,10 @@ pub struct Report {
     pub freeze: Duration,
     /// Hold → release (Shepherd only).
     pub hold: Duration,
+    /// When the checkpoint started (the freeze's start, for timelines).
+    pub freeze_started: Option<Instant>,
+    /// When the hold started (Shepherd only).
+    pub hold_started: Option<Instant>,
     /// The origin's final migration status (Shepherd only).
     pub origin_status: Value,
     /// The destination's final incoming status (Shepherd only).
@@ -311,6 +315,7 @@ pub fn migrate_with(
             abort("not quiescent");
             return Err(fail("hold", format!("backends did not quiesce: {held}")));
         }
+        report.hold_started = Some(t_hold);
         step("hold", t_hold, &mut report);
         if new_ip.is_some() {
             flows = Some(
@@ -324,6 +329,7 @@ pub fn migrate_with(
         None => Images::new(),
     };
     let t_freeze = Instant::now();
+    report.freeze_started = Some(t_freeze);
     let (dumped, flows_sent) = std::thread::scope(|scope| {
         let sender = flows.take().map(|body| {
             let path = &incoming_path;

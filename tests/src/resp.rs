@@ -66,6 +66,11 @@ impl RedisCounter {
         }
     }
 
+    /// Whether the client has stopped by itself: at its first failure.
+    pub fn has_stopped(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// Stops after the command in flight and returns what the client saw.
     pub fn stop(mut self) -> RedisReport {
         self.stop.store(true, Ordering::Relaxed);
@@ -137,4 +142,21 @@ fn run(
         std::thread::sleep(interval);
     }
     r
+}
+
+/// Opens a new connection from `ns` to `server` and sends `PING`: returns
+/// (connect time, time from the request to the `+PONG`).
+pub fn ping(ns: &Netns, server: SocketAddrV4) -> std::io::Result<(Duration, Duration)> {
+    let (stream, connect) = connect_in(ns, server)?;
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let t0 = Instant::now();
+    writer.write_all(b"PING\r\n")?;
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if line != "+PONG\r\n" {
+        return Err(std::io::Error::other(format!("PING answered {line:?}")));
+    }
+    Ok((connect, t0.elapsed()))
 }

@@ -77,6 +77,7 @@ pub fn run(o: &Options) -> Result<()> {
             only: Vec::new(),
             write: false,
             no_setup: true,
+            plot: None,
         })?;
     }
     eprintln!("\n=== ci: all green in {:.0?}", t0.elapsed());

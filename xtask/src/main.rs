@@ -3,6 +3,7 @@ mod bench;
 mod build_ebpf;
 mod ci;
 mod demo;
+mod plot;
 mod scenario;
 mod setup;
 mod util;

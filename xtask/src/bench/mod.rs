@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: Shepherd measured side by side with its baselines in
-//! one run (DESIGN.md "Benchmarks"; issue: migration pause, steady-state
-//! overhead, scale, hold under pressure). These machines are noisy: every
+//! one run: migration pause (what clients feel, against CRIU alone),
+//! steady-state overhead (against direct and HAProxy), scale, hold under
+//! pressure. These machines are noisy: every
 //! figure is repeated and reported as min/median/max, with the ratio to its
 //! baseline. Benchmarks assert nothing about absolute times; `--quick` runs a
 //! small version of each section so CI keeps the harness from rotting.
@@ -34,6 +35,10 @@ pub struct Options {
     /// Skip `cargo xtask setup`.
     #[arg(long)]
     pub no_setup: bool,
+    /// Draw the migration section's clients over time (first repetition at
+    /// each freeze, Shepherd beside CRIU alone) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 pub fn run(o: &Options) -> Result<()> {
@@ -52,7 +57,7 @@ pub fn run(o: &Options) -> Result<()> {
     };
     let mut sections: Vec<Section> = Vec::new();
     if want("migration") {
-        sections.push(migration::run(o.quick, &target)?);
+        sections.push(migration::run(o.quick, &target, o.plot.as_deref())?);
     }
     if want("scale") {
         sections.push(scale::run(o.quick, &target)?);
