@@ -1,6 +1,6 @@
 //! Workload processes inside a pod namespace, started so CRIU can dump them.
 //!
-//! TOOLCHAIN.md: a workload must be a session leader in the pod's network
+//! docs/toolchain.md: a workload must be a session leader in the pod's network
 //! namespace, must not get a new mount namespace (`ip netns exec` makes one and
 //! CRIU's dump then fails with "unreachable sharing"), and must not have pipes
 //! to the test as stdio. [`Workload::spawn_in`] therefore runs

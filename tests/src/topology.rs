@@ -10,7 +10,7 @@
 //!                         ip_forward=1, rp_filter=0
 //! ```
 //!
-//! The pod wiring is DESIGN.md's "Pod wiring": the node's own packets to the pod
+//! The pod wiring is docs/testing.md's "Pod wiring": the node's own packets to the pod
 //! (shepherd's backend connections) leave from the node's fabric IP. The
 //! builders [`wire_p2p`], [`wire_pod`] (and [`wire_pod_unrouted`]) and
 //! [`node_forwarding`] take namespaces, interface names and addresses as
@@ -45,7 +45,7 @@ pub fn wire_p2p(a: &Netns, if_a: &str, a_cidr: &str, b: &Netns, if_b: &str, b_ci
     link_up(b, if_b);
 }
 
-/// Wires `pod` behind `node` the way a CNI would (DESIGN.md "Pod wiring"):
+/// Wires `pod` behind `node` the way a CNI would (docs/testing.md, "Pod wiring"):
 /// - veth `node:host_if` ↔ `pod:eth0`;
 /// - host side: `169.254.1.1/32 scope link`, and
 ///   `POD_IP/32 dev host_if scope link src node_fabric_ip`;
@@ -220,7 +220,7 @@ pub const POD_SUBNET: &str = "10.77.2.0/24";
 ///
 /// Namespaces are `{prefix}fab`, `{prefix}cli`, `{prefix}nodea`,
 /// `{prefix}nodeb`, `{prefix}poda` and `{prefix}podb`; dropping the value
-/// deletes them all. Both pods are wired as in DESIGN.md's "Pod wiring" (see
+/// deletes them all. Both pods are wired as in docs/testing.md's "Pod wiring" (see
 /// [`wire_pod`]), but only node A routes to its pod at first. All pod traffic
 /// of the client goes to node A, the anchor, for the whole test; the
 /// migration's "switch routes" step ([`switch_routes`](Self::switch_routes))

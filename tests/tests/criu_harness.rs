@@ -1,7 +1,7 @@
 //! Self-tests of the two-node topology and the CRIU wrappers, with real CRIU
 //! and no Shepherd agent: the topology forwards (and switches routes), a pod
 //! migrates from node A to node B with its TCP connection (the CRIU-alone
-//! baseline of DESIGN.md), a failed dump rolls back, and the guards clean up.
+//! baseline of docs/toolchain.md), a failed dump rolls back, and the guards clean up.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -336,7 +336,7 @@ fn criu_alone_migrates_a_same_ip_pod_with_its_connection() {
 }
 
 /// The baseline with a freeze stretched by 1 s: the client's retransmission
-/// back-off shows (DESIGN.md: up to about twice the freeze).
+/// back-off shows (docs/toolchain.md: up to about twice the freeze).
 #[test]
 fn criu_alone_with_a_stretched_freeze_shows_back_off() {
     privileged!();

@@ -11,10 +11,10 @@
 //!    sockets is covered by the destination's shield.
 //! 2. New IP, TCP kept: a CRIU action script puts the old address on the
 //!    new namespace's `lo` at `setup-namespaces`, Shepherd translates.
-//! 3. Kubernetes-shaped: hold, checkpoint with the container left running
-//!    (`tcp-established` from the CRIU config file, as CRI-O needs), stop
-//!    the original (its FINs stay with the proxy), restore at a new IP with
-//!    `tcp-close`, release in reconnect mode.
+//! 3. Kubernetes-shaped: hold, checkpoint with the container left running,
+//!    stop the original (its FINs stay with the proxy), restore at a new IP
+//!    without TCP state, release in reconnect mode; TCP handling from one
+//!    node-wide CRIU config (`tcp-established`, `tcp-close`), as CRI-O needs.
 //! 4. A two-container pod in one namespace, held and moved as one.
 
 use shepherd_tests::agent::Agent;
@@ -236,12 +236,12 @@ fn runc_new_ip_keeps_tcp_through_an_action_script() {
     w.assert_no_rst();
 }
 
-/// 3. Kubernetes' way: hold, checkpoint leaving the container running with
-///    `tcp-established` from the CRIU config file (CRI-O passes no TCP
-///    flag), stop the original (it sends FINs, which the proxy keeps from
-///    the clients), restore at a new IP with `tcp-close` in the config file
-///    (no TCP state, and no old address needed), `release --mode
-///    reconnect`. Every client keeps its connection; no command the pod
+/// 3. Kubernetes' way: hold, checkpoint leaving the container running,
+///    stop the original (it sends FINs, which the proxy keeps from the
+///    clients), restore at a new IP without TCP state (no old address
+///    needed), `release --mode reconnect`. Both runc steps take their TCP
+///    handling from one node-wide CRIU config, `tcp-established` and
+///    `tcp-close`, as CRI-O needs (it passes no TCP flag). Every client keeps its connection; no command the pod
 ///    had not answered is lost, and none runs twice.
 #[test]
 fn kubernetes_shaped_leave_running_stop_restore_reconnect() {
@@ -253,7 +253,8 @@ fn kubernetes_shaped_leave_running_stop_restore_reconnect() {
         &[REDIS],
         RuncOpts {
             leave_running: true,
-            tcp_from_config: true,
+            // The node-wide CRIU config docs/kubernetes.md recommends.
+            node_criu_conf: vec!["tcp-established".into(), "tcp-close".into()],
             ..RuncOpts::default()
         },
     );

@@ -206,7 +206,7 @@ fn capture_sees_resets_and_echo_survives_them() {
     );
 }
 
-/// What TOOLCHAIN.md asks of a process CRIU will dump: a session leader in
+/// What docs/toolchain.md asks of a process CRIU will dump: a session leader in
 /// the pod's netns, in our mount namespace, with no pipes as stdio.
 #[test]
 fn workload_is_started_the_way_criu_needs() {

@@ -1,6 +1,6 @@
-//! Checkpoint and restore with the real `criu` binary (TOOLCHAIN.md, "CRIU").
+//! Checkpoint and restore with the real `criu` binary (docs/toolchain.md, "CRIU").
 //!
-//! [`dump`] and [`restore`] run CRIU synchronously, exactly as TOOLCHAIN.md
+//! [`dump`] and [`restore`] run CRIU synchronously, exactly as docs/toolchain.md
 //! says works here, and return how long it took; a failure is a [`CriuError`]
 //! carrying the command, the exit status, CRIU's output and the last lines of
 //! its log. The binary is `/usr/local/sbin/criu` (what `cargo xtask setup`
@@ -52,7 +52,7 @@
 //! stay there and drop the client's packets, so the dead pod never answers
 //! with RST. The restore, in pod B's fresh netns, ends by deleting rules that
 //! only exist in pod A's netns: it logs `Error (criu/netfilter.c:…): Iptables
-//! configuration failed` and still exits 0 (TOOLCHAIN.md: ignore it). [`restore`]
+//! configuration failed` and still exits 0 (docs/toolchain.md: ignore it). [`restore`]
 //! judges success by CRIU's exit status (or "Restore finished successfully" in
 //! its log) and by the pidfile's process being alive, never by error lines.
 //!
@@ -80,7 +80,7 @@ pub use restored::{become_subreaper, RestoredProcess};
 
 /// Where `cargo xtask setup` installs CRIU.
 pub const CRIU_PATH: &str = "/usr/local/sbin/criu";
-/// The oldest CRIU that works on this kernel (TOOLCHAIN.md): 4.2.
+/// The oldest CRIU that works on this kernel (docs/toolchain.md): 4.2.
 pub const MIN_VERSION: (u32, u32) = (4, 2);
 /// How many lines of CRIU's log a [`CriuError`] carries.
 pub const LOG_TAIL_LINES: usize = 30;
@@ -138,7 +138,7 @@ fn find_criu() -> Result<Criu, String> {
     })?;
     if (version.0, version.1) < MIN_VERSION {
         return Err(format!(
-            "{} is CRIU {}.{}.{}, but {}.{} or newer is needed on this kernel (TOOLCHAIN.md); \
+            "{} is CRIU {}.{}.{}, but {}.{} or newer is needed on this kernel (docs/toolchain.md); \
              run `cargo xtask setup`",
             path.display(),
             version.0,
@@ -363,7 +363,7 @@ pub enum TcpRestore {
 }
 
 /// The network lock CRIU uses: `SHEPHERD_CRIU_LOCK` = `iptables` (default,
-/// the one TOOLCHAIN.md measured), `nftables`, or `skip` (no lock: only safe
+/// the one docs/toolchain.md measured), `nftables`, or `skip` (no lock: only safe
 /// when every peer of the pod's connections is a Shepherd proxy that holds
 /// them, as in the scale benchmark).
 fn network_lock() -> &'static str {

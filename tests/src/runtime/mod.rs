@@ -16,10 +16,14 @@
 //!   kubelet's checkpoint API does; [`Checkpointer::retire_original`] then
 //!   stops them, and their sockets close (Shepherd's hold keeps that from
 //!   the clients).
-//! - `tcp_from_config`: TCP handling comes from the CRIU config file that
-//!   runc reads (the `org.criu.config` annotation; a node's
-//!   `/etc/criu/runc.conf`), not runc's `--tcp-established`: CRI-O passes no
-//!   TCP flag, and runc has no `--tcp-close` at all.
+//! - `node_criu_conf`: TCP handling comes from the CRIU config file that
+//!   runc reads, as a Kubernetes node's `/etc/criu/runc.conf` sets it (here
+//!   the `org.criu.config` annotation, so nothing outside the test's own
+//!   directory changes), not from runc's `--tcp-established`: CRI-O passes
+//!   no TCP flag, and runc has no `--tcp-close` at all. The same lines serve
+//!   the checkpoint and the restore: `tcp-established` lets a checkpoint
+//!   take connected sockets, and `tcp-close` makes a restore bring them
+//!   back closed (it wins over `tcp-established` there).
 //! - `lo_on_restore`: addresses a CRIU action script puts on the new
 //!   namespace's `lo` at the `setup-namespaces` stage, before any socket is
 //!   bound: TCP sockets bound to the pod's old address then restore at its
@@ -89,7 +93,8 @@ impl ContainerSpec {
 #[derive(Debug, Clone, Default)]
 pub struct RuncOpts {
     pub leave_running: bool,
-    pub tcp_from_config: bool,
+    /// The node's CRIU config lines; empty: runc's TCP flags instead.
+    pub node_criu_conf: Vec<String>,
     pub lo_on_restore: Vec<Ipv4Addr>,
 }
 
@@ -324,12 +329,7 @@ impl RuncPod {
 
 impl Checkpointer for RuncPod {
     fn checkpoint(&mut self, from: &Netns, images: &Images) -> Result<(), String> {
-        let conf = if self.opts.tcp_from_config {
-            vec!["tcp-established".to_string()]
-        } else {
-            Vec::new()
-        };
-        self.write_criu_confs(&conf)?;
+        self.write_criu_confs(&self.opts.node_criu_conf)?;
         let containers = self.containers.clone();
         for (i, c) in containers.iter().enumerate() {
             let (dir, work) = Self::images_of(images, c);
@@ -338,7 +338,7 @@ impl Checkpointer for RuncPod {
             }
             let (dir, work, id) = (path_str(&dir), path_str(&work), self.id(c));
             let mut args = vec!["checkpoint", "--image-path", &dir, "--work-path", &work];
-            if !self.opts.tcp_from_config {
+            if self.opts.node_criu_conf.is_empty() {
                 args.push("--tcp-established");
             }
             if self.opts.leave_running {
@@ -374,11 +374,9 @@ impl Checkpointer for RuncPod {
     }
 
     fn restore(&mut self, into: &Netns, images: &Images, tcp: TcpRestore) -> Result<(), String> {
-        let mut conf = Vec::new();
-        match (tcp, self.opts.tcp_from_config) {
-            (TcpRestore::Close, _) => conf.push("tcp-close".to_string()),
-            (TcpRestore::Established, true) => conf.push("tcp-established".to_string()),
-            (TcpRestore::Established, false) => {}
+        let mut conf = self.opts.node_criu_conf.clone();
+        if tcp == TcpRestore::Close && conf.is_empty() {
+            conf.push("tcp-close".to_string());
         }
         if !self.opts.lo_on_restore.is_empty() {
             conf.push(format!("action-script {}", path_str(&self.lo_script()?)));
@@ -420,7 +418,7 @@ impl RuncPod {
             "--work-path",
             &work,
         ];
-        if tcp == TcpRestore::Established && !self.opts.tcp_from_config {
+        if tcp == TcpRestore::Established && self.opts.node_criu_conf.is_empty() {
             args.push("--tcp-established");
         }
         args.push(&id);

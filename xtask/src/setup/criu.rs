@@ -1,5 +1,5 @@
 //! CRIU ≥ 4.2 at /usr/local/sbin/criu, built from Debian sid's source package
-//! (TOOLCHAIN.md: Debian 12's 3.17 and trixie's 4.1.1 do not work with this
+//! (docs/toolchain.md: Debian 12's 3.17 and trixie's 4.1.1 do not work with this
 //! kernel and redis-server). The system's apt state is left untouched.
 use crate::util::{clean_cargo, describe, output, run as run_cmd, workspace_root};
 use anyhow::{bail, Context, Result};

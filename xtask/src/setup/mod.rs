@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: everything a fresh machine of the project's kind
 //! (Debian 12, kernel 6.18, root, registries only) needs, done idempotently.
 //! Each step checks first; a second run when everything is present takes a
-//! second or two. The routes are the measured ones recorded in TOOLCHAIN.md.
+//! second or two. The routes are the measured ones recorded in docs/toolchain.md.
 use crate::util::{cargo_home, clean_cargo, describe, output, run as run_cmd, workspace_root};
 use anyhow::{bail, Context, Result};
 use std::fs;
