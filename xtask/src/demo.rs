@@ -7,7 +7,8 @@
 //! gets a new IP, resume mode), once with CRIU alone (same IP: CRIU alone
 //! cannot change it). By default the pod is redis-server in an OCI
 //! container that runc checkpoints and restores, with five checking
-//! request/response clients, and the freeze lasts about a second: a
+//! request/response clients and redis-benchmark as load, and the freeze
+//! lasts about a second: a
 //! request sent during the freeze is where CRIU alone backs off.
 //! `--workload echo` streams a counter through an echo process instead.
 //! It prints, side by side, what the clients saw, and with `--plot` draws
@@ -161,6 +162,7 @@ fn to_json(w: Workload, x: &Outcome) -> serde_json::Value {
         sent: x.sent,
         verified: x.verified,
         "failed": x.errors,
+        "load_failure": x.load_failure,
         "bytes_held": x.bytes_held,
         "bytes_replayed": x.bytes_replayed,
         "new_connection_during_freeze_ms": x.probe.map(ms),
@@ -201,6 +203,11 @@ fn print_table(w: Workload, with: &Outcome, alone: &Outcome) {
             row("commands answered right / sent", a, b);
             let (a, b) = both(&|x| x.errors.len().to_string());
             row("commands failed", a, b);
+            let (a, b) = both(&|x| match x.load_failure {
+                None => "ran throughout".into(),
+                Some(_) => "FAILED".into(),
+            });
+            row("redis-benchmark load (INCR, 2 conns)", a, b);
         }
         Workload::Echo => {
             let (a, b) = both(&|x| format!("{} / {}", x.verified, x.sent));
@@ -221,7 +228,7 @@ fn print_table(w: Workload, with: &Outcome, alone: &Outcome) {
     println!("  with CRIU alone a request sent during the freeze waits for the client's");
     println!("  next retransmission, whose timer backs off (0.2, 0.4, 0.8, 1.6 s, ...).");
     for x in [with, alone] {
-        for e in &x.errors {
+        for e in x.errors.iter().chain(&x.load_failure) {
             println!("  error: {e}");
         }
     }

@@ -1,11 +1,12 @@
 //! One migration scenario on the two-node topology, as the demo and the
 //! benchmarks run it, with or without Shepherd. Two workloads:
 //! - [`Workload::Redis`] (the demo's default): redis-server in a real OCI
-//!   container that runc checkpoints and restores, and checking
+//!   container that runc checkpoints and restores, checking
 //!   request/response clients (`INCR` on keys of their own: every command
-//!   answered once, none lost, none run twice). Most clients of stateful
-//!   pods work this way, and a request sent during the freeze is where
-//!   CRIU alone backs off.
+//!   answered once, none lost, none run twice), and `redis-benchmark`
+//!   running throughout as load. Most clients of stateful pods work this
+//!   way, and a request sent during the freeze is where CRIU alone backs
+//!   off.
 //! - [`Workload::Echo`]: an echo process dumped by raw CRIU and a client
 //!   streaming a counter.
 //!
@@ -80,12 +81,18 @@ pub struct Outcome {
     pub progress: Vec<Vec<f64>>,
     /// The freeze (checkpoint start → restore done), in the same seconds.
     pub freeze_window: (f64, f64),
+    /// Redis: how the `redis-benchmark` load fared (`None`: it ran
+    /// throughout).
+    pub load_failure: Option<String>,
 }
 
 impl Outcome {
     /// Everything the clients sent came back right, and no RST.
     pub fn clean(&self) -> bool {
-        self.rsts == 0 && self.verified == self.sent && self.errors.is_empty()
+        self.rsts == 0
+            && self.verified == self.sent
+            && self.errors.is_empty()
+            && self.load_failure.is_none()
     }
 }
 
@@ -189,6 +196,9 @@ pub fn migrate_once(echo: &Path, dir: &Path, sc: &Scenario, say: &dyn Fn(&str)) 
             )
         }
     };
+    let load = (sc.workload == Workload::Redis)
+        .then(|| Load::start(&t, ep, dir))
+        .transpose()?;
     std::thread::sleep(Duration::from_secs(1));
     let mut plan = Plan::new(
         if sc.shepherd {
@@ -254,6 +264,7 @@ pub fn migrate_once(echo: &Path, dir: &Path, sc: &Scenario, say: &dyn Fn(&str)) 
             .freeze_started
             .map(|f| (secs(f, Duration::ZERO), secs(f, report.freeze)))
             .unwrap_or_default(),
+        load_failure: load.and_then(Load::stop),
     };
     match clients {
         Clients::Echo(stream, at) => {
@@ -468,4 +479,59 @@ pub fn ping_pong(moves: usize, shepherd: bool) -> Result<LoopOutcome> {
     out.rsts = capture.stop().rsts;
     drop(pod);
     Ok(out)
+}
+
+/// `redis-benchmark` from the client namespace, `INCR` on two connections
+/// in a loop until stopped: load through the migration. It exits by itself
+/// only when a connection fails.
+struct Load {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Load {
+    fn start(t: &TwoNode, ep: SocketAddrV4, dir: &Path) -> Result<Load> {
+        let log = dir.join(format!("redis-benchmark-{}.log", t.client.name()));
+        let out = std::fs::File::create(&log)?;
+        let err = out.try_clone()?;
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", t.client.name(), "redis-benchmark"])
+            .args(["-h", &ep.ip().to_string(), "-p", &ep.port().to_string()])
+            .args(["-c", "2", "-t", "incr", "-l", "-q"])
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .context("starting redis-benchmark (cargo xtask setup installs redis-tools)")?;
+        Ok(Load { child, log })
+    }
+
+    /// Stops it; `Some(why)` if it had stopped by itself.
+    fn stop(mut self) -> Option<String> {
+        let failed = match self.child.try_wait() {
+            Ok(Some(status)) => {
+                let out = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let last = out
+                    .split(['\r', '\n'])
+                    .rfind(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .to_string();
+                Some(format!("redis-benchmark exited ({status}): {last}"))
+            }
+            _ => None,
+        };
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        failed
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        // Our own child, spawned above (a no-op once `stop` reaped it).
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

@@ -167,6 +167,10 @@ struct Conn {
     /// The backend ended during a hold; the release decides what the
     /// client sees (see the module doc).
     ended_in_hold: Option<BackendEnd>,
+    /// The hold's status already counts this connection as closed (its
+    /// backend's FIN during the hold was passed on): a later failure of
+    /// that backend closes the client without counting it twice.
+    close_recorded: bool,
 }
 
 impl Conn {
@@ -219,6 +223,7 @@ impl Conn {
             replay_stats: None,
             reconnects_seen,
             ended_in_hold: None,
+            close_recorded: false,
         }
     }
 
@@ -572,6 +577,7 @@ impl Conn {
         match end {
             BackendEnd::Fin => {
                 if let Mode::Forwarding { after: Some(h), .. } = &self.mode {
+                    self.close_recorded = true;
                     h.record_close(
                         "the pod closed the connection during the hold and the release did not \
                          reconnect: the client got a FIN after every byte the pod sent",
@@ -674,6 +680,7 @@ impl Conn {
         self.backend_shut = false;
         // Whatever ended the old socket, the new one starts afresh.
         self.ended_in_hold = None;
+        self.close_recorded = false;
     }
 
     /// Drops the backend socket and everything that names it: the status's
@@ -713,7 +720,7 @@ impl Conn {
             Mode::Holding(h) => Some(h),
             Mode::Forwarding { after, .. } => after.as_ref(),
         };
-        if let Some(h) = hold {
+        if let Some(h) = hold.filter(|_| !self.close_recorded) {
             h.record_close(reason);
         }
         // The socket is gone: its translation goes now, not after the

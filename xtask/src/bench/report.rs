@@ -210,7 +210,37 @@ pub fn to_json(m: &Machine, sections: &[Section], quick: bool) -> Value {
     })
 }
 
+/// A section's stable name: its title up to the first " (" or ":", so a
+/// section keeps its place in BENCHMARKS.md when its title's details change.
+fn section_key(title: &str) -> &str {
+    let end = [title.find(" ("), title.find(':')]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(title.len());
+    &title[..end]
+}
+
+/// The `## ` sections of an earlier BENCHMARKS.md (up to the analysis), by
+/// key, each with its whole text.
+fn old_sections(old: &str) -> Vec<(String, String)> {
+    let body = old.split("<!-- analysis -->").next().unwrap_or("");
+    let mut out: Vec<(String, String)> = Vec::new();
+    for chunk in body.split("\n## ").skip(1) {
+        let title = chunk.lines().next().unwrap_or("");
+        out.push((
+            section_key(title).to_string(),
+            format!("## {}\n", chunk.trim_end()),
+        ));
+    }
+    out
+}
+
+/// Writes BENCHMARKS.md: these sections, in place of the earlier run's
+/// sections of the same name; the earlier run's other sections (a run with
+/// `--only` measured just some) and the hand-written analysis stay.
 pub fn write_markdown(path: &Path, m: &Machine, sections: &[Section], quick: bool) -> Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
     let mut out = String::from("# Benchmarks\n\n");
     let _ = writeln!(
         out,
@@ -221,7 +251,10 @@ pub fn write_markdown(path: &Path, m: &Machine, sections: &[Section], quick: boo
         m.memory_gib,
         m.kernel
     );
+    let mut kept = old_sections(&old);
+    let mut fresh: Vec<(String, String)> = Vec::new();
     for s in sections {
+        let mut out = String::new();
         let _ = writeln!(out, "## {}\n", s.title);
         let _ = writeln!(out, "| {} |", HEADER.join(" | "));
         let _ = writeln!(out, "|{}", "---|".repeat(HEADER.len()));
@@ -232,13 +265,30 @@ pub fn write_markdown(path: &Path, m: &Machine, sections: &[Section], quick: boo
         for n in &s.notes {
             let _ = writeln!(out, "- {n}");
         }
-        out.push('\n');
+        fresh.push((section_key(&s.title).to_string(), out));
+    }
+    // Fresh sections take their old ones' places; new ones go last.
+    for (key, text) in fresh {
+        match kept.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = text,
+            None => kept.push((key, text)),
+        }
+    }
+    if !sections.is_empty() && kept.len() > sections.len() {
+        let measured: Vec<&str> = sections.iter().map(|s| section_key(&s.title)).collect();
+        let _ = writeln!(
+            out,
+            "This run measured only: {}. The other sections are kept from an earlier run.\n",
+            measured.join(", ")
+        );
+    }
+    for (_, text) in kept {
+        out.push_str(text.trim_end());
+        out.push_str("\n\n");
     }
     // Keep the hand-written analysis below the generated tables.
-    if let Ok(old) = std::fs::read_to_string(path) {
-        if let Some(i) = old.find("<!-- analysis -->") {
-            out.push_str(&old[i..]);
-        }
+    if let Some(i) = old.find("<!-- analysis -->") {
+        out.push_str(&old[i..]);
     }
     std::fs::write(path, out)?;
     Ok(())
@@ -247,6 +297,20 @@ pub fn write_markdown(path: &Path, m: &Machine, sections: &[Section], quick: boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partial_run_replaces_only_its_sections() {
+        let old = "# Benchmarks\n\nheader\n\n## Migration pause (old)\n\n| a |\n\n## Scale: x\n\n| s |\n\n<!-- analysis -->\nkept\n";
+        let secs = old_sections(old);
+        assert_eq!(secs.len(), 2);
+        assert_eq!(secs[0].0, "Migration pause");
+        assert_eq!(secs[1].0, "Scale");
+        assert!(secs[1].1.contains("| s |"));
+        assert_eq!(
+            section_key("Hold under pressure: one client"),
+            "Hold under pressure"
+        );
+    }
 
     #[test]
     fn summaries() {
