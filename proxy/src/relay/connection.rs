@@ -167,10 +167,6 @@ struct Conn {
     /// The backend ended during a hold; the release decides what the
     /// client sees (see the module doc).
     ended_in_hold: Option<BackendEnd>,
-    /// The hold's status already counts this connection as closed (its
-    /// backend's FIN during the hold was passed on): a later failure of
-    /// that backend closes the client without counting it twice.
-    close_recorded: bool,
 }
 
 impl Conn {
@@ -223,7 +219,6 @@ impl Conn {
             replay_stats: None,
             reconnects_seen,
             ended_in_hold: None,
-            close_recorded: false,
         }
     }
 
@@ -273,9 +268,13 @@ impl Conn {
             let mut tick = false;
             if let Some(h) = &hold {
                 if self.info.quiesced_epoch.load(Ordering::Acquire) != h.epoch {
+                    // A backend that ended during the hold acknowledges
+                    // nothing more (a reset leaves SIOCOUTQ as it was).
                     let unacked = match &self.backend {
-                        Some(b) => unacked_bytes(b.w.as_ref()).unwrap_or(0),
-                        None => 0,
+                        Some(b) if self.ended_in_hold.is_none() => {
+                            unacked_bytes(b.w.as_ref()).unwrap_or(0)
+                        }
+                        _ => 0,
                     };
                     if unacked == 0 {
                         self.info.quiesced_epoch.store(h.epoch, Ordering::Release);
@@ -570,27 +569,23 @@ impl Conn {
 
     /// The hold ended (a release or an abort) with the backend gone during
     /// it, and no reconnect gave the connection a new one: the pod this
-    /// socket reached is not coming back. A FIN goes on to the client after
-    /// every byte the pod sent (the loop's usual half-close); an error
-    /// closes the client cleanly. Either way the migration's status says so.
+    /// socket reached is not coming back (a stopped process, or a frozen
+    /// one whose checkpoint was restored elsewhere without it). The client
+    /// gets every byte the pod sent, then a clean FIN; its held bytes are
+    /// not written into the dead socket; the status says why.
     async fn settle_end_in_hold(&mut self, end: BackendEnd) -> Result<(), String> {
-        match end {
+        let reason = match end {
             BackendEnd::Fin => {
-                if let Mode::Forwarding { after: Some(h), .. } = &self.mode {
-                    self.close_recorded = true;
-                    h.record_close(
-                        "the pod closed the connection during the hold and the release did not \
-                         reconnect: the client got a FIN after every byte the pod sent",
-                    );
-                }
-                Ok(())
+                "the pod closed the connection during the hold and the release did not \
+                 reconnect: the client got a FIN after every byte the pod sent"
+                    .to_string()
             }
             BackendEnd::Failed(reason) => {
-                let reason = format!("{reason} (during the hold; the release did not reconnect)");
-                self.fail_backend(&reason).await;
-                Err(reason)
+                format!("{reason} (during the hold; the release did not reconnect)")
             }
-        }
+        };
+        self.fail_backend(&reason).await;
+        Err(reason)
     }
 
     /// Reads what the client sent into the hold buffer (as much as `room`
@@ -643,6 +638,11 @@ impl Conn {
         } else {
             h.connections_queued.fetch_add(1, Ordering::Relaxed);
         }
+        if self.ended_in_hold.is_some() {
+            // Ended during the last hold, whose release this connection
+            // never saw: it is this hold's to settle.
+            h.backends_ended.fetch_add(1, Ordering::Relaxed);
+        }
         // Bytes queued but not yet written are held too.
         h.bytes_held
             .fetch_add(self.up.len() as u64, Ordering::Relaxed);
@@ -675,12 +675,17 @@ impl Conn {
         if self.backend.is_none() {
             return;
         }
+        if self.backend_eof && self.ended_in_hold.is_none() {
+            // The pod closed its side before the hold: a new connection
+            // would revive what it had ended. Its FIN goes on to the
+            // client now, as it would have without the hold.
+            return;
+        }
         self.forget_backend();
         self.backend_eof = false;
         self.backend_shut = false;
         // Whatever ended the old socket, the new one starts afresh.
         self.ended_in_hold = None;
-        self.close_recorded = false;
     }
 
     /// Drops the backend socket and everything that names it: the status's
@@ -720,7 +725,7 @@ impl Conn {
             Mode::Holding(h) => Some(h),
             Mode::Forwarding { after, .. } => after.as_ref(),
         };
-        if let Some(h) = hold.filter(|_| !self.close_recorded) {
+        if let Some(h) = hold {
             h.record_close(reason);
         }
         // The socket is gone: its translation goes now, not after the

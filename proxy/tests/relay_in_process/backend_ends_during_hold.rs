@@ -53,11 +53,10 @@ async fn stoppable_echo_backend() -> (
                             let how = *stop.borrow_and_update();
                             match how {
                                 Some(Stop::Fin { farewell }) => {
+                                    // A stopped process: its last words,
+                                    // then its socket closes for good.
                                     let _ = s.write_all(farewell).await;
                                     let _ = s.shutdown().await;
-                                    // Keep the socket (FIN_WAIT) so the
-                                    // proxy sees a FIN, not a later RST.
-                                    tokio::time::sleep(Duration::from_secs(30)).await;
                                 }
                                 Some(Stop::Reset) => {
                                     let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
@@ -169,6 +168,8 @@ async fn resume_after_the_pod_closed_ends_the_client_cleanly(m: Mechanism) {
     assert!(rest.is_empty(), "nothing after the pod's FIN: {rest:?}");
     let st = r.control.status("r1").expect("status");
     assert_eq!(st.connections_closed, 1, "{st:?}");
+    // Nothing was written into the dead socket.
+    assert_eq!(st.bytes_replayed, 0, "{st:?}");
     let reason = st.reason.unwrap_or_default();
     assert!(
         reason.contains("closed the connection during the hold"),
@@ -180,7 +181,7 @@ async fn resume_after_the_pod_closed_ends_the_client_cleanly(m: Mechanism) {
 /// client is closed cleanly, as when a backend fails while forwarding.
 async fn abort_after_the_pod_reset_ends_the_client_cleanly(m: Mechanism) {
     let (backend, stop) = stoppable_echo_backend().await;
-    let r = rig_on(backend, m, 1 << 20, 8 << 20, Duration::from_millis(600)).await;
+    let r = rig_on(backend, m, 1 << 20, 8 << 20, Duration::from_millis(1500)).await;
     let mut c = stopped_during_hold(&r, &stop, Stop::Reset, "a1", b"held;").await;
     // No release: the deadline aborts.
     let mut rest = Vec::new();

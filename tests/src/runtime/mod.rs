@@ -348,10 +348,14 @@ impl Checkpointer for RuncPod {
             if let Err(e) = self.runc(&args, &format!("checkpoint-{}", c.name)) {
                 // CRIU rolled this one back; the ones before it stopped
                 // (unless left running) and go back where they were.
-                if !self.opts.leave_running {
+                if !self.opts.leave_running && i > 0 {
+                    for pid in &self.pids {
+                        reap(*pid, Duration::from_secs(2));
+                    }
                     for done in &containers[..i] {
                         let _ = self.restore_one(done, from, images, TcpRestore::Established);
                     }
+                    self.pids = self.live_pids();
                 }
                 return Err(e);
             }
@@ -385,6 +389,10 @@ impl Checkpointer for RuncPod {
         let containers = self.containers.clone();
         for (i, c) in containers.iter().enumerate() {
             if let Err(e) = self.restore_one(c, into, images, tcp) {
+                // Known limit: the containers already restored here are
+                // stopped, and their restored sockets' FINs reach the
+                // proxy during the hold, so those connections end at the
+                // abort even though the pod goes back where it was.
                 for done in &containers[..i] {
                     self.stop(done);
                 }

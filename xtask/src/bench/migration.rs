@@ -134,6 +134,7 @@ pub fn run(quick: bool, target_dir: &Path, plot: Option<&Path>) -> Result<Sectio
                             .first()
                             .cloned()
                             .or_else(|| o.errors.first().cloned())
+                            .or_else(|| o.load_failure.clone())
                             .unwrap_or_default();
                         unclean
                             .entry((name.to_string(), freeze.to_string()))
@@ -196,8 +197,16 @@ pub fn run(quick: bool, target_dir: &Path, plot: Option<&Path>) -> Result<Sectio
     for ((name, freeze), n) in &probe_failures {
         section.notes.push(format!("{name} at ~{freeze} s: the connection opened during the freeze failed in {n} of {reps} runs"));
     }
-    section.notes.push("runc's checkpoint plus restore take about 0.45 s here: that is the redis workload's smallest freeze, whatever the target.".into());
-    section.notes.push("The runc same-IP loop switches routes before each restore, as a runtime that sets up the new namespace and its address before CRIU recreates the sockets does: a client's retransmission that arrives in between is reset without Shepherd.".into());
+    let redis_least = section
+        .rows
+        .iter()
+        .filter(|r| r.name.starts_with("redis: freeze measured"))
+        .flat_map(|r| r.variants.iter().flat_map(|(_, v)| v.iter().copied()))
+        .fold(f64::INFINITY, f64::min);
+    if redis_least.is_finite() {
+        section.notes.push(format!("The redis workload's freeze is at least a runc checkpoint plus a restore: {redis_least:.0} ms at the least in this run, whatever the target."));
+    }
+    section.notes.push("The runc same-IP loop switches routes before each restore, as a runtime that sets up the new namespace and its address before CRIU recreates the sockets does: without Shepherd, a client's retransmission that arrives in between can be reset (its rows count how often it happened in this run).".into());
     section.notes.push("Freeze = checkpoint start -> restore done, as the controller measured it. Shepherd's clients wait from the hold to the release, so the wait beyond the freeze is what Shepherd adds (hold, flows to the destination, release); CRIU alone's is the client's retransmission back-off after the restore (negative when the restored socket's first segment reaches the client before its own retransmission would have). A request/response client shows the back-off most: its request sent during the freeze waits for a retransmission timer.".into());
     for (w, freeze, med, max) in shepherd_medians {
         section.notes.push(format!(
