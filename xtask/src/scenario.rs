@@ -264,7 +264,7 @@ pub fn migrate_once(echo: &Path, dir: &Path, sc: &Scenario, say: &dyn Fn(&str)) 
             .freeze_started
             .map(|f| (secs(f, Duration::ZERO), secs(f, report.freeze)))
             .unwrap_or_default(),
-        load_failure: load.and_then(Load::stop),
+        load_failure: None,
     };
     match clients {
         Clients::Echo(stream, at) => {
@@ -292,6 +292,9 @@ pub fn migrate_once(echo: &Path, dir: &Path, sc: &Scenario, say: &dyn Fn(&str)) 
     let wire = capture.stop();
     outcome.rsts = wire.rsts;
     outcome.rst_lines = wire.rst_lines.clone();
+    // After the capture: killing redis-benchmark resets its connections
+    // (replies in flight), which is no part of the migration.
+    outcome.load_failure = load.and_then(Load::stop);
     if sc.shepherd {
         let out = origin.cli(&["migrate", "status", "--id", &plan.id, "--json"]);
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();

@@ -21,13 +21,7 @@ async fn stoppable_echo_backend() -> (
     (SocketAddrV4, Arc<AtomicUsize>),
     watch::Sender<Option<Stop>>,
 ) {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind backend");
-    let addr = match l.local_addr().expect("addr") {
-        SocketAddr::V4(a) => a,
-        SocketAddr::V6(_) => unreachable!("bound v4"),
-    };
+    let (l, addr) = backend_listener().await;
     let seen = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop_rx) = watch::channel(None);
     let counted = seen.clone();

@@ -30,8 +30,8 @@ struct Rig {
     intercept: Arc<RecordingInterception>,
 }
 
-/// An echo backend that counts what it receives.
-async fn echo_backend() -> (SocketAddrV4, Arc<AtomicUsize>) {
+/// A listener on a free loopback port, and its address.
+async fn backend_listener() -> (TcpListener, SocketAddrV4) {
     let l = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind backend");
@@ -39,6 +39,12 @@ async fn echo_backend() -> (SocketAddrV4, Arc<AtomicUsize>) {
         SocketAddr::V4(a) => a,
         SocketAddr::V6(_) => unreachable!("bound v4"),
     };
+    (l, addr)
+}
+
+/// An echo backend that counts what it receives.
+async fn echo_backend() -> (SocketAddrV4, Arc<AtomicUsize>) {
+    let (l, addr) = backend_listener().await;
     let seen = Arc::new(AtomicUsize::new(0));
     serve_echo(l, seen.clone());
     (addr, seen)
@@ -102,19 +108,22 @@ async fn rig_on(
     }
 }
 
-/// A control plane with one endpoint: an echo backend (its received-byte
-/// count alongside).
+/// A control plane with one endpoint, the backend's received-byte count,
+/// and the stand-in kernel maps.
+type Plane = (
+    Arc<Control>,
+    EndpointAddr,
+    Arc<AtomicUsize>,
+    Arc<RecordingInterception>,
+);
+
+/// A control plane with one endpoint: an echo backend.
 async fn control_for(
     m: Mechanism,
     per_conn_cap: usize,
     total_cap: usize,
     deadline: Duration,
-) -> (
-    Arc<Control>,
-    EndpointAddr,
-    Arc<AtomicUsize>,
-    Arc<RecordingInterception>,
-) {
+) -> Plane {
     control_on(echo_backend().await, m, per_conn_cap, total_cap, deadline).await
 }
 
@@ -125,12 +134,7 @@ async fn control_on(
     per_conn_cap: usize,
     total_cap: usize,
     deadline: Duration,
-) -> (
-    Arc<Control>,
-    EndpointAddr,
-    Arc<AtomicUsize>,
-    Arc<RecordingInterception>,
-) {
+) -> Plane {
     let relay = RelayContext {
         connector: Arc::new(MarkedConnector {
             timeout: Duration::from_secs(2),
