@@ -48,6 +48,10 @@ pub struct Options {
     /// the freeze shaded, into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+    /// Redis: run it as a plain process under raw CRIU instead of in a
+    /// runc container.
+    #[arg(long)]
+    no_runc: bool,
     /// Skip `cargo xtask setup`.
     #[arg(long)]
     no_setup: bool,
@@ -90,6 +94,7 @@ pub fn run(o: &Options) -> Result<()> {
     ));
     let shepherd = Scenario {
         workload,
+        runc: !o.no_runc,
         shepherd: true,
         new_ip: !o.same_ip,
         mode,
@@ -102,7 +107,10 @@ pub fn run(o: &Options) -> Result<()> {
     let alone = migrate_once(
         &echo,
         scratch.path(),
-        &Scenario::criu_alone(workload, extra),
+        &Scenario {
+            runc: !o.no_runc,
+            ..Scenario::criu_alone(workload, extra)
+        },
         &say,
     )?;
 
@@ -224,9 +232,13 @@ fn print_table(w: Workload, with: &Outcome, alone: &Outcome) {
         "-".into(),
     );
     println!();
-    println!("  Shepherd's clients wait for the hold around the freeze (hold -> release);");
-    println!("  with CRIU alone a request sent during the freeze waits for the client's");
-    println!("  next retransmission, whose timer backs off (0.2, 0.4, 0.8, 1.6 s, ...).");
+    println!("  With Shepherd the clients wait from the hold, taken before the checkpoint starts");
+    println!("  (so the checkpoint misses nothing the pod serves), to the release, right after");
+    println!("  the restore. With CRIU alone they are served until the checkpoint actually");
+    println!("  freezes the process (some 0.1 s into a runc checkpoint), and a request sent");
+    println!("  after that waits for the client's next retransmission after the restore, whose");
+    println!("  timer backs off (0.2, 0.4, 0.8, 1.6 s, ...). Only Shepherd keeps the pod's new");
+    println!("  IP, resets nobody, and answers a connection opened during the freeze at once.");
     for x in [with, alone] {
         for e in x.errors.iter().chain(&x.load_failure) {
             println!("  error: {e}");

@@ -100,6 +100,8 @@ impl Outcome {
 #[derive(Clone, Copy)]
 pub struct Scenario {
     pub workload: Workload,
+    /// Redis only: in a runc container (else a process under raw CRIU).
+    pub runc: bool,
     /// Through Shepherd, or CRIU alone.
     pub shepherd: bool,
     /// The pod comes back at a new IP (Shepherd only).
@@ -119,6 +121,7 @@ impl Scenario {
     pub fn criu_alone(workload: Workload, freeze_extra: Duration) -> Scenario {
         Scenario {
             workload,
+            runc: true,
             shepherd: false,
             new_ip: false,
             mode: ReleaseMode::Resume,
@@ -328,6 +331,31 @@ fn start_pod(t: &TwoNode, prefix: &str, sc: &Scenario, echo: &Path, dir: &Path) 
                 &t.pod_a,
                 echo,
                 ["--listen", &listen.to_string()],
+                &log,
+            )))
+        }
+        Workload::Redis if !sc.runc => {
+            let log = dir.join(if sc.shepherd {
+                "redis-shepherd.log"
+            } else {
+                "redis-alone.log"
+            });
+            let port = REDIS_PORT.to_string();
+            Ok(Pod::Process(Process::spawn_in(
+                &t.pod_a,
+                Path::new("/usr/bin/redis-server"),
+                [
+                    "--port",
+                    port.as_str(),
+                    "--protected-mode",
+                    "no",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    &dir.display().to_string(),
+                ],
                 &log,
             )))
         }

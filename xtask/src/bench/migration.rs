@@ -101,6 +101,7 @@ pub fn run(quick: bool, target_dir: &Path, plot: Option<&Path>) -> Result<Sectio
                         with_name,
                         Scenario {
                             workload,
+                            runc: true,
                             shepherd: true,
                             new_ip: true,
                             mode: ReleaseMode::Resume,
