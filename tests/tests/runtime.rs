@@ -64,7 +64,7 @@ impl World {
         } else {
             TwoNode::new(&prefix)
         };
-        let redis = Path::new("/usr/bin/redis-server");
+        let redis = Path::new(shepherd_tests::runtime::REDIS_SERVER);
         assert!(
             redis.exists(),
             "redis-server missing: run `cargo xtask setup`"

@@ -18,7 +18,9 @@ use shepherd_tests::controller::{self, Checkpointer, Cluster, Plan, ReleaseMode,
 use shepherd_tests::names::unique_prefix;
 use shepherd_tests::process::{wait_tcp_ready, Workload as Process};
 use shepherd_tests::resp::{self, RedisCounter};
-use shepherd_tests::runtime::{ContainerSpec, Rootfs, RuncOpts, RuncPod};
+use shepherd_tests::runtime::{
+    redis_server_args, ContainerSpec, Rootfs, RuncOpts, RuncPod, REDIS_SERVER,
+};
 use shepherd_tests::stream::{request_response, CounterStream};
 use shepherd_tests::topology::TwoNode;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -340,27 +342,15 @@ fn start_pod(t: &TwoNode, prefix: &str, sc: &Scenario, echo: &Path, dir: &Path) 
             } else {
                 "redis-alone.log"
             });
-            let port = REDIS_PORT.to_string();
             Ok(Pod::Process(Process::spawn_in(
                 &t.pod_a,
-                Path::new("/usr/bin/redis-server"),
-                [
-                    "--port",
-                    port.as_str(),
-                    "--protected-mode",
-                    "no",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    &dir.display().to_string(),
-                ],
+                Path::new(REDIS_SERVER),
+                redis_server_args(REDIS_PORT, dir),
                 &log,
             )))
         }
         Workload::Redis => {
-            let redis = Path::new("/usr/bin/redis-server");
+            let redis = Path::new(REDIS_SERVER);
             let rootfs = Rootfs::build(&[redis])
                 .context("building the redis container's root filesystem")?;
             let opts = RuncOpts {
@@ -430,7 +420,7 @@ pub fn ping_pong(moves: usize, shepherd: bool) -> Result<LoopOutcome> {
     const CLIENTS: usize = 3;
     let prefix = unique_prefix("loop");
     let t = TwoNode::new(&prefix);
-    let rootfs = Rootfs::build(&[Path::new("/usr/bin/redis-server")])
+    let rootfs = Rootfs::build(&[Path::new(REDIS_SERVER)])
         .context("building the redis container's root filesystem")?;
     let mut pod = RuncPod::start(
         &t.pod_a,

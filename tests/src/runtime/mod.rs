@@ -69,24 +69,36 @@ impl ContainerSpec {
 
     /// redis-server on `port`, on every address, keeping nothing on disk.
     pub fn redis(name: &str, port: u16) -> ContainerSpec {
-        let port = port.to_string();
-        ContainerSpec::new(
-            name,
-            &[
-                "/usr/bin/redis-server",
-                "--port",
-                &port,
-                "--protected-mode",
-                "no",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                "/tmp",
-            ],
-        )
+        let mut argv = vec![REDIS_SERVER.to_string()];
+        argv.extend(redis_server_args(port, Path::new("/tmp")));
+        ContainerSpec {
+            name: name.to_string(),
+            argv,
+        }
     }
+}
+
+/// Debian's redis-server.
+pub const REDIS_SERVER: &str = "/usr/bin/redis-server";
+
+/// redis-server's arguments for a pod: `port` on every address, no
+/// protected mode, nothing saved (`dir` is its working directory).
+pub fn redis_server_args(port: u16, dir: &Path) -> Vec<String> {
+    [
+        "--port",
+        &port.to_string(),
+        "--protected-mode",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        &dir.to_string_lossy(),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
 }
 
 /// How a [`RuncPod`] is checkpointed and restored (see the module doc).
