@@ -324,31 +324,19 @@ fn start_pod(t: &TwoNode, prefix: &str, sc: &Scenario, echo: &Path, dir: &Path) 
             } else {
                 t.pod_addr(ECHO_PORT)
             };
-            let log = dir.join(if sc.shepherd {
-                "pod-shepherd.log"
-            } else {
-                "pod-alone.log"
-            });
             Ok(Pod::Process(Process::spawn_in(
                 &t.pod_a,
                 echo,
                 ["--listen", &listen.to_string()],
-                &log,
+                &pod_log(dir, "pod", sc),
             )))
         }
-        Workload::Redis if !sc.runc => {
-            let log = dir.join(if sc.shepherd {
-                "redis-shepherd.log"
-            } else {
-                "redis-alone.log"
-            });
-            Ok(Pod::Process(Process::spawn_in(
-                &t.pod_a,
-                Path::new(REDIS_SERVER),
-                redis_server_args(REDIS_PORT, dir),
-                &log,
-            )))
-        }
+        Workload::Redis if !sc.runc => Ok(Pod::Process(Process::spawn_in(
+            &t.pod_a,
+            Path::new(REDIS_SERVER),
+            redis_server_args(REDIS_PORT, dir),
+            &pod_log(dir, "redis", sc),
+        ))),
         Workload::Redis => {
             let redis = Path::new(REDIS_SERVER);
             let rootfs = Rootfs::build(&[redis])
@@ -375,6 +363,12 @@ fn start_pod(t: &TwoNode, prefix: &str, sc: &Scenario, echo: &Path, dir: &Path) 
             Ok(Pod::Container(pod))
         }
     }
+}
+
+/// `{what}-shepherd.log` or `{what}-alone.log` in `dir`.
+fn pod_log(dir: &Path, what: &str, sc: &Scenario) -> std::path::PathBuf {
+    let side = if sc.shepherd { "shepherd" } else { "alone" };
+    dir.join(format!("{what}-{side}.log"))
 }
 
 /// Runs the reference controller on the pod, whichever it is.

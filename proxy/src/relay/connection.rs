@@ -86,7 +86,7 @@ struct Backend {
 
 /// How the pod's end of a backend connection ended while a hold was on.
 /// The client is not told until the release says what it means.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 enum BackendEnd {
     /// A FIN: the pod (or its stopped original) closed the connection.
     Fin,
@@ -255,7 +255,6 @@ impl Conn {
                 && !self.client_shut
                 && hold.is_none()
             {
-                tracing::debug!(client = %self.info.client, "passing the pod's FIN on to the client");
                 // The pod's FIN follows all its bytes to the client (after
                 // the release, if it came during a hold: the release may
                 // give the client a new backend connection instead).
@@ -539,13 +538,26 @@ impl Conn {
     /// release decides whether the client sees it.
     fn backend_ended(&mut self) {
         self.backend_eof = true;
-        if let Some(h) = self.mode.hold() {
-            if self.ended_in_hold.is_none() {
-                tracing::info!(client = %self.info.client, "the pod closed the backend connection during a hold; the release decides");
+        self.end_in_hold(BackendEnd::Fin);
+    }
+
+    /// During a hold, records how the backend ended (counted once per
+    /// connection; an error after a FIN says more, so it replaces it) and
+    /// returns true. Outside a hold, returns false.
+    fn end_in_hold(&mut self, end: BackendEnd) -> bool {
+        let Some(h) = self.mode.hold() else {
+            return false;
+        };
+        tracing::info!(client = %self.info.client, ?end, "backend ended during a hold; the release decides");
+        match (&self.ended_in_hold, &end) {
+            (Some(_), BackendEnd::Fin) => return true,
+            (None, _) => {
                 h.backends_ended.fetch_add(1, Ordering::Relaxed);
-                self.ended_in_hold = Some(BackendEnd::Fin);
             }
+            (Some(_), BackendEnd::Failed(_)) => {}
         }
+        self.ended_in_hold = Some(end);
+        true
     }
 
     /// `op` ("read from", "write to") the backend failed. During a hold it
@@ -554,12 +566,7 @@ impl Conn {
     /// (see [`Conn::fail_backend`]) and the reason returned.
     async fn backend_failed(&mut self, op: &str, e: io::Error) -> Result<(), String> {
         let reason = format!("{op} backend {} failed: {e}", self.info.orig_dst);
-        if let Some(h) = self.mode.hold() {
-            tracing::info!(client = %self.info.client, %reason, "backend ended during a hold; the release decides");
-            if self.ended_in_hold.is_none() {
-                h.backends_ended.fetch_add(1, Ordering::Relaxed);
-            }
-            self.ended_in_hold = Some(BackendEnd::Failed(reason));
+        if self.end_in_hold(BackendEnd::Failed(reason.clone())) {
             self.backend_eof = true;
             return Ok(());
         }

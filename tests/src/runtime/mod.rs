@@ -317,15 +317,26 @@ impl RuncPod {
     /// Stops container `c` (SIGTERM, then SIGKILL after a grace), deletes
     /// it, and reaps its init.
     fn stop(&self, c: &ContainerSpec) {
-        let id = self.id(c);
         let pid = self.state_of(c).map(|(_, p)| p);
-        let _ = self.runc(&["kill", &id, "TERM"], &format!("kill-{}", c.name));
+        let _ = self.runc(&["kill", &self.id(c), "TERM"], &format!("kill-{}", c.name));
         let t0 = Instant::now();
         while self.state_of(c).is_some_and(|(s, _)| s == "running") && t0.elapsed() < STOP_GRACE {
             std::thread::sleep(Duration::from_millis(10));
         }
+        self.remove(c, pid);
+    }
+
+    /// Kills container `c` (whose init was `pid`), deletes it, and reaps
+    /// the init.
+    fn remove(&self, c: &ContainerSpec, pid: Option<u32>) {
+        let id = self.id(c);
         let _ = self.runc(&["kill", &id, "KILL"], &format!("kill-{}", c.name));
-        let _ = self.runc(&["delete", "--force", &id], &format!("delete-{}", c.name));
+        if self
+            .runc(&["delete", "--force", &id], &format!("delete-{}", c.name))
+            .is_err()
+        {
+            eprintln!("warning: runc container {id} could not be deleted");
+        }
         if let Some(pid) = pid {
             reap(pid, Duration::from_secs(2));
         }
@@ -457,19 +468,8 @@ impl RuncPod {
 impl Drop for RuncPod {
     fn drop(&mut self) {
         for c in &self.containers {
-            if self.state_of(c).is_some() {
-                let id = self.id(c);
-                let pid = self.state_of(c).map(|(_, p)| p);
-                let _ = self.runc(&["kill", &id, "KILL"], "drop-kill");
-                if self
-                    .runc(&["delete", "--force", &id], "drop-delete")
-                    .is_err()
-                {
-                    eprintln!("warning: runc container {id} could not be deleted");
-                }
-                if let Some(pid) = pid {
-                    reap(pid, Duration::from_secs(2));
-                }
+            if let Some((_, pid)) = self.state_of(c) {
+                self.remove(c, Some(pid));
             }
         }
     }
