@@ -10,6 +10,7 @@ use shepherd::intercept::ebpf::EbpfInterception;
 use shepherd::intercept::routing::Routing;
 use shepherd::relay::connection::RelayContext;
 use shepherd::relay::hold_buffer::Budget;
+use shepherd::relay::slots::{self, Slots};
 use shepherd::transport::backend::MarkedConnector;
 use shepherd::transport::orig_dst::LocalAddr;
 use shepherd::{api, relay, single_instance, transport};
@@ -19,7 +20,8 @@ use std::time::Duration;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
-    raise_fd_limit();
+    let nofile = raise_fd_limit();
+    let max_connections = connection_limit(nofile, config.max_connections)?;
     let _lock = single_instance::acquire()?;
     let api_listener = api::socket::bind(&config.api_socket)?;
     let socket_path = config.api_socket.clone();
@@ -44,7 +46,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         hold_cap_per_conn: config.hold_buffer_per_conn,
         close_linger: Duration::from_secs(5),
         next_id: Arc::new(AtomicU64::new(1)),
+        slots: Slots::new(max_connections),
     };
+    let relay_slots = relay.slots.clone();
     let control = Control::new(
         ControlConfig {
             default_deadline: config.hold_deadline,
@@ -58,6 +62,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         relay::workers::DataPlane::start(listeners, control.clone(), Arc::new(LocalAddr))
             .context("starting the data-plane threads")?;
     let sweeper = spawn_ended_flow_sweep(&control);
+    let trimmer = spawn_memory_trim(relay_slots);
     let app = api::router(control.clone());
     tracing::info!(
         socket = %socket_path.display(),
@@ -83,6 +88,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let served = server.await;
     tracing::info!("shutting down");
     sweeper.abort();
+    trimmer.abort();
     drop(data_plane);
     routing.remove().await;
     drop(control);
@@ -108,17 +114,55 @@ fn spawn_ended_flow_sweep(control: &Arc<Control>) -> tokio::task::JoinHandle<()>
     })
 }
 
+/// The data plane's connection limit: `--max-connections`, or what the
+/// descriptor limit allows after the control reserve (see `relay::slots`).
+fn connection_limit(nofile: u64, asked: Option<usize>) -> anyhow::Result<usize> {
+    let most = slots::max_for_fd_limit(nofile);
+    let max = asked.unwrap_or(most);
+    if max == 0 || max > most {
+        anyhow::bail!(
+            "RLIMIT_NOFILE is {nofile}, which carries at most {most} relayed connections \
+             (two descriptors each, after {} for the API, eBPF and splice pipes){}; \
+             raise the limit (ulimit -n) or lower --max-connections",
+            slots::CONTROL_RESERVE + 2 * shepherd::relay::splice::MAX_PIPES as u64,
+            asked.map(|m| format!(", not the {m} asked")).unwrap_or_default()
+        );
+    }
+    tracing::info!(
+        open_files = nofile,
+        max_connections = max,
+        "connection limit (two descriptors per relayed connection)"
+    );
+    Ok(max)
+}
+
+/// Gives memory freed by ended connections back to the system (see
+/// `shepherd::memory`).
+fn spawn_memory_trim(slots: Arc<Slots>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut trimmer = shepherd::memory::Trimmer::default();
+        let mut tick = tokio::time::interval(shepherd::memory::TRIM_INTERVAL);
+        loop {
+            tick.tick().await;
+            if let Some(took) = trimmer.tick(slots.ended()) {
+                tracing::debug!(?took, live = slots.live(), "freed memory returned to the system");
+            }
+        }
+    })
+}
+
 /// Each relayed connection holds two descriptors (client and backend), so
 /// the soft `RLIMIT_NOFILE` (often 1024) would cap the agent at ~500
 /// connections: raise it to the hard limit, as HAProxy and Envoy do.
-fn raise_fd_limit() {
+/// Returns the limit now in force.
+fn raise_fd_limit() -> u64 {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit read or write one rlimit in a live local.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
-        return;
+        return 1024;
     }
     if r.rlim_cur < r.rlim_max {
         let before = r.rlim_cur;
@@ -128,11 +172,7 @@ fn raise_fd_limit() {
             r.rlim_cur = before;
         }
     }
-    tracing::info!(
-        open_files = r.rlim_cur,
-        max_connections = r.rlim_cur.saturating_sub(64) / 2,
-        "file descriptor limit (two per relayed connection)"
-    );
+    r.rlim_cur
 }
 
 async fn shutdown_signal() {

@@ -20,6 +20,8 @@ pub struct Config {
     pub relay: Mechanism,
     /// Data-plane threads, each with its own listener and connections.
     pub data_threads: usize,
+    /// Relayed connections at once (`None`: what RLIMIT_NOFILE allows).
+    pub max_connections: Option<usize>,
 }
 
 impl Config {
@@ -72,6 +74,7 @@ mod tests {
             listen_backlog: 4096,
             relay: Mechanism::Splice,
             data_threads: 2,
+            max_connections: None,
         }
     }
 

@@ -16,6 +16,7 @@ pub mod control;
 pub mod endpoint;
 pub mod error;
 pub mod intercept;
+pub mod memory;
 pub mod migration;
 pub mod relay;
 pub mod single_instance;

@@ -30,6 +30,8 @@
 //!   request/response timing).
 //! - [`bench`]: load generators for `cargo xtask bench` (bulk echo, request/
 //!   response latency, connection rate), each verifying what comes back.
+//! - [`single`]: a ready single-node world (client, node with agent, echo
+//!   pod) for data-path tests.
 //! - [`agent`]: the [`agent::Agent`] guard for the `shepherd` binary, its CLI
 //!   and its HTTP API over the Unix socket.
 //!
@@ -49,6 +51,7 @@ pub mod privilege;
 pub mod process;
 pub mod resp;
 pub mod runtime;
+pub mod single;
 pub mod stream;
 pub mod topology;
 

@@ -278,3 +278,34 @@ pub fn process_tree(root: u32) -> Vec<u32> {
     }
     out
 }
+
+/// Raises this process's soft open-file limit to the hard limit (the agent
+/// and pods it starts inherit it); returns the new limit.
+pub fn raise_nofile() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or write one rlimit struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::other(format!(
+            "getrlimit(RLIMIT_NOFILE): {}",
+            io::Error::last_os_error()
+        )));
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::other(format!(
+            "setrlimit(RLIMIT_NOFILE, {}): {}",
+            lim.rlim_max,
+            io::Error::last_os_error()
+        )));
+    }
+    Ok(lim.rlim_max)
+}
+
+/// Open descriptors of process `pid` (entries in `/proc/PID/fd`).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}

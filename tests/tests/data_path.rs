@@ -4,129 +4,18 @@
 //! the client's interface and checks every byte.
 
 use serde_json::Value;
-use shepherd_tests::agent::Agent;
-use shepherd_tests::capture::{Capture, CaptureReport};
-use shepherd_tests::names::unique_prefix;
-use shepherd_tests::process::{wait_tcp_ready, Workload};
+use shepherd_tests::single::{start_echo, u, World, UNMANAGED_PORT};
 use shepherd_tests::stream::{bulk_echo, connect_in, request_response, CounterStream};
-use shepherd_tests::topology::SingleNode;
 use shepherd_tests::{echo_bin, privileged};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const PORT: u16 = 7000;
-/// A port the pod serves that is never registered.
-const UNMANAGED_PORT: u16 = 7001;
 const TICK: Duration = Duration::from_millis(10);
 
-/// One scenario's world. Fields drop in declaration order: capture and agent
-/// first, then the workload, then the namespaces.
-struct World {
-    capture: Option<Capture>,
-    agent: Agent,
-    echo: Workload,
-    dir: tempfile::TempDir,
-    t: SingleNode,
-}
-
-impl World {
-    fn new(tag: &str, agent_args: &[&str]) -> World {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let t = SingleNode::new(&unique_prefix(tag));
-        let echo = start_echo(&t, dir.path());
-        let capture = Some(Capture::start(&t.client, t.client_if()));
-        let agent = shepherd_tests::agent::start_single(&t, agent_args);
-        World {
-            capture,
-            agent,
-            echo,
-            dir,
-            t,
-        }
-    }
-
-    fn ep(&self) -> SocketAddrV4 {
-        self.t.pod_addr(PORT)
-    }
-
-    fn register(&self) {
-        let ep = self.ep().to_string();
-        let v = self.agent.cli_json(&["endpoint", "add", &ep]);
-        assert_eq!(v["endpoints"][0]["endpoint"], ep.as_str(), "{v}");
-    }
-
-    /// Stops the capture and asserts that no RST crossed the client's interface.
-    fn assert_no_rst(&mut self) -> CaptureReport {
-        let report = self.capture.take().expect("capture running").stop();
-        assert!(report.error.is_none(), "capture failed: {:?}", report.error);
-        assert!(report.tcp_packets > 0, "the capture saw no TCP at all");
-        assert_eq!(report.rsts, 0, "RSTs on the wire: {:#?}", report.rst_lines);
-        report
-    }
-
-    fn peers(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("peers.log")).unwrap_or_default()
-    }
-
-    /// A new connection to the endpoint: 64 bytes of `fill` out, the same
-    /// 64 back (5 s at most), then closed.
-    fn one_echo(&self, fill: u8) -> std::io::Result<()> {
-        let (mut s, _) = connect_in(&self.t.client, self.ep())?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let msg = [fill; 64];
-        s.write_all(&msg)?;
-        let mut back = [0u8; 64];
-        s.read_exact(&mut back)?;
-        if back != msg {
-            return Err(std::io::Error::other(format!(
-                "echo differs: sent {fill:#x}s, got {:?}",
-                &back[..8]
-            )));
-        }
-        Ok(())
-    }
-
-    fn status(&self, id: &str) -> Value {
-        self.agent.cli_json(&["migrate", "status", "--id", id])
-    }
-}
-
-fn start_echo(t: &SingleNode, dir: &Path) -> Workload {
-    let managed = t.pod_addr(PORT).to_string();
-    let unmanaged = t.pod_addr(UNMANAGED_PORT).to_string();
-    let peer_log = dir.join("peers.log");
-    let w = Workload::spawn_in(
-        &t.pod,
-        &echo_bin!(),
-        [
-            "--listen",
-            &managed,
-            "--listen",
-            &unmanaged,
-            "--peer-log",
-            peer_log.to_str().expect("utf-8 path"),
-        ],
-        &dir.join("echo.log"),
-    );
-    for port in [PORT, UNMANAGED_PORT] {
-        if let Err(e) = wait_tcp_ready(
-            &t.client,
-            SocketAddr::V4(t.pod_addr(port)),
-            Duration::from_secs(10),
-        ) {
-            panic!("{e}; echo log:\n{}", w.log());
-        }
-    }
-    w
-}
-
-fn u(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+fn world(tag: &str, agent_args: &[&str]) -> World {
+    World::new(&echo_bin!(), tag, agent_args)
 }
 
 /// 1. Steady state: 8 concurrent clients × 32 MiB each way, every byte
@@ -136,7 +25,7 @@ fn u(v: &Value, key: &str) -> u64 {
 #[test]
 fn steady_state_relays_every_byte() {
     privileged!();
-    let mut w = World::new("ss", &[]);
+    let mut w = world("ss", &[]);
     w.register();
     // The readiness probes connected directly before registration.
     let probes = w.peers().len();
@@ -208,7 +97,7 @@ fn steady_state_relays_every_byte() {
 #[test]
 fn every_data_thread_serves_its_share_of_connections() {
     privileged!();
-    let mut w = World::new("dt", &["--data-threads", "3"]);
+    let mut w = world("dt", &["--data-threads", "3"]);
     w.register();
     for i in 0..60u8 {
         w.one_echo(b'a' + i % 26)
@@ -241,7 +130,7 @@ fn every_data_thread_serves_its_share_of_connections() {
 #[test]
 fn syn_cookie_handshakes_complete() {
     privileged!();
-    let mut w = World::new("sc", &[]);
+    let mut w = world("sc", &[]);
     w.t.node.sysctl("net.ipv4.tcp_syncookies", "2");
     w.register();
     for i in 0..10u8 {
@@ -259,7 +148,7 @@ fn syn_cookie_handshakes_complete() {
 #[test]
 fn hold_and_release_delivers_exactly_once() {
     privileged!();
-    let mut w = World::new("hr", &[]);
+    let mut w = world("hr", &[]);
     w.register();
     let streams: Vec<CounterStream> = (0..4)
         .map(|_| CounterStream::start(&w.t.client, w.ep(), TICK))
@@ -306,7 +195,7 @@ fn hold_and_release_delivers_exactly_once() {
 #[test]
 fn connection_opened_during_hold_is_served_after_release() {
     privileged!();
-    let mut w = World::new("nc", &[]);
+    let mut w = world("nc", &[]);
     w.register();
     let ep = w.ep().to_string();
     let held = w.agent.cli_json(&["migrate", "hold", "--id", "m-nc", &ep]);
@@ -351,7 +240,7 @@ fn connection_opened_during_hold_is_served_after_release() {
 fn hold_buffer_cap_applies_back_pressure() {
     privileged!();
     const CAP: u64 = 16 << 20;
-    let mut w = World::new(
+    let mut w = world(
         "bp",
         &[
             "--hold-buffer-per-conn",
@@ -410,7 +299,7 @@ fn hold_buffer_cap_applies_back_pressure() {
 #[test]
 fn hold_without_release_aborts_at_deadline() {
     privileged!();
-    let mut w = World::new("dl", &[]);
+    let mut w = world("dl", &[]);
     w.register();
     let s = CounterStream::start(&w.t.client, w.ep(), TICK);
     std::thread::sleep(Duration::from_millis(300));
@@ -449,7 +338,7 @@ fn hold_without_release_aborts_at_deadline() {
 #[test]
 fn bad_input_is_rejected_clearly() {
     privileged!();
-    let mut w = World::new("bi", &[]);
+    let mut w = world("bi", &[]);
     w.register();
     let s = CounterStream::start(&w.t.client, w.ep(), TICK);
 
@@ -581,7 +470,7 @@ fn bad_input_is_rejected_clearly() {
 #[test]
 fn unregistered_traffic_is_not_intercepted() {
     privileged!();
-    let mut w = World::new("un", &[]);
+    let mut w = world("un", &[]);
     let early = CounterStream::start(&w.t.client, w.ep(), TICK);
     std::thread::sleep(Duration::from_millis(200));
     w.register();
@@ -618,7 +507,7 @@ fn unregistered_traffic_is_not_intercepted() {
 #[test]
 fn agent_survives_a_vanishing_interface() {
     privileged!();
-    let mut w = World::new("vi", &[]);
+    let mut w = world("vi", &[]);
     w.register();
     // Delete the pod's veth (both ends go): the shield's tcx link goes with it.
     w.t.node.ip(&["link", "del", w.t.node_pod_if()]);
@@ -645,7 +534,7 @@ fn agent_survives_a_vanishing_interface() {
 #[test]
 fn hold_reports_a_backend_that_does_not_quiesce() {
     privileged!();
-    let mut w = World::new("nq", &[]);
+    let mut w = world("nq", &[]);
     w.register();
     let ep = w.ep().to_string();
     let (client, dst) = (&w.t.client, w.ep());
@@ -688,7 +577,7 @@ fn hold_reports_a_backend_that_does_not_quiesce() {
 #[test]
 fn unreachable_backend_closes_the_client_cleanly() {
     privileged!();
-    let mut w = World::new("ub", &[]);
+    let mut w = world("ub", &[]);
     let dead = w.t.pod_addr(7009).to_string();
     w.agent.cli_json(&["endpoint", "add", &dead]);
     let out = request_response(&w.t.client, w.t.pod_addr(7009), b"anyone there?");
@@ -717,7 +606,7 @@ fn unreachable_backend_closes_the_client_cleanly() {
 #[test]
 fn late_segment_of_a_closed_proxied_flow_is_dropped_not_reset() {
     privileged!();
-    let mut w = World::new("ls", &[]);
+    let mut w = world("ls", &[]);
     w.register();
     let (mut s, _) = connect_in(&w.t.client, w.ep()).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5)))
@@ -763,7 +652,7 @@ fn late_segment_of_a_closed_proxied_flow_is_dropped_not_reset() {
 #[test]
 fn deadline_abort_with_the_pod_gone_closes_cleanly_and_says_why() {
     privileged!();
-    let mut w = World::new("pg", &[]);
+    let mut w = world("pg", &[]);
     w.register();
     let s = CounterStream::start(&w.t.client, w.ep(), TICK);
     std::thread::sleep(Duration::from_millis(300));
@@ -798,7 +687,7 @@ fn deadline_abort_with_the_pod_gone_closes_cleanly_and_says_why() {
 #[test]
 fn a_pod_killed_during_a_hold_and_restarted_keeps_its_clients() {
     privileged!();
-    let mut w = World::new("kr", &[]);
+    let mut w = world("kr", &[]);
     w.register();
     let streams: Vec<CounterStream> = (0..3)
         .map(|_| CounterStream::start(&w.t.client, w.ep(), TICK))
@@ -818,7 +707,7 @@ fn a_pod_killed_during_a_hold_and_restarted_keeps_its_clients() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // The old pod is gone; its replacement listens on the same address.
-    w.echo = start_echo(&w.t, w.dir.path());
+    w.echo = start_echo(&echo_bin!(), &w.t, w.dir.path());
     std::thread::sleep(Duration::from_millis(300));
     let released = w
         .agent
@@ -844,7 +733,7 @@ fn a_pod_killed_during_a_hold_and_restarted_keeps_its_clients() {
 #[test]
 fn rst_shield_drops_pod_resets_during_a_hold() {
     privileged!();
-    let mut w = World::new("rs", &[]);
+    let mut w = world("rs", &[]);
     w.register();
     let s = CounterStream::start(&w.t.client, w.ep(), TICK);
     std::thread::sleep(Duration::from_millis(200));
@@ -879,7 +768,7 @@ fn rst_shield_drops_pod_resets_during_a_hold() {
 #[test]
 fn socket_can_be_given_by_env_or_after_the_subcommand() {
     privileged!();
-    let w = World::new("so", &[]);
+    let w = world("so", &[]);
     let bin = shepherd_tests::agent::shepherd_bin();
     let by_env = Command::new(&bin)
         .args(["endpoint", "ls", "--json"])

@@ -43,6 +43,11 @@ pub struct RunArgs {
     /// vCPUs, 2 threads cost ~15% more CPU per new connection than 1).
     #[arg(long, env = "SHEPHERD_DATA_THREADS")]
     data_threads: Option<usize>,
+    /// Relayed connections at once; past it new connections are closed at
+    /// accept (FIN) and counted. Default: what RLIMIT_NOFILE allows after a
+    /// reserve for the API, eBPF and splice pipes (logged at start).
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Log filter (RUST_LOG syntax), e.g. info or shepherd=debug.
     #[arg(long, default_value = "info", env = "RUST_LOG")]
     log_level: String,
@@ -67,6 +72,7 @@ pub fn run(args: RunArgs, api_socket: PathBuf) -> anyhow::Result<ExitCode> {
         listen_backlog: 4096,
         relay: args.relay,
         data_threads: args.data_threads.unwrap_or_else(default_data_threads),
+        max_connections: args.max_connections,
     };
     // The control plane (API, migrations) needs little CPU: one thread. The
     // data plane starts its own threads (`relay::workers`).

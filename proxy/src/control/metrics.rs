@@ -44,6 +44,18 @@ impl Control {
             per_ep(&|e| e.connections_total as f64),
         );
         metric(
+            "shepherd_connection_limit",
+            "gauge",
+            "Relayed connections the data plane may hold at once (--max-connections).",
+            vec![(String::new(), self.relay.slots.max() as f64)],
+        );
+        metric(
+            "shepherd_connections_refused_total",
+            "counter",
+            "Connections closed at accept because the connection limit was reached.",
+            vec![(String::new(), self.relay.slots.refused() as f64)],
+        );
+        metric(
             "shepherd_data_thread_accepted_total",
             "counter",
             "Connections accepted by each data-plane thread (intercept spreads them by flow hash).",

@@ -47,6 +47,8 @@ pub struct RelayContext {
     /// How long to keep draining a client we are closing before giving up.
     pub close_linger: Duration,
     pub next_id: Arc<AtomicU64>,
+    /// The data plane's connection slots (see [`super::slots`]).
+    pub slots: Arc<super::slots::Slots>,
 }
 
 /// How far a forwarding connection reads ahead of a slow backend.
@@ -313,9 +315,6 @@ impl Conn {
             let read_backend =
                 !self.backend_eof && self.down.is_empty() && self.down_lane.is_empty();
             let write_client = !self.down.is_empty() || !self.down_lane.is_empty();
-            if self.down_spare.capacity() < 4096 {
-                self.down_spare.reserve(READ_CHUNK);
-            }
             let budget = self.ctx.budget.clone();
             let (backend_w, backend_r) = match self.backend.as_mut() {
                 Some(b) => (Some(&mut b.w), Some(&mut b.r)),
@@ -608,6 +607,11 @@ impl Conn {
 
     /// Reads what the pod sent into `down`.
     async fn copy_from_backend(&mut self) -> Result<(), String> {
+        // Taken when there is something to read, not before: an idle
+        // connection holds no read buffer.
+        if self.down_spare.capacity() < 4096 {
+            self.down_spare.reserve(READ_CHUNK);
+        }
         let r = match self.backend.as_ref() {
             Some(b) => inq::read_buf(b.r.as_ref(), &mut self.down_spare),
             None => return Ok(()),
@@ -760,7 +764,7 @@ impl Conn {
             // into a RST.
             // Readiness stays until the queue is empty (see `Event`): a
             // read that stops at an urgent mark must not end the drain.
-            let mut sink = BytesMut::with_capacity(READ_CHUNK);
+            let mut sink = BytesMut::with_capacity(4096);
             while !self.client_eof && self.client_r.readable().await.is_ok() {
                 sink.clear();
                 match inq::read_buf(self.client_r.as_ref(), &mut sink) {

@@ -3,6 +3,7 @@
 //! its endpoint's hold/forward mode.
 pub mod connection;
 pub mod hold_buffer;
+pub mod slots;
 pub mod splice;
 pub mod workers;
 
@@ -44,13 +45,15 @@ impl std::fmt::Display for Mechanism {
 }
 
 /// Accepts intercepted connections until the listener fails, counting them
-/// in `accepted`.
+/// in `accepted`. A connection past the data plane's slots (see [`slots`])
+/// is closed at once, with a FIN.
 pub async fn accept_loop(
     listener: TcpListener,
     control: Arc<Control>,
     orig_dst: Arc<dyn OrigDst>,
     accepted: &AtomicU64,
 ) {
+    let mut last_refusal_log: Option<std::time::Instant> = None;
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -62,6 +65,23 @@ pub async fn accept_loop(
             }
         };
         accepted.fetch_add(1, Ordering::Relaxed);
+        let ctx = control.relay_context();
+        let Some(slot) = ctx.slots.try_take() else {
+            // Logged at most once a second: a flood must not become a
+            // flood of log lines too.
+            if last_refusal_log.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+                last_refusal_log = Some(std::time::Instant::now());
+                tracing::warn!(
+                    %peer,
+                    max_connections = ctx.slots.max(),
+                    refused_total = ctx.slots.refused(),
+                    "connection limit reached; closing new connections until some end \
+                     (raise RLIMIT_NOFILE or --max-connections)"
+                );
+            }
+            drop(client);
+            continue;
+        };
         let dst = match orig_dst.orig_dst(&client) {
             Ok(d) => d,
             Err(e) => {
@@ -76,7 +96,9 @@ pub async fn accept_loop(
             continue;
         };
         // TCP_NODELAY comes from the listener (see transport::listener).
-        let ctx = control.relay_context();
-        tokio::spawn(connection::relay(client, peer, dst, endpoint, ctx));
+        tokio::spawn(async move {
+            let _slot = slot;
+            connection::relay(client, peer, dst, endpoint, ctx).await;
+        });
     }
 }

@@ -144,6 +144,7 @@ async fn control_on(
         hold_cap_per_conn: per_conn_cap,
         close_linger: Duration::from_secs(2),
         next_id: Arc::new(AtomicU64::new(1)),
+        slots: shepherd::relay::slots::Slots::new(10_000),
     };
     let intercept = Arc::new(RecordingInterception::default());
     let control = Control::new(

@@ -16,32 +16,6 @@ use std::time::{Duration, Instant};
 
 const PORT: u16 = 7000;
 
-/// Raises this process's soft open-file limit as far as the hard limit
-/// allows (the agent and the pod inherit it); returns the new limit.
-fn raise_nofile() -> Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read or write one rlimit struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        bail!(
-            "getrlimit(RLIMIT_NOFILE): {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    lim.rlim_cur = lim.rlim_max;
-    // SAFETY: as above.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        bail!(
-            "setrlimit(RLIMIT_NOFILE, {}): {}",
-            lim.rlim_max,
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(lim.rlim_max)
-}
-
 fn token(i: usize, round: u8) -> [u8; 8] {
     let mut t = (i as u64).to_be_bytes();
     t[0] = round;
@@ -49,7 +23,7 @@ fn token(i: usize, round: u8) -> [u8; 8] {
 }
 
 pub fn run(quick: bool, target_dir: &Path) -> Result<Section> {
-    let nofile = raise_nofile()?;
+    let nofile = shepherd_tests::process::raise_nofile()?;
     // CRIU's iptables lock adds rules per connection (about 13 ms each here,
     // so minutes for thousands); its nftables lock aborts past a few hundred
     // connections ("bit out of range 0 - FD_SETSIZE on fd_set", CRIU 4.2.1).
