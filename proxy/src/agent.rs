@@ -34,6 +34,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &config.intercept_ifaces,
         &config.shield_ifaces,
         &listeners,
+        config.max_endpoints,
     )?);
     let routing = Routing::install().await?;
 
@@ -54,6 +55,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             default_deadline: config.hold_deadline,
             quiesce_timeout: config.quiesce_timeout,
             default_relay: config.relay,
+            max_endpoints: config.max_endpoints as usize,
+            own_listeners: listeners
+                .iter()
+                .filter_map(|l| match l.local_addr() {
+                    Ok(std::net::SocketAddr::V4(a)) => Some(a),
+                    _ => None,
+                })
+                .collect(),
         },
         intercept.clone(),
         relay,
@@ -125,7 +134,9 @@ fn connection_limit(nofile: u64, asked: Option<usize>) -> anyhow::Result<usize> 
              (two descriptors each, after {} for the API, eBPF and splice pipes){}; \
              raise the limit (ulimit -n) or lower --max-connections",
             slots::CONTROL_RESERVE + 2 * shepherd::relay::splice::MAX_PIPES as u64,
-            asked.map(|m| format!(", not the {m} asked")).unwrap_or_default()
+            asked
+                .map(|m| format!(", not the {m} asked"))
+                .unwrap_or_default()
         );
     }
     tracing::info!(
@@ -145,7 +156,11 @@ fn spawn_memory_trim(slots: Arc<Slots>) -> tokio::task::JoinHandle<()> {
         loop {
             tick.tick().await;
             if let Some(took) = trimmer.tick(slots.ended()) {
-                tracing::debug!(?took, live = slots.live(), "freed memory returned to the system");
+                tracing::debug!(
+                    ?took,
+                    live = slots.live(),
+                    "freed memory returned to the system"
+                );
             }
         }
     })

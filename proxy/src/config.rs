@@ -22,7 +22,14 @@ pub struct Config {
     pub data_threads: usize,
     /// Relayed connections at once (`None`: what RLIMIT_NOFILE allows).
     pub max_connections: Option<usize>,
+    /// Entries of the kernel's endpoint maps: registered endpoints, and
+    /// removed ones whose connections are still draining.
+    pub max_endpoints: u32,
 }
+
+/// Most endpoints `--max-endpoints` may ask for (the kernel maps are
+/// allocated up front, about 100 bytes per entry per CPU for the counters).
+pub const MAX_ENDPOINTS_CEILING: u32 = 1 << 20;
 
 impl Config {
     /// Checks relations between values; the message says what to change.
@@ -50,6 +57,12 @@ impl Config {
                 self.data_threads
             ));
         }
+        if self.max_endpoints == 0 || self.max_endpoints > MAX_ENDPOINTS_CEILING {
+            return Err(format!(
+                "--max-endpoints must be between 1 and {MAX_ENDPOINTS_CEILING} (got {})",
+                self.max_endpoints
+            ));
+        }
         if self.hold_deadline.is_zero() {
             return Err("--hold-deadline must be > 0".into());
         }
@@ -75,6 +88,7 @@ mod tests {
             relay: Mechanism::Splice,
             data_threads: 2,
             max_connections: None,
+            max_endpoints: 4096,
         }
     }
 

@@ -15,6 +15,9 @@ pub enum ControlError {
     Invalid(String),
     #[error("{0}")]
     Unsupported(String),
+    /// A configured limit would be exceeded; nothing was changed.
+    #[error("{0}")]
+    Limit(String),
     #[error("kernel interception failed: {0}")]
     Intercept(#[from] crate::intercept::InterceptError),
 }

@@ -2,11 +2,12 @@
 //! does to the agent. Each test reproduces a failure found by probing the
 //! agent and asserts the behaviour that replaced it.
 
+use shepherd_tests::echo_bin;
 use shepherd_tests::netns::in_netns;
 use shepherd_tests::privileged;
 use shepherd_tests::process::{open_fds, raise_nofile};
 use shepherd_tests::single::World;
-use shepherd_tests::echo_bin;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -56,7 +57,10 @@ fn connection_churn_gives_memory_back() {
             .map_or(0, |a| a.len())
             > 0
         {
-            assert!(std::time::Instant::now() < deadline, "connections never finished");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "connections never finished"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     };
@@ -86,5 +90,186 @@ fn connection_churn_gives_memory_back() {
         "RSS grew by {:.1} MiB over {BURSTS} bursts of 4000 connections and was not given back",
         (rss - rss0) / MIB
     );
-    assert!(open_fds(pid) <= fds0 + 2, "descriptors leaked: {fds0} -> {}", open_fds(pid));
+    assert!(
+        open_fds(pid) <= fds0 + 2,
+        "descriptors leaked: {fds0} -> {}",
+        open_fds(pid)
+    );
+}
+
+/// The agent's transparent listener in the node's namespace (from `ss`).
+fn own_listener(w: &World) -> String {
+    let out = w.t.node.run(&["ss", "-ltnH", "src", "127.0.0.1"]);
+    out.split_whitespace()
+        .find(|f| f.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no loopback listener in the node:\n{out}"))
+        .to_string()
+}
+
+fn add(w: &World, args: &[&str]) -> (bool, String) {
+    let mut argv = vec!["endpoint", "add"];
+    argv.extend_from_slice(args);
+    let out = w.agent.cli(&argv);
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn endpoint_count(w: &World) -> usize {
+    w.agent.cli_json(&["endpoint", "ls"])["endpoints"]
+        .as_array()
+        .map_or(0, |a| a.len())
+}
+
+/// An endpoint that can only loop back into the agent is refused: its own
+/// listener always (this used to wedge the agent: it connected to itself
+/// until its descriptors ran out), loopback and the node's addresses unless
+/// asked for explicitly.
+#[test]
+fn endpoints_that_loop_are_refused() {
+    privileged!();
+    let w = world("lp", &[]);
+    let own = own_listener(&w);
+    let (ok, out) = add(&w, &[&own]);
+    assert!(
+        !ok && out.contains("own transparent listener"),
+        "{own}: {out}"
+    );
+    let (ok, out) = add(&w, &[&own, "--allow-local"]);
+    assert!(
+        !ok && out.contains("own transparent listener"),
+        "{own}: {out}"
+    );
+    let (ok, out) = add(&w, &["127.0.0.1:6379"]);
+    assert!(!ok && out.contains("--allow-local"), "{out}");
+    let node_ip = w.t.node_ip;
+    let (ok, out) = add(&w, &[&format!("{node_ip}:80")]);
+    assert!(!ok && out.contains("address of this node"), "{out}");
+    assert_eq!(
+        endpoint_count(&w),
+        0,
+        "a refused batch registered something"
+    );
+    let (ok, out) = add(&w, &["127.0.0.1:6379", "--allow-local"]);
+    assert!(ok, "{out}");
+    // The agent is still fine.
+    assert_eq!(w.agent.http("GET", "/healthz", None).0, 200);
+}
+
+/// Past `--max-connections`, new connections are closed at once (a FIN,
+/// not a hang and not a reset) and counted; established ones keep relaying
+/// and the API keeps answering.
+#[test]
+fn the_connection_limit_refuses_cleanly_and_keeps_the_api() {
+    privileged!();
+    const LIMIT: usize = 50;
+    let mut w = world("ml", &["--max-connections", "50"]);
+    w.register();
+    let ep = w.ep();
+    let mut socks: Vec<TcpStream> = in_netns(&w.t.client, || {
+        (0..LIMIT + 30)
+            .map(|_| {
+                TcpStream::connect_timeout(&ep.into(), Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("connect {ep}: {e}"))
+            })
+            .collect()
+    });
+    // A refused connection has its FIN waiting; an accepted one is quiet.
+    let (mut open, mut closed) = (Vec::new(), 0);
+    for mut s in socks.drain(..) {
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(0) => closed += 1,
+            Ok(_) => panic!("the pod spoke first"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => open.push(s),
+            Err(e) => panic!("a connection neither relayed nor closed cleanly: {e}"),
+        }
+    }
+    let mut echoed = 0;
+    for s in &mut open {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(b"x").expect("write");
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("echo");
+        echoed += 1;
+    }
+    socks = open;
+    assert_eq!((echoed, closed), (LIMIT, 30), "echoed, closed at accept");
+    assert_eq!(w.agent.http("GET", "/healthz", None).0, 200);
+    let metrics = w.agent.http("GET", "/metrics", None).1;
+    assert!(
+        metrics.contains("shepherd_connections_refused_total 30"),
+        "{metrics}"
+    );
+    // The established ones are unharmed.
+    for s in socks.iter_mut().take(LIMIT) {
+        s.write_all(b"y").expect("write");
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("echo after the refusals");
+        assert_eq!(&b, b"y");
+    }
+    drop(socks);
+    w.assert_no_rst();
+}
+
+/// `--max-endpoints` bounds registration with a 409 that names it, and a
+/// batch that does not fit registers nothing (it used to fail with a 500
+/// half-way, leaving the rest registered). The kernel's table also counts
+/// removed endpoints still draining: a batch that finds it full is undone.
+#[test]
+fn the_endpoint_limit_is_named_and_batches_are_atomic() {
+    privileged!();
+    let w = world("el", &["--max-endpoints", "8"]);
+    let ep = |i: u16| format!("{}:{}", w.t.pod_addr(7000).ip(), 7000 + i);
+    let batch = |r: std::ops::Range<u16>| r.map(ep).collect::<Vec<_>>();
+    let five = batch(0..5);
+    let five: Vec<&str> = five.iter().map(String::as_str).collect();
+    assert!(add(&w, &five).0);
+    let more = batch(5..10);
+    let more: Vec<&str> = more.iter().map(String::as_str).collect();
+    let (status, body) = w.agent.http(
+        "POST",
+        "/v1/endpoints",
+        Some(&serde_json::json!({ "endpoints": more }).to_string()),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("limit_reached") && body.contains("--max-endpoints"),
+        "{body}"
+    );
+    assert_eq!(
+        endpoint_count(&w),
+        5,
+        "a refused batch registered part of itself"
+    );
+
+    // Fill the table, then let one endpoint drain with a connection open.
+    let three = batch(5..8);
+    let three: Vec<&str> = three.iter().map(String::as_str).collect();
+    assert!(add(&w, &three).0);
+    let (held, _) = shepherd_tests::stream::connect_in(&w.t.client, w.ep()).expect("connect");
+    let out = w.agent.cli(&["endpoint", "rm", &w.ep().to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    // 7 registered + 1 draining: the table is full though the count is not.
+    let (ok, out) = add(&w, &[&ep(1), &ep(9)]);
+    assert!(
+        !ok && out.contains("full") && out.contains("limit_reached"),
+        "{out}"
+    );
+    assert_eq!(endpoint_count(&w), 7, "the batch was not undone");
+    drop(held);
+    // Once the draining one has closed, there is room again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !add(&w, &[&ep(9)]).0 {
+        assert!(std::time::Instant::now() < deadline, "room never came back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -29,7 +29,7 @@ const POD_C: [u8; 4] = [10, 99, 1, 3];
 fn load() -> (EbpfInterception, TcpListener) {
     // The sockhash needs one listener; a plain one is enough here.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a listener");
-    let ic = EbpfInterception::load(&[], &[], std::slice::from_ref(&listener))
+    let ic = EbpfInterception::load(&[], &[], std::slice::from_ref(&listener), 4096)
         .unwrap_or_else(|e| panic!("load the eBPF object: {e}"));
     (ic, listener)
 }

@@ -30,6 +30,7 @@ impl From<ControlError> for ApiError {
             ControlError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ControlError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             ControlError::Unsupported(_) => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
+            ControlError::Limit(_) => (StatusCode::CONFLICT, "limit_reached"),
             ControlError::Intercept(_) => (StatusCode::INTERNAL_SERVER_ERROR, "kernel"),
         };
         Self::new(status, error, e.to_string())

@@ -119,7 +119,7 @@ async fn list_endpoints(State(c): Ctl) -> Json<EndpointList> {
 async fn add_endpoints(State(c): Ctl, body: Body) -> Result<Json<EndpointList>, ApiError> {
     let req: EndpointsRequest = json_body(body, false).await?;
     Ok(Json(EndpointList {
-        endpoints: c.add_endpoints(&req.endpoints, req.relay)?,
+        endpoints: c.add_endpoints(&req.endpoints, req.relay, req.allow_local)?,
     }))
 }
 

@@ -13,6 +13,10 @@ pub struct EndpointsRequest {
     /// How their new connections forward; the agent's `--relay` if absent.
     #[serde(default)]
     pub relay: Option<Mechanism>,
+    /// Accept loopback and this node's own addresses (refused by default:
+    /// connections to them would be steered back into the agent).
+    #[serde(default)]
+    pub allow_local: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -17,6 +17,10 @@ pub enum EndpointCmd {
         /// How their new connections forward (default: the agent's --relay).
         #[arg(long, value_enum)]
         relay: Option<Mechanism>,
+        /// Accept loopback and this node's own addresses. Refused by default:
+        /// connections to them would be steered back into the agent.
+        #[arg(long)]
+        allow_local: bool,
     },
     /// Unregister endpoints; their open connections keep flowing until closed.
     Rm {
@@ -29,11 +33,17 @@ pub enum EndpointCmd {
 
 pub fn run(cmd: EndpointCmd, api: &Api, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
-        EndpointCmd::Add { endpoints, relay } => {
+        EndpointCmd::Add {
+            endpoints,
+            relay,
+            allow_local,
+        } => {
             let list: EndpointList = api.call(
                 "POST",
                 "/v1/endpoints",
-                Some(&json!({ "endpoints": endpoints, "relay": relay })),
+                Some(
+                    &json!({ "endpoints": endpoints, "relay": relay, "allow_local": allow_local }),
+                ),
             )?;
             if json {
                 output::json(&list)?;

@@ -48,6 +48,10 @@ pub struct RunArgs {
     /// reserve for the API, eBPF and splice pipes (logged at start).
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Endpoints the agent can register (with removed ones still draining).
+    /// The kernel maps are sized for it at start.
+    #[arg(long, default_value_t = 4096)]
+    max_endpoints: u32,
     /// Log filter (RUST_LOG syntax), e.g. info or shepherd=debug.
     #[arg(long, default_value = "info", env = "RUST_LOG")]
     log_level: String,
@@ -73,6 +77,7 @@ pub fn run(args: RunArgs, api_socket: PathBuf) -> anyhow::Result<ExitCode> {
         relay: args.relay,
         data_threads: args.data_threads.unwrap_or_else(default_data_threads),
         max_connections: args.max_connections,
+        max_endpoints: args.max_endpoints,
     };
     // The control plane (API, migrations) needs little CPU: one thread. The
     // data plane starts its own threads (`relay::workers`).

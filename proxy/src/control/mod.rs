@@ -33,6 +33,10 @@ pub struct ControlConfig {
     pub quiesce_timeout: Duration,
     /// How new connections forward unless their endpoint says otherwise.
     pub default_relay: Mechanism,
+    /// Endpoints that can be registered at once (`--max-endpoints`).
+    pub max_endpoints: usize,
+    /// The data plane's own listeners: an endpoint there could only loop.
+    pub own_listeners: Vec<SocketAddrV4>,
 }
 
 struct Migration {
@@ -115,15 +119,36 @@ impl Control {
     /// Registers endpoints (idempotent; re-adding a draining one revives it).
     /// `relay`: how their new connections forward (`None`: keep an existing
     /// endpoint's choice, or the agent's default for a new one).
+    /// `allow_local`: accept loopback and this node's own addresses, which
+    /// are refused by default (connections to them would be steered back
+    /// into the agent). All or nothing: on any error, none of `addrs` is
+    /// newly registered.
     pub fn add_endpoints(
         &self,
         addrs: &[EndpointAddr],
         relay: Option<Mechanism>,
+        allow_local: bool,
     ) -> Result<Vec<EndpointInfo>, ControlError> {
         if addrs.is_empty() {
             return Err(ControlError::Invalid("no endpoints given".into()));
         }
+        self.refuse_loops(addrs, allow_local)?;
         let mut eps = lock(&self.endpoints);
+        let new: std::collections::BTreeSet<EndpointAddr> = addrs
+            .iter()
+            .filter(|a| !eps.contains_key(a))
+            .copied()
+            .collect();
+        if eps.len() + new.len() > self.config.max_endpoints {
+            return Err(ControlError::Limit(format!(
+                "endpoint limit reached: {} registered, {} more asked, --max-endpoints is {}; \
+                 remove endpoints or restart the agent with a higher --max-endpoints",
+                eps.len(),
+                new.len(),
+                self.config.max_endpoints
+            )));
+        }
+        let mut done: Vec<EndpointAddr> = Vec::new();
         for addr in addrs {
             let state = eps
                 .entry(*addr)
@@ -142,13 +167,64 @@ impl Control {
                 Mode::Forwarding { .. } => EP_INTERCEPT,
             };
             if let Err(e) = self.intercept.set_endpoint(addr.key(), flags) {
-                eps.remove(addr);
-                return Err(e.into());
+                // Undo this batch's new endpoints, this one included.
+                for a in done.iter().chain(std::iter::once(addr)) {
+                    if new.contains(a) {
+                        eps.remove(a);
+                        let _ = self.intercept.remove_endpoint(a.key());
+                    }
+                }
+                return Err(if e.is_full() {
+                    ControlError::Limit(format!(
+                        "the kernel's endpoint table is full (--max-endpoints {}, counting \
+                         removed endpoints whose connections are still draining): {e}; \
+                         none of this batch was added",
+                        self.config.max_endpoints
+                    ))
+                } else {
+                    e.into()
+                });
             }
+            done.push(*addr);
             tracing::info!(endpoint = %addr, "endpoint registered");
         }
         drop(eps);
         Ok(addrs.iter().filter_map(|a| self.endpoint_info(a)).collect())
+    }
+
+    /// Refuses endpoints whose connections could only come back to the
+    /// agent: its own listeners always; loopback and this node's addresses
+    /// unless `allow_local`.
+    fn refuse_loops(&self, addrs: &[EndpointAddr], allow_local: bool) -> Result<(), ControlError> {
+        if let Some(a) = addrs
+            .iter()
+            .find(|a| self.config.own_listeners.contains(&a.0))
+        {
+            return Err(ControlError::Invalid(format!(
+                "{a} is the agent's own transparent listener: its connections would be relayed \
+                 back into the agent, forever"
+            )));
+        }
+        if allow_local {
+            return Ok(());
+        }
+        let node = crate::transport::local::node_addresses().map_err(|e| {
+            ControlError::Invalid(format!(
+                "cannot list this node's addresses to check the endpoints ({e}); \
+                 pass allow_local to skip the check"
+            ))
+        })?;
+        if let Some(a) = addrs
+            .iter()
+            .find(|a| a.0.ip().is_loopback() || node.contains(a.0.ip()))
+        {
+            return Err(ControlError::Invalid(format!(
+                "{a} is an address of this node (loopback or a local interface), not a pod's: \
+                 connections to it would be steered back into the agent. If it really is a \
+                 local service, add it with --allow-local (API: \"allow_local\": true)"
+            )));
+        }
+        Ok(())
     }
 
     /// Unregisters an endpoint. Its existing connections keep flowing (the

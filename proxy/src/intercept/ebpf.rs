@@ -83,9 +83,15 @@ pub struct EbpfInterception {
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> InterceptError {
-    move |e| InterceptError::Map {
-        map,
-        detail: e.to_string(),
+    move |e| match &e {
+        // A hash map with no room left answers an insert with E2BIG.
+        aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+            InterceptError::Full { map }
+        }
+        _ => InterceptError::Map {
+            map,
+            detail: e.to_string(),
+        },
     }
 }
 
@@ -93,10 +99,13 @@ impl EbpfInterception {
     /// Loads the programs, attaches `intercept` to `intercept_ifaces` and
     /// `rst_shield` to `shield_ifaces` (ingress), and registers `listeners`
     /// (one per data-plane thread) as the sockets SYNs are assigned to.
+    /// The endpoint maps hold `max_endpoints` entries (registered endpoints
+    /// and removed ones still draining).
     pub fn load(
         intercept_ifaces: &[String],
         shield_ifaces: &[String],
         listeners: &[impl AsRawFd],
+        max_endpoints: u32,
     ) -> Result<Self, InterceptError> {
         if OBJECT.is_empty() {
             return Err(InterceptError::NoObject);
@@ -115,7 +124,11 @@ impl EbpfInterception {
                 return Err(InterceptError::NoSuchInterface(iface.clone()));
             }
         }
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| InterceptError::Load(e.to_string()))?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries(MAP_ENDPOINTS, max_endpoints)
+            .map_max_entries(MAP_STATS, max_endpoints)
+            .load(OBJECT)
+            .map_err(|e| InterceptError::Load(e.to_string()))?;
         use TcAttachType::{Egress, Ingress};
         attach(&mut ebpf, PROG_INTERCEPT, intercept_ifaces, Ingress)?;
         attach(

@@ -30,8 +30,17 @@ pub enum InterceptError {
     NoSuchInterface(String),
     #[error("map {map}: {detail}")]
     Map { map: &'static str, detail: String },
+    #[error("map {map} is full")]
+    Full { map: &'static str },
     #[error("policy routing ({step}): {detail}")]
     Routing { step: &'static str, detail: String },
+}
+
+impl InterceptError {
+    /// A map had no room for a new entry.
+    pub fn is_full(&self) -> bool {
+        matches!(self, InterceptError::Full { .. })
+    }
 }
 
 /// What the control plane needs from the kernel side.

@@ -3,4 +3,5 @@
 pub mod backend;
 pub mod inq;
 pub mod listener;
+pub mod local;
 pub mod orig_dst;

@@ -152,13 +152,15 @@ async fn control_on(
             default_deadline: deadline,
             quiesce_timeout: Duration::from_secs(2),
             default_relay: m,
+            max_endpoints: 4096,
+            own_listeners: Vec::new(),
         },
         intercept.clone(),
         relay,
     );
     let endpoint = EndpointAddr(backend);
     control
-        .add_endpoints(&[endpoint], None)
+        .add_endpoints(&[endpoint], None, true)
         .expect("add endpoint");
     (control, endpoint, backend_seen, intercept)
 }
