@@ -93,8 +93,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     };
-    let server = axum::serve(api_listener, app).with_graceful_shutdown(stop);
-    let served = server.await;
+    api::serve::serve(api_listener, app, stop).await;
     tracing::info!("shutting down");
     sweeper.abort();
     trimmer.abort();
@@ -102,7 +101,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     routing.remove().await;
     drop(control);
     drop(intercept);
-    served.context("API server failed")?;
     if let Ok(why) = died_rx.await {
         anyhow::bail!("{why}; restart the agent (connections it relayed were closed)");
     }

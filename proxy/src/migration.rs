@@ -7,6 +7,38 @@
 //! never reused.
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::time::Duration;
+
+/// Longest hold or incoming deadline a caller may ask for. A hold stops
+/// clients' bytes from reaching their pod for as long as it lasts; an hour
+/// covers the checkpoint of any pod this machine could hold in memory, and
+/// anything longer is a unit mistake (seconds given as milliseconds'
+/// thousands, or a sentinel like u64::MAX).
+pub const MAX_DEADLINE: Duration = Duration::from_secs(3600);
+/// Longest quiesce timeout a caller may ask for.
+pub const MAX_QUIESCE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A duration field of a request, in milliseconds: `None` if absent, an
+/// error naming the field if it is above `max`, or 0 where 0 means nothing
+/// (`zero_ok` false).
+pub fn bounded_ms(
+    field: &str,
+    ms: Option<u64>,
+    max: Duration,
+    zero_ok: bool,
+) -> Result<Option<Duration>, String> {
+    let Some(ms) = ms else { return Ok(None) };
+    let d = Duration::from_millis(ms);
+    if (ms == 0 && !zero_ok) || d > max {
+        return Err(format!(
+            "{field} must be between {} and {} ({} s); got {ms}",
+            u8::from(!zero_ok),
+            max.as_millis(),
+            max.as_secs()
+        ));
+    }
+    Ok(Some(d))
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -54,7 +86,7 @@ impl std::str::FromStr for ReleaseMode {
 /// What a caller asks of a migration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
-    Release,
+    Release(ReleaseMode),
     Abort,
 }
 
@@ -67,26 +99,42 @@ pub enum Step {
     AlreadyThere,
 }
 
-/// Decides a request against the current phase.
+/// Decides a request against the current phase. `released`: the mode of
+/// the release that ended the migration, if one did.
 pub fn decide(
     id: &str,
     current: Phase,
     request: &Request,
     reason: Option<&str>,
+    released: Option<ReleaseMode>,
 ) -> Result<Step, String> {
     let why = reason.map(|r| format!(" ({r})")).unwrap_or_default();
     match (current, request) {
-        (Phase::Holding, Request::Release) => Ok(Step::Go(Phase::Released)),
+        (Phase::Holding, Request::Release(_)) => Ok(Step::Go(Phase::Released)),
         (Phase::Holding, Request::Abort) => Ok(Step::Go(Phase::Aborted)),
-        (Phase::Released, Request::Release) | (Phase::Aborted, Request::Abort) => {
-            Ok(Step::AlreadyThere)
-        }
-        (Phase::Aborted, Request::Release) => Err(format!(
+        (Phase::Released, Request::Release(mode)) => match released {
+            Some(done) if done != *mode => Err(format!(
+                "migration {id} was already released in {} mode; a release in {} mode \
+                 cannot change what was done (start a new migration with a new id)",
+                mode_name(done),
+                mode_name(*mode)
+            )),
+            _ => Ok(Step::AlreadyThere),
+        },
+        (Phase::Aborted, Request::Abort) => Ok(Step::AlreadyThere),
+        (Phase::Aborted, Request::Release(_)) => Err(format!(
             "migration {id} was aborted{why}; its connections were already resumed towards the original backend; start a new migration with a new id"
         )),
         (Phase::Released, Request::Abort) => Err(format!(
             "migration {id} was already released; it cannot be aborted"
         )),
+    }
+}
+
+fn mode_name(m: ReleaseMode) -> &'static str {
+    match m {
+        ReleaseMode::Resume => "resume",
+        ReleaseMode::Reconnect => "reconnect",
     }
 }
 
@@ -126,11 +174,17 @@ mod tests {
     #[test]
     fn holding_goes_to_released_or_aborted() {
         assert_eq!(
-            decide("m", Phase::Holding, &Request::Release, None),
+            decide(
+                "m",
+                Phase::Holding,
+                &Request::Release(ReleaseMode::Resume),
+                None,
+                None
+            ),
             Ok(Step::Go(Phase::Released))
         );
         assert_eq!(
-            decide("m", Phase::Holding, &Request::Abort, None),
+            decide("m", Phase::Holding, &Request::Abort, None, None),
             Ok(Step::Go(Phase::Aborted))
         );
     }
@@ -138,11 +192,17 @@ mod tests {
     #[test]
     fn repeats_are_idempotent() {
         assert_eq!(
-            decide("m", Phase::Released, &Request::Release, None),
+            decide(
+                "m",
+                Phase::Released,
+                &Request::Release(ReleaseMode::Resume),
+                None,
+                Some(ReleaseMode::Resume)
+            ),
             Ok(Step::AlreadyThere)
         );
         assert_eq!(
-            decide("m", Phase::Aborted, &Request::Abort, None),
+            decide("m", Phase::Aborted, &Request::Abort, None, None),
             Ok(Step::AlreadyThere)
         );
         assert_eq!(
@@ -153,10 +213,28 @@ mod tests {
 
     #[test]
     fn contradictions_are_conflicts_that_say_why() {
-        let e =
-            decide("m", Phase::Aborted, &Request::Release, Some("deadline")).expect_err("conflict");
+        let e = decide(
+            "m",
+            Phase::Aborted,
+            &Request::Release(ReleaseMode::Resume),
+            Some("deadline"),
+            None,
+        )
+        .expect_err("conflict");
         assert!(e.contains("aborted (deadline)"), "{e}");
-        assert!(decide("m", Phase::Released, &Request::Abort, None).is_err());
+        assert!(decide("m", Phase::Released, &Request::Abort, None, None).is_err());
+        let e = decide(
+            "m",
+            Phase::Released,
+            &Request::Release(ReleaseMode::Reconnect),
+            None,
+            Some(ReleaseMode::Resume),
+        )
+        .expect_err("another mode");
+        assert!(
+            e.contains("resume mode") && e.contains("reconnect mode"),
+            "{e}"
+        );
         assert!(decide_repeat_hold("m", Phase::Holding, false).is_err());
         let e = decide_repeat_hold("m", Phase::Released, true).expect_err("finished");
         assert!(e.contains("new id"), "{e}");
@@ -168,6 +246,26 @@ mod tests {
         assert!(validate_id("").is_err());
         assert!(validate_id("a/b").is_err());
         assert!(validate_id(&"x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        assert_eq!(
+            bounded_ms("deadline_ms", None, MAX_DEADLINE, false),
+            Ok(None)
+        );
+        assert_eq!(
+            bounded_ms("deadline_ms", Some(1500), MAX_DEADLINE, false),
+            Ok(Some(Duration::from_millis(1500)))
+        );
+        assert_eq!(
+            bounded_ms("quiesce_timeout_ms", Some(0), MAX_QUIESCE_TIMEOUT, true),
+            Ok(Some(Duration::ZERO))
+        );
+        for bad in [0, u64::MAX, 3_600_001] {
+            let e = bounded_ms("deadline_ms", Some(bad), MAX_DEADLINE, false).expect_err("bounded");
+            assert!(e.contains("deadline_ms") && e.contains("3600"), "{e}");
+        }
     }
 
     #[test]

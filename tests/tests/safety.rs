@@ -273,3 +273,136 @@ fn the_endpoint_limit_is_named_and_batches_are_atomic() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+fn json_error(raw: &[u8]) -> (u16, serde_json::Value) {
+    let (status, body) = shepherd_tests::agent::parse_response(raw).expect("an HTTP response");
+    let v: serde_json::Value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {body:?}"));
+    assert!(
+        v["error"].is_string() && v["detail"].is_string(),
+        "not {{error, detail}}: {v}"
+    );
+    (status, v)
+}
+
+/// Errors raised before a handler runs are the API's JSON too; durations
+/// are bounded; a second release cannot change the first one's mode.
+#[test]
+fn api_errors_are_json_and_requests_bounded() {
+    privileged!();
+    let w = world("ae", &[]);
+    w.register();
+    let ep = w.ep().to_string();
+    // Invalid UTF-8 in a path parameter (used to be a plain-text 400).
+    let raw = w
+        .agent
+        .raw(b"DELETE /v1/endpoints/%FF%FE HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let (status, v) = json_error(&raw);
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (400, Some("invalid_path")),
+        "{v}"
+    );
+    // Malformed chunked framing is a malformed body, not "body too large".
+    let raw = w
+        .agent
+        .raw(
+            b"POST /v1/endpoints HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+              Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+        )
+        .expect("request");
+    let (status, v) = json_error(&raw);
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (400, Some("malformed_body")),
+        "{v}"
+    );
+    // Durations beyond their bounds.
+    for field in ["deadline_ms", "quiesce_timeout_ms"] {
+        let body = serde_json::json!({ "endpoints": [ep], field: u64::MAX }).to_string();
+        let (status, body) = w.agent.http("PUT", "/v1/migrations/big/hold", Some(&body));
+        assert_eq!(status, 422, "{field}: {body}");
+        assert!(body.contains(field), "{body}");
+    }
+    // A second release with another mode is a conflict.
+    let hold = serde_json::json!({ "endpoints": [ep] }).to_string();
+    assert_eq!(
+        w.agent.http("PUT", "/v1/migrations/m1/hold", Some(&hold)).0,
+        200
+    );
+    let resume = r#"{"mode":"resume"}"#;
+    assert_eq!(
+        w.agent
+            .http("POST", "/v1/migrations/m1/release", Some(resume))
+            .0,
+        200
+    );
+    assert_eq!(
+        w.agent
+            .http("POST", "/v1/migrations/m1/release", Some(resume))
+            .0,
+        200
+    );
+    let (status, body) = w.agent.http(
+        "POST",
+        "/v1/migrations/m1/release",
+        Some(r#"{"mode":"reconnect"}"#),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("resume mode"), "{body}");
+}
+
+/// 100 callers that connect and send half a request, or nothing, do not
+/// stop the API from answering others, and each is disconnected after
+/// the header timeout (they used to stay connected for good).
+#[test]
+fn slow_api_callers_are_cut_off_and_others_served() {
+    privileged!();
+    let mut w = world("sa", &[]);
+    w.register();
+    let echo = shepherd_tests::stream::CounterStream::start(
+        &w.t.client,
+        w.ep(),
+        Duration::from_millis(10),
+    );
+    let mut slow = Vec::new();
+    for i in 0..100 {
+        let mut s = std::os::unix::net::UnixStream::connect(w.agent.socket()).expect("connect");
+        if i % 2 == 0 {
+            s.write_all(b"PUT /v1/migrations/x/hold HTTP/1.1\r\nHost: x\r\n")
+                .expect("half a request");
+        }
+        slow.push(s);
+    }
+    let t0 = std::time::Instant::now();
+    for _ in 0..10 {
+        assert_eq!(w.agent.http("GET", "/healthz", None).0, 200);
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "the API was slow: {:?}",
+        t0.elapsed()
+    );
+    // Each slow caller is disconnected by the agent (EOF), well before 30 s.
+    for s in &mut slow {
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+    }
+    let waited = t0.elapsed();
+    assert!(
+        waited < Duration::from_secs(25),
+        "slow callers kept for {waited:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(5),
+        "cut off too early: {waited:?}"
+    );
+    // The data plane relayed throughout.
+    let report = echo.stop();
+    report.assert_ok();
+    assert!(report.received > 100, "{report:?}");
+    w.assert_no_rst();
+}

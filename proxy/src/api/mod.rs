@@ -17,6 +17,7 @@
 //! Bodies are read with a hard size limit and parsed here, so malformed or
 //! oversized input gets a JSON error rather than a framework default.
 pub mod error;
+pub mod serve;
 pub mod socket;
 pub mod types;
 
@@ -36,6 +37,8 @@ use types::*;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
+/// How long a request body may take to arrive once its headers have.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub fn router(control: Arc<Control>) -> Router {
     Router::new()
@@ -80,15 +83,71 @@ pub fn router(control: Arc<Control>) -> Router {
 
 type Ctl = State<Arc<Control>>;
 
+/// A path parameter (a migration id, an endpoint), with axum's rejection
+/// (invalid UTF-8 or percent-encoding) answered in the API's JSON form.
+struct Param(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Param {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(p)) => Ok(Self(p)),
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_path",
+                format!("invalid path parameter: {}", e.body_text()),
+            )),
+        }
+    }
+}
+
+/// Whether reading a body failed because it was longer than allowed (and
+/// not, say, because its chunked framing was malformed).
+fn too_long(e: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// Reads and parses a JSON body; an empty body parses as `{}` when allowed.
 async fn json_body<T: DeserializeOwned>(body: Body, empty_ok: bool) -> Result<T, ApiError> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request body exceeds {MAX_BODY} bytes"),
-        )
-    })?;
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await
+    {
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            ))
+        }
+        Ok(Err(e)) if too_long(&e) => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body exceeds {MAX_BODY} bytes"),
+            ))
+        }
+        Ok(Err(e)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_body",
+                format!("could not read the request body: {e}"),
+            ))
+        }
+        Ok(Ok(b)) => b,
+    };
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) && empty_ok {
         b"{}"
     } else {
@@ -123,7 +182,7 @@ async fn add_endpoints(State(c): Ctl, body: Body) -> Result<Json<EndpointList>, 
     }))
 }
 
-async fn remove_endpoint(State(c): Ctl, Path(addr): Path<String>) -> Result<StatusCode, ApiError> {
+async fn remove_endpoint(State(c): Ctl, Param(addr): Param) -> Result<StatusCode, ApiError> {
     let addr: EndpointAddr = addr
         .parse()
         .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_endpoint", e))?;
@@ -146,7 +205,7 @@ async fn list_migrations(State(c): Ctl) -> Json<MigrationList> {
 /// `?flows=false` omits `backend_flows` (cheap polling at scale).
 async fn migration_status(
     State(c): Ctl,
-    Path(id): Path<String>,
+    Param(id): Param,
     uri: axum::http::Uri,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let flows = !uri
@@ -157,7 +216,7 @@ async fn migration_status(
 
 async fn hold(
     State(c): Ctl,
-    Path(id): Path<String>,
+    Param(id): Param,
     body: Body,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let req: HoldRequest = json_body(body, false).await?;
@@ -166,7 +225,7 @@ async fn hold(
 
 async fn release(
     State(c): Ctl,
-    Path(id): Path<String>,
+    Param(id): Param,
     body: Body,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let req: ReleaseRequest = json_body(body, true).await?;
@@ -179,7 +238,7 @@ async fn release(
 
 async fn abort(
     State(c): Ctl,
-    Path(id): Path<String>,
+    Param(id): Param,
     body: Body,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let req: AbortRequest = json_body(body, true).await?;
@@ -188,7 +247,7 @@ async fn abort(
 
 async fn target(
     State(c): Ctl,
-    Path(id): Path<String>,
+    Param(id): Param,
     body: Body,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let req: TargetRequest = json_body(body, false).await?;
@@ -197,7 +256,7 @@ async fn target(
 
 async fn incoming(
     State(c): Ctl,
-    Path(id): Path<String>,
+    Param(id): Param,
     body: Body,
 ) -> Result<Json<IncomingStatus>, ApiError> {
     let req: IncomingRequest = json_body(body, false).await?;
@@ -206,14 +265,14 @@ async fn incoming(
 
 async fn incoming_status(
     State(c): Ctl,
-    Path(id): Path<String>,
+    Param(id): Param,
 ) -> Result<Json<IncomingStatus>, ApiError> {
     Ok(Json(c.incoming_status(&id)?))
 }
 
 async fn complete_incoming(
     State(c): Ctl,
-    Path(id): Path<String>,
+    Param(id): Param,
     body: Body,
 ) -> Result<Json<IncomingStatus>, ApiError> {
     let req: AbortRequest = json_body(body, true).await?;

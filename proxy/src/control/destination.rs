@@ -132,6 +132,14 @@ impl Control {
         req: &IncomingRequest,
     ) -> Result<IncomingStatus, ControlError> {
         migration::validate_id(id).map_err(ControlError::Invalid)?;
+        // 0 has always meant "no deadline" here.
+        migration::bounded_ms(
+            "deadline_ms",
+            req.deadline_ms.filter(|ms| *ms > 0),
+            migration::MAX_DEADLINE,
+            false,
+        )
+        .map_err(ControlError::Invalid)?;
         if req.endpoints.is_empty() {
             return Err(ControlError::Invalid(
                 "incoming needs at least one endpoint".into(),

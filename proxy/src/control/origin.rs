@@ -35,17 +35,22 @@ impl Control {
             // Refused before anything is held (see `target`).
             super::one_pod_address(&wanted)?;
         }
-        let deadline = req
-            .deadline_ms
-            .map(Duration::from_millis)
-            .unwrap_or(self.config.default_deadline);
-        if deadline.is_zero() {
-            return Err(ControlError::Invalid("deadline_ms must be > 0".into()));
-        }
-        let quiesce_timeout = req
-            .quiesce_timeout_ms
-            .map(Duration::from_millis)
-            .unwrap_or(self.config.quiesce_timeout);
+        let deadline = migration::bounded_ms(
+            "deadline_ms",
+            req.deadline_ms,
+            migration::MAX_DEADLINE,
+            false,
+        )
+        .map_err(ControlError::Invalid)?
+        .unwrap_or(self.config.default_deadline);
+        let quiesce_timeout = migration::bounded_ms(
+            "quiesce_timeout_ms",
+            req.quiesce_timeout_ms,
+            migration::MAX_QUIESCE_TIMEOUT,
+            true,
+        )
+        .map_err(ControlError::Invalid)?
+        .unwrap_or(self.config.quiesce_timeout);
 
         let (states, stats, started) = {
             let eps = lock(&self.endpoints);
@@ -214,7 +219,7 @@ impl Control {
         // Without `to`, new connections go where `target` said the pod is:
         // its old address may no longer reach it.
         let to = to.or_else(|| lock(&self.migrations).get(id).and_then(|m| m.target));
-        self.finish(id, Request::Release, None, Some(mode), to)
+        self.finish(id, Request::Release(mode), None, Some(mode), to)
     }
 
     pub fn abort(&self, id: &str, reason: Option<String>) -> Result<MigrationStatus, ControlError> {
@@ -242,7 +247,7 @@ impl Control {
         let m = migs
             .get_mut(id)
             .ok_or_else(|| ControlError::UnknownMigration(id.to_string()))?;
-        match migration::decide(id, m.phase, &request, m.reason.as_deref())
+        match migration::decide(id, m.phase, &request, m.reason.as_deref(), m.mode)
             .map_err(ControlError::Conflict)?
         {
             Step::AlreadyThere => return Ok(self.status_of(m)),
