@@ -22,7 +22,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     let nofile = raise_fd_limit();
     let max_connections = connection_limit(nofile, config.max_connections)?;
-    let _lock = single_instance::acquire()?;
+    let _lock = single_instance::acquire(&config.api_socket)?;
     let api_listener = api::socket::bind(&config.api_socket)?;
     let socket_path = config.api_socket.clone();
     let _socket_cleanup = RemoveOnDrop(socket_path.clone());

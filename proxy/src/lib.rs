@@ -18,6 +18,7 @@ pub mod error;
 pub mod intercept;
 pub mod memory;
 pub mod migration;
+pub mod private_dir;
 pub mod relay;
 pub mod single_instance;
 pub mod transport;

@@ -1,9 +1,24 @@
-//! One agent per node. A node is a network namespace, so the lock is an
-//! abstract Unix socket (abstract names are scoped to the network namespace
-//! and vanish with the process: no stale lock after a crash).
-use std::io;
+//! One agent per node. Two locks, both taken at start and held for life:
+//!
+//! 1. **A lock file next to the API socket** (`<socket>.lock`, `flock`), in
+//!    the socket's root-only directory: only root can take it, so no other
+//!    user can keep the agent from starting. It holds the owner's pid for
+//!    the message a second agent prints. The kernel drops the lock when the
+//!    process dies, so a crash leaves nothing stale.
+//! 2. **An abstract Unix socket name**, scoped to the network namespace (a
+//!    node), which catches a second agent started with another
+//!    `--api-socket`. Any local user can bind an abstract name, so its
+//!    holder's credentials are checked: a holder running as root (or as
+//!    this agent's user) is an agent, and this one refuses to start; anyone
+//!    else is squatting, is named in a warning, and ignored: the lock file
+//!    still guards this socket (a second agent with another `--api-socket`
+//!    goes unnoticed while the squatter holds the name; the warning says so).
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
 use std::os::linux::net::SocketAddrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{SocketAddr, UnixListener};
+use std::path::{Path, PathBuf};
 
 const LOCK_NAME: &[u8] = b"shepherd-agent.lock";
 
@@ -11,30 +26,109 @@ const LOCK_NAME: &[u8] = b"shepherd-agent.lock";
 pub enum InstanceError {
     #[error("another shepherd agent is already running in this network namespace{pid}; stop it before starting a new one")]
     AlreadyRunning { pid: String },
-    #[error("cannot take the per-node agent lock: {0}")]
-    Io(#[from] io::Error),
+    #[error("cannot take the per-node agent lock {path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("{0}")]
+    Unsafe(String),
 }
 
-/// Holds the lock for as long as it lives.
+/// Holds the locks for as long as it lives.
 pub struct InstanceLock {
-    _listener: UnixListener,
+    _file: nix::fcntl::Flock<File>,
+    _listener: Option<UnixListener>,
 }
 
-pub fn acquire() -> Result<InstanceLock, InstanceError> {
-    let addr = SocketAddr::from_abstract_name(LOCK_NAME)?;
+/// Takes the node's agent locks for an agent serving `api_socket`.
+pub fn acquire(api_socket: &Path) -> Result<InstanceLock, InstanceError> {
+    let path = lock_path(api_socket);
+    let io_err = |source| InstanceError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::private_dir::ensure(dir).map_err(|e| match e {
+            crate::private_dir::DirError::Io(e) => io_err(e),
+            crate::private_dir::DirError::Unsafe(m) => InstanceError::Unsafe(m),
+        })?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_err)?;
+    let mut file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(f) => f,
+        Err((mut f, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            return Err(InstanceError::AlreadyRunning {
+                pid: shown_pid(pid.trim().parse().ok()),
+            });
+        }
+        Err((_, e)) => return Err(io_err(e.into())),
+    };
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = write!(file, "{}", std::process::id());
+    Ok(InstanceLock {
+        _file: file,
+        _listener: abstract_lock()?,
+    })
+}
+
+/// The lock file of an agent serving `api_socket`.
+pub fn lock_path(api_socket: &Path) -> PathBuf {
+    let mut p = api_socket.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+fn shown_pid(pid: Option<i32>) -> String {
+    pid.filter(|p| *p > 0)
+        .map(|p| format!(" (pid {p})"))
+        .unwrap_or_default()
+}
+
+/// Binds the namespace-wide abstract name; `None` if a non-agent holds it.
+fn abstract_lock() -> Result<Option<UnixListener>, InstanceError> {
+    let io_err = |source| InstanceError::Io {
+        path: "@shepherd-agent.lock".into(),
+        source,
+    };
+    let addr = SocketAddr::from_abstract_name(LOCK_NAME).map_err(io_err)?;
     match UnixListener::bind_addr(&addr) {
-        Ok(l) => Ok(InstanceLock { _listener: l }),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(InstanceError::AlreadyRunning {
-            pid: holder_pid(&addr)
-                .map(|p| format!(" (pid {p})"))
-                .unwrap_or_default(),
-        }),
-        Err(e) => Err(e.into()),
+        Ok(l) => Ok(Some(l)),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            let holder = holder(&addr);
+            // SAFETY: geteuid has no preconditions.
+            let me = unsafe { libc::geteuid() };
+            match holder {
+                Some(c) if c.uid != 0 && c.uid != me => {
+                    tracing::warn!(
+                        pid = c.pid,
+                        uid = c.uid,
+                        "the abstract name @shepherd-agent.lock is held by a process that is not \
+                         an agent (not root); ignoring it. The lock file next to the API socket \
+                         still refuses a second agent on this socket, but one started with another \
+                         --api-socket would not be noticed until that process lets the name go"
+                    );
+                    Ok(None)
+                }
+                c => Err(InstanceError::AlreadyRunning {
+                    pid: shown_pid(c.map(|c| c.pid)),
+                }),
+            }
+        }
+        Err(e) => Err(io_err(e)),
     }
 }
 
-/// The pid of the process holding the lock, via SO_PEERCRED.
-fn holder_pid(addr: &SocketAddr) -> Option<i32> {
+/// The credentials of the process holding `addr`, via SO_PEERCRED.
+fn holder(addr: &SocketAddr) -> Option<libc::ucred> {
     let s = std::os::unix::net::UnixStream::connect_addr(addr).ok()?;
     let mut cred = libc::ucred {
         pid: 0,
@@ -52,5 +146,5 @@ fn holder_pid(addr: &SocketAddr) -> Option<i32> {
             &mut len,
         )
     };
-    (r == 0 && cred.pid > 0).then_some(cred.pid)
+    (r == 0 && cred.pid > 0).then_some(cred)
 }

@@ -406,3 +406,63 @@ fn slow_api_callers_are_cut_off_and_others_served() {
     assert!(report.received > 100, "{report:?}");
     w.assert_no_rst();
 }
+
+/// An unprivileged user who binds the agent's abstract lock name first no
+/// longer keeps the agent from starting (it used to refuse, blaming the
+/// squatter's pid). A second agent on the same socket is still refused by
+/// the lock file. (One with another socket path is caught by the abstract
+/// name, which the squatter holds here: `data_path` tests that case.)
+#[test]
+fn an_unprivileged_squatter_cannot_stop_the_agent() {
+    privileged!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = shepherd_tests::topology::SingleNode::new(&shepherd_tests::names::unique_prefix("sq"));
+    let squatter = shepherd_tests::process::Workload::spawn_in(
+        &t.node,
+        std::path::Path::new("/usr/bin/setpriv"),
+        [
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            "import socket, time\n\
+             s = socket.socket(socket.AF_UNIX)\n\
+             s.bind('\\0shepherd-agent.lock')\n\
+             s.listen()\n\
+             print('squatting', flush=True)\n\
+             time.sleep(120)\n",
+        ],
+        &dir.path().join("squatter.log"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !squatter.log().contains("squatting") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "squatter: {}",
+            squatter.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let agent = shepherd_tests::agent::start_single(&t, &[]);
+    assert!(
+        agent.log().contains("not an agent"),
+        "the squatter was not named: {}",
+        agent.log()
+    );
+    for sock in [agent.socket().to_path_buf()] {
+        let out = std::process::Command::new("timeout")
+            .args(["10", "ip", "netns", "exec", t.node.name()])
+            .arg(shepherd_tests::agent::shepherd_bin())
+            .arg("--api-socket")
+            .arg(&sock)
+            .args(["run", "--intercept-iface", t.node_client_if()])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("start a second agent");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a second agent started: {err}");
+        assert!(err.contains("already"), "unclear second-agent error: {err}");
+    }
+    assert_eq!(agent.http("GET", "/healthz", None).0, 200);
+}

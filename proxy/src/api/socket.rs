@@ -1,7 +1,7 @@
 //! The API's Unix socket: created mode 0600 in a 0700 directory, refusing to
 //! take over a socket another agent is serving.
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -20,13 +20,10 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, SocketError> {
         source,
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(create)?;
-        }
+        crate::private_dir::ensure(dir).map_err(|e| match e {
+            crate::private_dir::DirError::Io(e) => create(e),
+            crate::private_dir::DirError::Unsafe(m) => create(std::io::Error::other(m)),
+        })?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
