@@ -27,9 +27,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let socket_path = config.api_socket.clone();
     let _socket_cleanup = RemoveOnDrop(socket_path.clone());
 
-    let listeners =
-        transport::listener::transparent_listeners(config.data_threads, config.listen_backlog)
-            .context("creating the transparent listeners (needs CAP_NET_ADMIN)")?;
+    let listeners = transport::listener::transparent_listeners(
+        config.data_threads,
+        config.listen_backlog,
+        &config.liveness,
+    )
+    .context("creating the transparent listeners (needs CAP_NET_ADMIN)")?;
     let intercept = Arc::new(EbpfInterception::load(
         &config.intercept_ifaces,
         &config.shield_ifaces,
@@ -42,12 +45,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         connector: Arc::new(MarkedConnector {
             timeout: config.connect_timeout,
             mark: true,
+            liveness: config.liveness,
         }),
         budget: Budget::new(config.hold_buffer_total),
         hold_cap_per_conn: config.hold_buffer_per_conn,
         close_linger: Duration::from_secs(5),
         next_id: Arc::new(AtomicU64::new(1)),
         slots: Slots::new(max_connections),
+        liveness: config.liveness,
     };
     let relay_slots = relay.slots.clone();
     let control = Control::new(

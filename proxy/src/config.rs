@@ -25,6 +25,8 @@ pub struct Config {
     /// Entries of the kernel's endpoint maps: registered endpoints, and
     /// removed ones whose connections are still draining.
     pub max_endpoints: u32,
+    /// Keepalive and user timeout of relayed sockets.
+    pub liveness: crate::transport::liveness::Liveness,
 }
 
 /// Most endpoints `--max-endpoints` may ask for (the kernel maps are
@@ -63,6 +65,7 @@ impl Config {
                 self.max_endpoints
             ));
         }
+        self.liveness.validate()?;
         if self.hold_deadline.is_zero() {
             return Err("--hold-deadline must be > 0".into());
         }
@@ -89,6 +92,7 @@ mod tests {
             data_threads: 2,
             max_connections: None,
             max_endpoints: 4096,
+            liveness: Default::default(),
         }
     }
 

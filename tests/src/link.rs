@@ -54,3 +54,39 @@ pub fn rp_filter_off(ns: &Netns, ifaces: &[&str]) {
         ns.sysctl(&format!("net.ipv4.conf.{conf}.rp_filter"), "0");
     }
 }
+
+/// While alive, every packet `ns` sends is dropped (an nftables output
+/// hook): a host that lost power, or a pod behind CRIU's network lock,
+/// answers nothing. Dropping the guard lets packets through again.
+pub struct Blackhole<'a> {
+    ns: &'a Netns,
+}
+
+const BLACKHOLE_TABLE: &str = "shepherd_blackhole";
+
+/// Starts dropping everything `ns` sends.
+pub fn blackhole(ns: &Netns) -> Blackhole<'_> {
+    ns.run(&["nft", "add", "table", "inet", BLACKHOLE_TABLE]);
+    ns.run(&[
+        "nft",
+        &format!(
+            "add chain inet {BLACKHOLE_TABLE} out {{ type filter hook output priority 0; policy drop; }}"
+        ),
+    ]);
+    Blackhole { ns }
+}
+
+impl Drop for Blackhole<'_> {
+    fn drop(&mut self) {
+        let out = self
+            .ns
+            .exec(&["nft", "delete", "table", "inet", BLACKHOLE_TABLE]);
+        if !out.status.success() {
+            eprintln!(
+                "warning: lifting the blackhole in {}: {}",
+                self.ns.name(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}

@@ -464,3 +464,130 @@ fn an_unprivileged_squatter_cannot_stop_the_agent() {
     assert!(err.contains("already"), "unclear second-agent error: {err}");
     assert_eq!(agent.http("GET", "/healthz", None).0, 200);
 }
+
+/// Short keepalive and user timeouts, so the liveness tests take seconds.
+const FAST_TIMERS: &[&str] = &[
+    "--keepalive-idle",
+    "1s",
+    "--keepalive-interval",
+    "1s",
+    "--keepalive-probes",
+    "2",
+    "--user-timeout",
+    "3s",
+];
+
+fn connection_count(w: &World) -> usize {
+    w.agent.cli_json(&["conn", "ls"])["connections"]
+        .as_array()
+        .map_or(0, |a| a.len())
+}
+
+fn echo_once(s: &mut TcpStream, b: u8) {
+    s.write_all(&[b]).expect("write");
+    let mut got = [0u8; 1];
+    s.read_exact(&mut got).expect("echo");
+    assert_eq!(got[0], b);
+}
+
+/// Clients that vanish without a word (no FIN, no RST, nothing answers)
+/// are given up by keepalive; their connections used to stay ESTABLISHED
+/// with no timer at all.
+#[test]
+fn clients_that_vanish_silently_are_given_up() {
+    privileged!();
+    let w = world("vc", FAST_TIMERS);
+    w.register();
+    let ep = w.ep();
+    let mut socks: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            shepherd_tests::stream::connect_in(&w.t.client, ep)
+                .expect("connect")
+                .0
+        })
+        .collect();
+    for s in &mut socks {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        echo_once(s, b'a');
+    }
+    assert_eq!(connection_count(&w), 20);
+    let _gone = shepherd_tests::link::blackhole(&w.t.client);
+    let t0 = std::time::Instant::now();
+    while connection_count(&w) > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{} connections of vanished clients still open after {:?}",
+            connection_count(&w),
+            t0.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("vanished clients given up after {:?}", t0.elapsed());
+}
+
+/// A pod that vanishes without a word while its client is talking: the
+/// proxy gives the backend up (user timeout) and closes the client cleanly
+/// with a FIN. The client used to stall for the kernel's ~15 minutes.
+#[test]
+fn a_pod_that_vanishes_silently_ends_its_clients_cleanly() {
+    privileged!();
+    let mut w = world("vp", FAST_TIMERS);
+    w.register();
+    let (mut s, _) = shepherd_tests::stream::connect_in(&w.t.client, w.ep()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    echo_once(&mut s, b'a');
+    let _gone = shepherd_tests::link::blackhole(&w.t.pod);
+    let t0 = std::time::Instant::now();
+    s.write_all(b"unanswered").expect("write");
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        other => panic!(
+            "expected a clean EOF from the proxy, got {other:?} after {:?}",
+            t0.elapsed()
+        ),
+    }
+    eprintln!(
+        "client closed cleanly {:?} after its pod vanished",
+        t0.elapsed()
+    );
+    drop(s);
+    drop(_gone);
+    w.assert_no_rst();
+}
+
+/// A pod frozen for longer than every timer, during a hold, is not given
+/// up: the backend's timers are off while it is held. Every byte arrives
+/// once the hold is released.
+#[test]
+fn a_pod_frozen_during_a_hold_outlives_the_timers() {
+    privileged!();
+    let mut w = world("fz", FAST_TIMERS);
+    w.register();
+    let ep = w.ep().to_string();
+    let (mut s, _) = shepherd_tests::stream::connect_in(&w.t.client, w.ep()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    echo_once(&mut s, b'a');
+    w.agent
+        .cli_json(&["migrate", "hold", "--id", "fz", &ep, "--deadline", "60s"]);
+    {
+        // Frozen as CRIU freezes a pod: stopped, and its network locked.
+        w.echo.signal(libc::SIGSTOP).expect("SIGSTOP");
+        let _locked = shepherd_tests::link::blackhole(&w.t.pod);
+        s.write_all(b"held").expect("write during the hold");
+        std::thread::sleep(Duration::from_secs(8));
+    }
+    w.echo.signal(libc::SIGCONT).expect("SIGCONT");
+    let st = w.agent.cli_json(&["migrate", "release", "--id", "fz"]);
+    assert_eq!(st["backends_ended"], 0, "{st}");
+    let mut got = [0u8; 4];
+    s.read_exact(&mut got)
+        .expect("the held bytes, echoed after the release");
+    assert_eq!(&got, b"held");
+    echo_once(&mut s, b'z');
+    drop(s);
+    w.assert_no_rst();
+}

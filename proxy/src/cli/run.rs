@@ -52,6 +52,23 @@ pub struct RunArgs {
     /// The kernel maps are sized for it at start.
     #[arg(long, default_value_t = 4096)]
     max_endpoints: u32,
+    /// Idle time before keepalive probes a relayed connection's sockets (0:
+    /// no keepalive). A peer that vanished silently is noticed after about
+    /// idle + interval × probes; never during a hold (the backend's timers
+    /// are off while its pod is frozen).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    keepalive_idle: Duration,
+    /// Time between keepalive probes.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    keepalive_interval: Duration,
+    /// Unanswered probes before the connection is given up.
+    #[arg(long, default_value_t = 6)]
+    keepalive_probes: u32,
+    /// TCP_USER_TIMEOUT of relayed sockets: how long sent bytes may go
+    /// unacknowledged before the connection is given up (0: the kernel's
+    /// default, about 15 minutes).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    user_timeout: Duration,
     /// Log filter (RUST_LOG syntax), e.g. info or shepherd=debug.
     #[arg(long, default_value = "info", env = "RUST_LOG")]
     log_level: String,
@@ -78,6 +95,12 @@ pub fn run(args: RunArgs, api_socket: PathBuf) -> anyhow::Result<ExitCode> {
         data_threads: args.data_threads.unwrap_or_else(default_data_threads),
         max_connections: args.max_connections,
         max_endpoints: args.max_endpoints,
+        liveness: shepherd::transport::liveness::Liveness {
+            idle: args.keepalive_idle,
+            interval: args.keepalive_interval,
+            probes: args.keepalive_probes,
+            user_timeout: args.user_timeout,
+        },
     };
     // The control plane (API, migrations) needs little CPU: one thread. The
     // data plane starts its own threads (`relay::workers`).

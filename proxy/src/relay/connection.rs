@@ -26,6 +26,7 @@ use super::Mechanism;
 use crate::endpoint::{BackendSocket, ConnInfo, EndpointState, HoldStats, Mode};
 use crate::transport::backend::{unacked_bytes, BackendConnector};
 use crate::transport::inq;
+use crate::transport::liveness::Liveness;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::future::pending;
 use std::io::{self, IoSlice};
@@ -49,6 +50,8 @@ pub struct RelayContext {
     pub next_id: Arc<AtomicU64>,
     /// The data plane's connection slots (see [`super::slots`]).
     pub slots: Arc<super::slots::Slots>,
+    /// Backend sockets' timers, taken off during a hold and put back after.
+    pub liveness: Liveness,
 }
 
 /// How far a forwarding connection reads ahead of a slow backend.
@@ -381,6 +384,7 @@ impl Conn {
                         // What the last replay had left is this hold's now.
                         self.hand_on_replay();
                         self.start_hold(h);
+                        self.backend_timers(false);
                     }
                     (Mode::Holding(last), Mode::Holding(h)) if !Arc::ptr_eq(last, h) => {
                         // A release and the next hold, seen as one change:
@@ -390,6 +394,7 @@ impl Conn {
                         self.start_hold(h);
                     }
                     (Mode::Holding(last), Mode::Forwarding { after, .. }) => {
+                        self.backend_timers(true);
                         match after {
                             Some(a) if Arc::ptr_eq(last, a) => {
                                 self.replay_left = self.up.len();
@@ -640,6 +645,23 @@ impl Conn {
             Err(e) => return Err(format!("client read failed: {e}")),
         }
         Ok(())
+    }
+
+    /// Puts the backend socket's keepalive and user timeout on (`true`) or
+    /// takes them off for a hold: a frozen pod answers no probe.
+    fn backend_timers(&self, on: bool) {
+        let Some(b) = self.backend.as_ref() else {
+            return;
+        };
+        let s: &TcpStream = b.w.as_ref();
+        let r = if on {
+            self.ctx.liveness.apply(s)
+        } else {
+            Liveness::suspend(s)
+        };
+        if let Err(e) = r {
+            tracing::debug!(client = %self.info.client, error = %e, "backend timers not changed");
+        }
     }
 
     /// Counts this connection in hold `h`, with what it has queued.

@@ -30,6 +30,8 @@ pub struct MarkedConnector {
     pub timeout: Duration,
     /// Set the mark (needs CAP_NET_ADMIN); off in unprivileged unit tests.
     pub mark: bool,
+    /// Keepalive and user timeout of the new socket.
+    pub liveness: super::liveness::Liveness,
 }
 
 impl BackendConnector for MarkedConnector {
@@ -48,6 +50,7 @@ impl BackendConnector for MarkedConnector {
                 s.bind(&SocketAddr::from(([0, 0, 0, 0], 0)).into())?;
             }
             s.set_tcp_nodelay(true)?;
+            self.liveness.apply(&s)?;
             // Best effort: without it reads go on until EAGAIN (see `inq`).
             let _ = super::inq::enable(&s);
             let sock = TcpSocket::from_std_stream(s.into());

@@ -13,8 +13,19 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 /// `n` non-blocking transparent listeners on 127.0.0.1:<ephemeral>, one per
 /// data-plane thread (each accepts only the SYNs `intercept` assigns to it).
 /// Plain std listeners: each thread registers its own with its runtime.
-pub fn transparent_listeners(n: usize, backlog: i32) -> io::Result<Vec<std::net::TcpListener>> {
-    (0..n).map(|_| loopback_listener(backlog, true)).collect()
+/// Accepted sockets inherit `liveness`'s timers from them.
+pub fn transparent_listeners(
+    n: usize,
+    backlog: i32,
+    liveness: &super::liveness::Liveness,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    (0..n)
+        .map(|_| {
+            let l = loopback_listener(backlog, true)?;
+            liveness.apply(&l)?;
+            Ok(l)
+        })
+        .collect()
 }
 
 /// A plain listener on 127.0.0.1:<ephemeral> (unit tests: no privilege).

@@ -3,5 +3,6 @@
 pub mod backend;
 pub mod inq;
 pub mod listener;
+pub mod liveness;
 pub mod local;
 pub mod orig_dst;

@@ -139,12 +139,14 @@ async fn control_on(
         connector: Arc::new(MarkedConnector {
             timeout: Duration::from_secs(2),
             mark: false,
+            liveness: shepherd::transport::liveness::Liveness::default(),
         }),
         budget: Budget::new(total_cap),
         hold_cap_per_conn: per_conn_cap,
         close_linger: Duration::from_secs(2),
         next_id: Arc::new(AtomicU64::new(1)),
         slots: shepherd::relay::slots::Slots::new(10_000),
+        liveness: shepherd::transport::liveness::Liveness::default(),
     };
     let intercept = Arc::new(RecordingInterception::default());
     let control = Control::new(
