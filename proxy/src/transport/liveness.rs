@@ -106,7 +106,7 @@ mod tests {
         live.apply(&s).expect("apply");
         let r = SockRef::from(&s);
         assert!(r.keepalive().expect("keepalive"));
-        assert_eq!(r.keepalive_time().expect("idle"), live.idle);
+        assert_eq!(r.tcp_keepalive_time().expect("idle"), live.idle);
         assert_eq!(r.tcp_user_timeout().expect("ut"), Some(live.user_timeout));
         Liveness::suspend(&s).expect("suspend");
         assert!(!r.keepalive().expect("keepalive"));
