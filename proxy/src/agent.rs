@@ -49,6 +49,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }),
         budget: Budget::new(config.hold_buffer_total),
         hold_cap_per_conn: config.hold_buffer_per_conn,
+        hold_cap_per_endpoint: config.hold_buffer_per_endpoint(),
         close_linger: Duration::from_secs(5),
         next_id: Arc::new(AtomicU64::new(1)),
         slots: Slots::new(max_connections),

@@ -16,6 +16,9 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub hold_buffer_per_conn: usize,
     pub hold_buffer_total: usize,
+    /// Cap on the bytes one endpoint's connections hold together (`None`:
+    /// a quarter of the total, at least the per-connection cap).
+    pub hold_buffer_per_endpoint: Option<usize>,
     pub listen_backlog: i32,
     pub relay: Mechanism,
     /// Data-plane threads, each with its own listener and connections.
@@ -34,6 +37,12 @@ pub struct Config {
 pub const MAX_ENDPOINTS_CEILING: u32 = 1 << 20;
 
 impl Config {
+    /// The per-endpoint hold cap in force.
+    pub fn hold_buffer_per_endpoint(&self) -> usize {
+        self.hold_buffer_per_endpoint
+            .unwrap_or((self.hold_buffer_total / 4).max(self.hold_buffer_per_conn))
+    }
+
     /// Checks relations between values; the message says what to change.
     pub fn validate(&self) -> Result<(), String> {
         if self.intercept_ifaces.is_empty() {
@@ -49,6 +58,14 @@ impl Config {
         if self.hold_buffer_per_conn > self.hold_buffer_total {
             return Err(format!(
                 "--hold-buffer-per-conn ({}) is larger than --hold-buffer-total ({})",
+                self.hold_buffer_per_conn, self.hold_buffer_total
+            ));
+        }
+        let per_ep = self.hold_buffer_per_endpoint();
+        if per_ep < self.hold_buffer_per_conn || per_ep > self.hold_buffer_total {
+            return Err(format!(
+                "--hold-buffer-per-endpoint ({per_ep}) must be between --hold-buffer-per-conn ({}) \
+                 and --hold-buffer-total ({})",
                 self.hold_buffer_per_conn, self.hold_buffer_total
             ));
         }
@@ -87,6 +104,7 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             hold_buffer_per_conn: 4 << 20,
             hold_buffer_total: 256 << 20,
+            hold_buffer_per_endpoint: None,
             listen_backlog: 4096,
             relay: Mechanism::Splice,
             data_threads: 2,

@@ -248,6 +248,8 @@ pub struct EndpointState {
     pub connections_total: AtomicU64,
     /// See [`reconnects`](Self::reconnects).
     reconnects: AtomicU64,
+    /// Caps the bytes this endpoint's connections hold together.
+    hold_budget: Arc<crate::relay::hold_buffer::Budget>,
 }
 
 impl fmt::Debug for EndpointState {
@@ -259,7 +261,8 @@ impl fmt::Debug for EndpointState {
 }
 
 impl EndpointState {
-    pub fn new(addr: EndpointAddr, intercept: Arc<dyn Interception>) -> Arc<Self> {
+    /// `hold_cap`: the most bytes its connections may hold together.
+    pub fn new(addr: EndpointAddr, intercept: Arc<dyn Interception>, hold_cap: usize) -> Arc<Self> {
         let (mode, _) = watch::channel(Mode::Forwarding {
             after: None,
             reconnect: false,
@@ -275,7 +278,13 @@ impl EndpointState {
             intercept,
             connections_total: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            hold_budget: crate::relay::hold_buffer::Budget::new(hold_cap),
         })
+    }
+
+    /// The budget this endpoint's held bytes are charged to.
+    pub fn hold_budget(&self) -> Arc<crate::relay::hold_buffer::Budget> {
+        self.hold_budget.clone()
     }
 
     pub fn backend(&self) -> SocketAddrV4 {

@@ -591,3 +591,117 @@ fn a_pod_frozen_during_a_hold_outlives_the_timers() {
     drop(s);
     w.assert_no_rst();
 }
+
+/// Clients that push at `dst` without reading, until `stop`: the load a
+/// stuck or held pod's clients put on the proxy.
+fn pushers(
+    ns: &shepherd_tests::netns::Netns,
+    dst: std::net::SocketAddrV4,
+    n: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<u64>> {
+    (0..n)
+        .map(|_| {
+            let (mut s, _) = shepherd_tests::stream::connect_in(ns, dst).expect("connect a pusher");
+            s.set_write_timeout(Some(Duration::from_millis(100)))
+                .expect("timeout");
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let chunk = [0x5au8; 64 * 1024];
+                let mut sent = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(n) = s.write(&chunk) {
+                        sent += n as u64;
+                    }
+                }
+                sent
+            })
+        })
+        .collect()
+}
+
+/// One stuck endpoint (a SIGSTOPped pod whose clients push at it) must not
+/// starve the others: forwarding read-ahead is charged to no hold budget.
+/// (It was charged to the node-wide one: with a 4 MiB total, a stuck pod's
+/// clients filled it and new streams to healthy endpoints echoed nothing
+/// for 15 s.) Then the stuck endpoint is held too, and its held bytes fill
+/// its own per-endpoint budget only: another endpoint can still hold.
+#[test]
+fn one_stuck_endpoint_cannot_starve_the_others() {
+    privileged!();
+    let mut w = world(
+        "st",
+        &[
+            "--hold-buffer-total",
+            "4MiB",
+            "--hold-buffer-per-conn",
+            "1MiB",
+            "--quiesce-timeout",
+            "1s",
+        ],
+    );
+    let healthy = std::net::SocketAddrV4::new(*w.ep().ip(), 7002);
+    let _healthy_echo = shepherd_tests::process::Workload::spawn_in(
+        &w.t.pod,
+        &echo_bin!(),
+        ["--listen", &healthy.to_string()],
+        &w.dir.path().join("healthy.log"),
+    );
+    shepherd_tests::process::wait_tcp_ready(&w.t.client, healthy.into(), Duration::from_secs(10))
+        .expect("healthy echo ready");
+    w.register();
+    assert!(add(&w, &[&healthy.to_string()]).0);
+    let stuck = w.ep();
+
+    w.echo.signal(libc::SIGSTOP).expect("SIGSTOP");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = pushers(&w.t.client, stuck, 8, &stop);
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = std::time::Instant::now();
+    let r = shepherd_tests::stream::bulk_echo(&w.t.client, healthy, 1 << 20, 1);
+    r.assert_ok();
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "the healthy endpoint took {:?}",
+        t0.elapsed()
+    );
+
+    // Hold the stuck endpoint: its clients' bytes fill its 1 MiB share.
+    let held = w.agent.cli(&[
+        "migrate",
+        "hold",
+        "--id",
+        "st1",
+        &stuck.to_string(),
+        "--json",
+    ]);
+    assert!(matches!(held.status.code(), Some(0 | 3)), "{held:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    let st1 = w.agent.cli_json(&["migrate", "status", "--id", "st1"]);
+    assert!(st1["bytes_held"].as_u64().unwrap_or(0) >= 1 << 20, "{st1}");
+    // The healthy endpoint still flows, and can still hold bytes of its own.
+    shepherd_tests::stream::bulk_echo(&w.t.client, healthy, 1 << 20, 2).assert_ok();
+    let (mut c, _) = shepherd_tests::stream::connect_in(&w.t.client, healthy).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    w.agent
+        .cli_json(&["migrate", "hold", "--id", "st2", &healthy.to_string()]);
+    let msg = vec![7u8; 256 * 1024];
+    c.write_all(&msg).expect("written during the hold");
+    std::thread::sleep(Duration::from_millis(500));
+    let st2 = w.agent.cli_json(&["migrate", "status", "--id", "st2"]);
+    assert_eq!(st2["bytes_held"], 256 * 1024, "{st2}");
+    w.agent.cli_json(&["migrate", "release", "--id", "st2"]);
+    let mut back = vec![0u8; msg.len()];
+    c.read_exact(&mut back).expect("the held bytes, echoed");
+    assert_eq!(back, msg);
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in load {
+        let _ = t.join();
+    }
+    w.agent.cli_json(&["migrate", "abort", "--id", "st1"]);
+    w.echo.signal(libc::SIGCONT).expect("SIGCONT");
+    drop(c);
+    w.capture.take();
+}

@@ -30,6 +30,12 @@ pub struct RunArgs {
     /// Max client bytes held across all connections.
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     hold_buffer_total: usize,
+    /// Max client bytes held by one endpoint's connections together, so
+    /// that one held endpoint cannot take the whole total (default: a
+    /// quarter of --hold-buffer-total, at least --hold-buffer-per-conn).
+    /// Forwarding connections' read-ahead is charged to neither cap.
+    #[arg(long, value_parser = parse_size)]
+    hold_buffer_per_endpoint: Option<usize>,
     /// How forwarding connections move bytes: splice (zero-copy through a
     /// pipe) or copy (through a userspace buffer). Per endpoint with
     /// `endpoint add --relay`. Holds always buffer in userspace.
@@ -90,6 +96,7 @@ pub fn run(args: RunArgs, api_socket: PathBuf) -> anyhow::Result<ExitCode> {
         connect_timeout: args.connect_timeout,
         hold_buffer_per_conn: args.hold_buffer_per_conn,
         hold_buffer_total: args.hold_buffer_total,
+        hold_buffer_per_endpoint: args.hold_buffer_per_endpoint,
         listen_backlog: 4096,
         relay: args.relay,
         data_threads: args.data_threads.unwrap_or_else(default_data_threads),

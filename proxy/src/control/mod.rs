@@ -153,7 +153,11 @@ impl Control {
             let state = eps
                 .entry(*addr)
                 .or_insert_with(|| {
-                    let s = EndpointState::new(*addr, self.intercept.clone());
+                    let s = EndpointState::new(
+                        *addr,
+                        self.intercept.clone(),
+                        self.relay.hold_cap_per_endpoint,
+                    );
                     s.set_relay(self.config.default_relay);
                     s
                 })

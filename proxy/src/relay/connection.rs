@@ -20,7 +20,7 @@
 //! `reconnect` release opens a new backend connection and replays what it
 //! defines; `resume` and abort (or the deadline) find the backend gone and
 //! close the client cleanly, after every byte the pod sent.
-use super::hold_buffer::{Budget, HoldBuffer, READ_CHUNK};
+use super::hold_buffer::{wait_freed, Budget, Charge, HoldBuffer, READ_CHUNK};
 use super::splice::{Filled, Lane, PIPE_SIZE};
 use super::Mechanism;
 use crate::endpoint::{BackendSocket, ConnInfo, EndpointState, HoldStats, Mode};
@@ -42,9 +42,12 @@ use tokio::net::TcpStream;
 #[derive(Clone)]
 pub struct RelayContext {
     pub connector: Arc<dyn BackendConnector>,
+    /// Node-wide cap on held bytes.
     pub budget: Arc<Budget>,
     /// Max client bytes queued per connection while held.
     pub hold_cap_per_conn: usize,
+    /// Max held bytes of one endpoint's connections together.
+    pub hold_cap_per_endpoint: usize,
     /// How long to keep draining a client we are closing before giving up.
     pub close_linger: Duration,
     pub next_id: Arc<AtomicU64>,
@@ -143,6 +146,9 @@ struct Conn {
     client_w: OwnedWriteHalf,
     backend: Option<Backend>,
     up: HoldBuffer,
+    /// What of `up` is held, charged to the endpoint's and node's budgets
+    /// (always its front: bytes read after a release are behind them).
+    charge: Charge,
     /// The front of `up` being written (reused between iterations).
     batch: Vec<Bytes>,
     down: Bytes,
@@ -197,7 +203,9 @@ impl Conn {
             info.quiesced_epoch.store(h.epoch, Ordering::Release);
         }
         let splice = endpoint.relay() == Mechanism::Splice;
+        let charge = Charge::new(ctx.budget.clone(), endpoint.hold_budget());
         Self {
+            charge,
             info,
             endpoint,
             ctx,
@@ -294,9 +302,10 @@ impl Conn {
             } else {
                 FORWARD_READ_AHEAD.min(self.ctx.hold_cap_per_conn)
             };
-            let room = cap
-                .saturating_sub(self.up.len())
-                .min(self.ctx.budget.available());
+            let mut room = cap.saturating_sub(self.up.len());
+            if hold.is_some() {
+                room = room.min(self.charge.available());
+            }
             self.room = room;
             // The up lane is empty whenever anything else happens upstream.
             let up_lane_busy = !self.up_lane.is_empty();
@@ -307,8 +316,9 @@ impl Conn {
                 && hold.is_none()
                 && self.backend.is_some()
                 && self.up.is_empty();
-            // Blocked only by the node-wide budget: wake up when it frees.
-            let budget_blocked = !self.client_eof && self.up.len() < cap && room == 0;
+            // Held, and blocked only by a budget: wake up when it frees.
+            let budget_blocked =
+                hold.is_some() && !self.client_eof && self.up.len() < cap && room == 0;
             if hold.is_none() {
                 self.up
                     .front_batch(&mut self.batch, WRITE_BATCH_CHUNKS, READ_CHUNK);
@@ -318,7 +328,7 @@ impl Conn {
             let read_backend =
                 !self.backend_eof && self.down.is_empty() && self.down_lane.is_empty();
             let write_client = !self.down.is_empty() || !self.down_lane.is_empty();
-            let budget = self.ctx.budget.clone();
+            let (node_budget, endpoint_budget) = self.charge.budgets();
             let (backend_w, backend_r) = match self.backend.as_mut() {
                 Some(b) => (Some(&mut b.w), Some(&mut b.r)),
                 None => (None, None),
@@ -347,7 +357,7 @@ impl Conn {
                 e = from_backend(backend_r, splice_down), if read_backend => e,
                 e = from_client(&mut self.client_r, splice_up), if read_client => e,
                 _ = tokio::time::sleep(QUIESCE_POLL), if tick => Event::Tick,
-                _ = wait_budget(&budget), if budget_blocked => Event::Tick,
+                () = wait_freed(&node_budget, &endpoint_budget), if budget_blocked => Event::Tick,
                 }
             };
             self.handle(event).await?;
@@ -374,13 +384,16 @@ impl Conn {
                         if !self.up_lane.is_empty() {
                             match self.up_lane.drain() {
                                 Ok(b) => {
-                                    self.ctx.budget.take(b.len());
                                     self.up.push(Bytes::from(b));
                                     self.info.queued.store(self.up.len(), Ordering::Relaxed);
                                 }
                                 Err(e) => return Err(format!("taking spliced bytes back: {e}")),
                             }
                         }
+                        // Everything queued is held now: the forwarding
+                        // read-ahead was charged to nothing.
+                        self.charge
+                            .take(self.up.len().saturating_sub(self.charge.bytes()));
                         // What the last replay had left is this hold's now.
                         self.hand_on_replay();
                         self.start_hold(h);
@@ -488,7 +501,7 @@ impl Conn {
                     // A replay grew it; idle connections should not keep 2 KiB.
                     self.batch = Vec::new();
                 }
-                self.ctx.budget.give_back(n);
+                self.charge.give_back(n);
                 self.info.queued.store(self.up.len(), Ordering::Relaxed);
                 if self.replay_left > 0 {
                     let r = n.min(self.replay_left);
@@ -634,7 +647,9 @@ impl Conn {
             Ok(_) => {
                 let n = self.up.commit();
                 self.up_bulk = n >= SPLICE_MIN;
-                self.ctx.budget.take(n);
+                if self.mode.hold().is_some() {
+                    self.charge.take(n);
+                }
                 self.info.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
                 self.info.queued.store(self.up.len(), Ordering::Relaxed);
                 if let Some(h) = self.mode.hold() {
@@ -803,7 +818,7 @@ impl Conn {
     fn release_budget(&mut self) {
         let n = self.up.len();
         self.up.consume(n);
-        self.ctx.budget.give_back(n);
+        self.charge.give_back_all();
         self.info.queued.store(0, Ordering::Relaxed);
     }
 }
@@ -841,10 +856,4 @@ async fn from_backend(r: Option<&mut OwnedReadHalf>, splice: bool) -> Event {
 
 async fn from_client(r: &mut OwnedReadHalf, splice: bool) -> Event {
     Event::ClientReadable(r.readable().await, splice)
-}
-
-async fn wait_budget(budget: &Budget) {
-    // `notify_waiters` only wakes registered waiters; the timeout covers a
-    // wake-up that raced with registration.
-    let _ = tokio::time::timeout(Duration::from_millis(20), budget.wait_freed()).await;
 }

@@ -1,5 +1,14 @@
-//! The client→pod byte queue of one connection, and the node-wide budget that
-//! caps all such queues together.
+//! The client→pod byte queue of one connection, and the budgets that cap
+//! held bytes: one per endpoint and one for the node.
+//!
+//! Only held bytes are charged: those queued when a hold begins and those
+//! read during it. A forwarding connection's read-ahead (a few chunks at
+//! most, while its pod is slow) is bounded per connection and charged to
+//! nothing, so a pod that stops reading can never take the budget other
+//! endpoints need: with one node-wide budget for both, one SIGSTOPped pod
+//! with busy clients stopped every other endpoint's traffic. The
+//! per-endpoint budget keeps one held endpoint from taking all of the
+//! node's.
 //!
 //! In steady state the queue holds at most the chunk being written; while the
 //! endpoint is held it is the hold buffer. Invariant: bytes leave the queue
@@ -170,6 +179,77 @@ impl Budget {
     }
 }
 
+/// The held bytes of one connection, charged to its endpoint's budget and
+/// the node's together. Whatever is still charged is given back on drop.
+#[derive(Debug)]
+pub struct Charge {
+    node: Arc<Budget>,
+    endpoint: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Charge {
+    pub fn new(node: Arc<Budget>, endpoint: Arc<Budget>) -> Self {
+        Self {
+            node,
+            endpoint,
+            bytes: 0,
+        }
+    }
+
+    /// Bytes charged now.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Bytes that may still be charged, by both budgets.
+    pub fn available(&self) -> usize {
+        self.node.available().min(self.endpoint.available())
+    }
+
+    pub fn take(&mut self, n: usize) {
+        self.node.take(n);
+        self.endpoint.take(n);
+        self.bytes += n;
+    }
+
+    /// `n` bytes left the front of the queue: the charged ones among them
+    /// (the queue's charged bytes are always at its front) are given back.
+    pub fn give_back(&mut self, n: usize) {
+        let n = n.min(self.bytes);
+        self.bytes -= n;
+        self.node.give_back(n);
+        self.endpoint.give_back(n);
+    }
+
+    pub fn give_back_all(&mut self) {
+        self.give_back(self.bytes);
+    }
+
+    /// Both budgets (to wait on them without borrowing the charge).
+    pub fn budgets(&self) -> (Arc<Budget>, Arc<Budget>) {
+        (self.node.clone(), self.endpoint.clone())
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.give_back_all();
+    }
+}
+
+/// Resolves when either budget frees bytes (or after 20 ms: a wake-up can
+/// race with registering for it).
+pub async fn wait_freed(node: &Budget, endpoint: &Budget) {
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(20), async {
+        tokio::select! {
+            () = node.wait_freed() => {}
+            () = endpoint.wait_freed() => {}
+        }
+    })
+    .await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +334,22 @@ mod tests {
         b.give_back(110);
         assert_eq!(b.available(), 100);
         assert_eq!(b.capacity(), 100);
+    }
+
+    #[test]
+    fn a_charge_counts_against_both_budgets_and_gives_back_only_its_own() {
+        let node = Budget::new(100);
+        let ep = Budget::new(30);
+        let mut c = Charge::new(node.clone(), ep.clone());
+        assert_eq!(c.available(), 30, "the endpoint's budget is the tighter");
+        c.take(20);
+        assert_eq!((node.used(), ep.used(), c.available()), (20, 20, 10));
+        // 50 bytes written, of which only the first 20 were charged.
+        c.give_back(50);
+        assert_eq!((node.used(), ep.used(), c.bytes()), (0, 0, 0));
+        c.take(5);
+        drop(c);
+        assert_eq!((node.used(), ep.used()), (0, 0), "given back on drop");
     }
 
     #[tokio::test]

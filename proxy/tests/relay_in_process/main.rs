@@ -143,6 +143,7 @@ async fn control_on(
         }),
         budget: Budget::new(total_cap),
         hold_cap_per_conn: per_conn_cap,
+        hold_cap_per_endpoint: total_cap,
         close_linger: Duration::from_secs(2),
         next_id: Arc::new(AtomicU64::new(1)),
         slots: shepherd::relay::slots::Slots::new(10_000),
