@@ -276,8 +276,11 @@ pub fn record_frame(report: &mut CaptureReport, frame: &[u8], outgoing: bool) {
         ),
         _ => ("?".into(), "?".into()),
     };
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| (d.as_millis() % 100_000) as f64 / 1000.0);
     report.rst_lines.push(format!(
-        "{} {src}:{} > {dst}:{} seq={} ack={}",
+        "{} {src}:{} > {dst}:{} seq={} ack={} t={at:.3}",
         if outgoing { "out" } else { "in" },
         tcp.source_port(),
         tcp.destination_port(),

@@ -222,6 +222,34 @@ impl CounterStream {
         lock(&self.shared.state).max_gap
     }
 
+    /// The longest wait for a value since `since`: between two arrivals
+    /// after it, from the last arrival before it to the first after it, or
+    /// from the last arrival to now.
+    pub fn max_gap_since(&self, since: Instant) -> Duration {
+        let st = lock(&self.shared.state);
+        let from = st.arrivals.partition_point(|t| *t < since);
+        let mut prev = if from > 0 {
+            st.arrivals[from - 1]
+        } else {
+            self.connected_at
+        };
+        let mut max = Duration::ZERO;
+        for t in &st.arrivals[from..] {
+            max = max.max(t.saturating_duration_since(prev));
+            prev = *t;
+        }
+        max.max(prev.elapsed())
+    }
+
+    /// Whether the stream has ended (an error, or the reader stopped).
+    pub fn has_failed(&self) -> bool {
+        let broken = {
+            let st = lock(&self.shared.state);
+            !st.in_order || st.first_error.is_some() || st.eof
+        };
+        broken || !lock(&self.shared.io_errors).is_empty()
+    }
+
     /// Time since the last value arrived (since the connect if none has).
     pub fn since_last_arrival(&self) -> Duration {
         let last = lock(&self.shared.state).arrivals.last().copied();

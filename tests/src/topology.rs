@@ -604,3 +604,110 @@ impl PodMove for Back<'_> {
         self.0.switch_routes();
     }
 }
+
+/// Where a pod runs: its namespace, its node's side of the veth, and which
+/// node that is.
+#[derive(Clone, Copy)]
+pub struct Place<'a> {
+    pub ns: &'a Netns,
+    pub host_if: &'a str,
+    pub behind_a: bool,
+}
+
+impl TwoNode {
+    /// Pod A's place (where a pod starts).
+    pub fn place_a(&self) -> Place<'_> {
+        Place {
+            ns: &self.pod_a,
+            host_if: self.node_pod_if(),
+            behind_a: true,
+        }
+    }
+}
+
+/// A fresh pod namespace `name` behind node A (`behind_a`) or node B, on a
+/// veth `host_if`, with no address yet (a [`Hop`] gives it one). A runtime
+/// restores a checkpoint into a new sandbox, never into the one it left;
+/// dropping the guard deletes the namespace and its veth.
+pub fn fresh_pod(t: &TwoNode, behind_a: bool, host_if: &str, name: &str) -> Netns {
+    let node = if behind_a { &t.node_a } else { &t.node_b };
+    let ns = Netns::create(name);
+    let gw = POD_GATEWAY.to_string();
+    veth(node, host_if, &ns, POD_IF);
+    addr_add_scope_link(node, host_if, &format!("{gw}/32"));
+    link_up(node, host_if);
+    link_up(&ns, POD_IF);
+    link_up(&ns, "lo");
+    rp_filter_off(&ns, &[POD_IF, "lo"]);
+    rp_filter_off(node, &[host_if]);
+    node.sysctl(&format!("net.ipv4.conf.{host_if}.send_redirects"), "0");
+    ns
+}
+
+/// One move of a pod that goes back and forth between node A and node B
+/// of a [`TwoNode`] at a new address every time (the soak's pod), from one
+/// [`Place`] to a fresh one: `ip` is where it lands, `history` every address
+/// it had before (the sockets it keeps are bound to those).
+/// [`Hop::prepare`] addresses the destination first: `ip` on its eth0, the
+/// history on its `lo`. Routes: every address of the pod goes wherever it
+/// lands (node A routes them to node B, or straight to the pod; node B to
+/// the pod).
+pub struct Hop<'a> {
+    pub t: &'a TwoNode,
+    pub from: Place<'a>,
+    pub to: Place<'a>,
+    pub ip: Ipv4Addr,
+    pub history: &'a [Ipv4Addr],
+}
+
+impl Hop<'_> {
+    /// Addresses the destination namespace and gives it its routes.
+    pub fn prepare(&self) {
+        let ns = self.to.ns;
+        let gw = POD_GATEWAY.to_string();
+        addr_add(ns, POD_IF, &format!("{}/32", self.ip));
+        ns.ip(&["route", "replace", &gw, "dev", POD_IF, "scope", "link"]);
+        ns.ip(&["route", "replace", "default", "via", &gw, "dev", POD_IF]);
+        for old in self.history {
+            ns.ip(&["addr", "replace", &format!("{old}/32"), "dev", "lo"]);
+        }
+    }
+
+    fn route_all_to(&self, p: Place<'_>) {
+        let t = self.t;
+        for ip in self.history.iter().chain([&self.ip]) {
+            if p.behind_a {
+                ip_route(
+                    &t.node_a,
+                    "replace",
+                    &pod_route(p.host_if, *ip, t.node_a_ip),
+                );
+            } else {
+                ip_route(
+                    &t.node_b,
+                    "replace",
+                    &pod_route(p.host_if, *ip, t.node_b_ip),
+                );
+                ip_route(&t.node_a, "replace", &t.via_node_b(*ip));
+            }
+        }
+    }
+}
+
+impl PodMove for Hop<'_> {
+    fn source_ns(&self) -> &Netns {
+        self.from.ns
+    }
+    fn dest_ns(&self) -> &Netns {
+        self.to.ns
+    }
+    fn new_ip(&self) -> Option<Ipv4Addr> {
+        Some(self.ip)
+    }
+    fn switch_routes(&self) {
+        self.route_all_to(self.to);
+    }
+    fn restore_routes(&self) {
+        self.route_all_to(self.from);
+    }
+}

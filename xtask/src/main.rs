@@ -4,8 +4,10 @@ mod build_ebpf;
 mod ci;
 mod demo;
 mod plot;
+mod reliability;
 mod scenario;
 mod setup;
+mod soak;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +31,8 @@ enum Task {
     Demo(demo::Options),
     /// Benchmarks against the baselines (table, --json, BENCHMARKS.md).
     Bench(bench::Options),
+    /// Back-to-back live migrations under load, checked (RELIABILITY.md).
+    Soak(soak::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +42,6 @@ fn main() -> anyhow::Result<()> {
         Task::Ci(o) => ci::run(&o),
         Task::Demo(o) => demo::run(&o),
         Task::Bench(o) => bench::run(&o),
+        Task::Soak(o) => soak::run(&o),
     }
 }

@@ -12,7 +12,8 @@
 //!   `PUT /v1/migrations/{id}/target` `{to}` (origin: the pod's new address)
 //! - destination side: `PUT /v1/migrations/{id}/incoming`
 //!   `{endpoints, to?, flows?, deadline_ms?}`, `GET /v1/migrations/{id}/incoming`,
-//!   `POST /v1/migrations/{id}/incoming/complete` `{reason?}`
+//!   `POST /v1/migrations/{id}/incoming/complete` `{reason?}`,
+//!   `DELETE /v1/migrations/{id}/incoming` (the pod has left this node)
 //!
 //! Bodies are read with a hard size limit and parsed here, so malformed or
 //! oversized input gets a JSON error rather than a framework default.
@@ -58,7 +59,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/migrations/{id}/target", put(target))
         .route(
             "/v1/migrations/{id}/incoming",
-            put(incoming).get(incoming_status),
+            put(incoming).get(incoming_status).delete(retire_incoming),
         )
         .route(
             "/v1/migrations/{id}/incoming/complete",
@@ -268,6 +269,11 @@ async fn incoming_status(
     Param(id): Param,
 ) -> Result<Json<IncomingStatus>, ApiError> {
     Ok(Json(c.incoming_status(&id)?))
+}
+
+async fn retire_incoming(State(c): Ctl, Param(id): Param) -> Result<StatusCode, ApiError> {
+    c.retire_incoming(&id)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn complete_incoming(

@@ -91,6 +91,13 @@ pub enum MigrateCmd {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Destination, later: the pod this migration brought here has left
+    /// this node (it moved on). Its flows' translations are removed and
+    /// the record forgotten.
+    Retire {
+        #[arg(long)]
+        id: String,
+    },
 }
 
 pub fn run(cmd: MigrateCmd, api: &Api, json: bool) -> anyhow::Result<ExitCode> {
@@ -174,6 +181,19 @@ pub fn run(cmd: MigrateCmd, api: &Api, json: bool) -> anyhow::Result<ExitCode> {
                 Some(&json!({ "reason": reason })),
             )?;
             return print_incoming(&s, json);
+        }
+        MigrateCmd::Retire { id } => {
+            let _: serde_json::Value = api.call(
+                "DELETE",
+                &format!("/v1/migrations/{}/incoming", enc(&id)),
+                None,
+            )?;
+            if json {
+                output::json(&json!({ "retired": id }))?;
+            } else {
+                println!("retired incoming migration {id}");
+            }
+            return Ok(ExitCode::SUCCESS);
         }
         MigrateCmd::Status { id: None } => {
             let list: MigrationList = api.call("GET", "/v1/migrations", None)?;

@@ -321,6 +321,51 @@ impl Control {
         self.complete(id, reason, true)
     }
 
+    /// The pod that `incoming` `id` brought to this node has left it (it
+    /// moved on): its flows will never cross this node again, so their
+    /// translations go now instead of waiting for ends the sweep would
+    /// never see, and the record is forgotten. Entries a later record has
+    /// taken over stay theirs. Only a completed record can be retired.
+    pub fn retire_incoming(&self, id: &str) -> Result<(), ControlError> {
+        let mut incoming = lock(&self.incoming);
+        let rec = incoming
+            .get_mut(id)
+            .ok_or_else(|| ControlError::UnknownMigration(id.to_string()))?;
+        if !rec.completed {
+            return Err(ControlError::Conflict(format!(
+                "incoming migration {id} is not complete: complete it (the restore is done, or \
+                 failed) before retiring it"
+            )));
+        }
+        let to = rec.to;
+        let mut removed = 0;
+        rec.retain_translated(|f, key, _, _| {
+            let ours = match (self.intercept.translation(key), to) {
+                (Ok(Some(t)), Some(to)) => t.new_addr == u32::from_ne_bytes(to.octets()),
+                _ => false,
+            };
+            if ours {
+                match self.intercept.remove_translation(key) {
+                    Ok(()) => removed += 1,
+                    Err(e) => tracing::warn!(migration = %id, flow = %f.node, error = %e, "could not remove a retired migration's translation"),
+                }
+            }
+            false
+        });
+        incoming.remove(id);
+        // Nothing is given back to a record that is gone: a failure of a
+        // later one removes what it installed.
+        for other in incoming.values_mut() {
+            other.overwritten.retain(|_, o| o.owner != id);
+        }
+        tracing::info!(
+            migration = id,
+            translations = removed,
+            "incoming retired: the pod left this node"
+        );
+        Ok(())
+    }
+
     /// `by_controller`: the controller's call, not the deadline's. Only the
     /// controller knows a restore failed: its reason may come after a
     /// completion without one (it learned later), and it puts back the

@@ -101,6 +101,19 @@ impl Control {
             "Late segments of closed proxied flows dropped by eBPF (the pod would have reset the client).",
             per_ep(&|e| e.strays_dropped as f64),
         );
+        let occ = self.intercept.occupancy();
+        metric(
+            "shepherd_translated_flows",
+            "gauge",
+            "Backend flows the eBPF programs translate (entries of SHEPHERD_TRANSLATE).",
+            vec![(String::new(), occ.translations as f64)],
+        );
+        metric(
+            "shepherd_proxied_flows",
+            "gauge",
+            "Client flows remembered as proxied (an LRU map: it stays full once filled).",
+            vec![(String::new(), occ.proxied_flows as f64)],
+        );
         metric(
             "shepherd_hold_buffer_bytes",
             "gauge",

@@ -58,6 +58,9 @@ struct Migration {
     /// Translations `target` overwrote (flows an earlier migration had
     /// moved): an abort puts them back.
     replaced: std::collections::HashMap<shepherd_common::FlowKey, shepherd_common::Translation>,
+    /// Pod→node entries of those earlier translations, kept until the hold
+    /// ends (see `target`): (the entry's key, its flow's key).
+    lingering: Vec<(shepherd_common::FlowKey, shepherd_common::FlowKey)>,
     /// The held endpoints' live state (so status never needs the endpoints lock).
     states: Vec<Arc<EndpointState>>,
 }

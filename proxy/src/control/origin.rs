@@ -98,6 +98,7 @@ impl Control {
                     s.set_mode(Mode::Holding(stats.clone()));
                 }
                 let started = Instant::now();
+                prune_finished(&mut migs);
                 migs.insert(
                     id.to_string(),
                     Migration {
@@ -115,6 +116,7 @@ impl Control {
                         rsts_at_start,
                         target: None,
                         replaced: Default::default(),
+                        lingering: Vec::new(),
                         states: states.clone(),
                     },
                 );
@@ -291,6 +293,20 @@ impl Control {
                     }
                     m.replaced.clear();
                 }
+                // The pod has left its previous address (or, aborted, is
+                // back on it, whose entry the abort has just put back):
+                // entries kept for it go unless they are live again.
+                for (rev, key) in std::mem::take(&mut m.lingering) {
+                    let live = matches!(
+                        self.intercept.translation(key),
+                        Ok(Some(t)) if key.with_pod_addr(t.new_addr) == rev
+                    );
+                    if !live {
+                        if let Err(e) = self.intercept.remove_translation(rev) {
+                            tracing::warn!(migration = id, error = %e, "could not remove a kept translation");
+                        }
+                    }
+                }
                 m.phase = phase;
                 m.reason = reason;
                 m.mode = mode;
@@ -455,6 +471,27 @@ impl Control {
                 return Err(e);
             }
         };
+        // The pod is still at its previous address until it is frozen:
+        // what it sends from there (a reply already on its way when the
+        // hold began) must still be translated back, or this node resets
+        // it and the checkpoint captures a connection the proxy no longer
+        // has. Retargeting dropped that entry; it comes back until the
+        // hold ends.
+        let mut lingering = Vec::new();
+        for (key, prev) in &replaced {
+            let rev = key.with_pod_addr(prev.new_addr);
+            let prev_new = Ipv4Addr::from(prev.new_addr.to_ne_bytes());
+            if rev == *key || prev_new == to {
+                continue;
+            }
+            match self.intercept.keep_entry(rev, *prev) {
+                Ok(()) => lingering.push((rev, *key)),
+                Err(e) => {
+                    tracing::warn!(migration = id, error = %e, "could not keep a flow's previous translation back")
+                }
+            }
+        }
+        m.lingering = lingering;
         m.replaced = replaced;
         // Only now that nothing can fail: flows back at the address their
         // sockets use need no translation, and what earlier migrations
@@ -531,4 +568,24 @@ fn backend_flows(states: &[Arc<EndpointState>]) -> Vec<BackendFlow> {
         .collect();
     flows.sort();
     flows
+}
+
+/// Finished migrations (released or aborted) kept for `status`; older ones
+/// are forgotten, oldest first, as new ones start. A controller reads a
+/// migration's outcome right after it ends; keeping every record made the
+/// status of a long-running agent grow without bound.
+pub const FINISHED_KEPT: usize = 64;
+
+fn prune_finished(migs: &mut std::collections::HashMap<String, Migration>) {
+    let mut finished: Vec<(Instant, String)> = migs
+        .values()
+        .filter_map(|m| m.ended.map(|t| (t, m.id.clone())))
+        .collect();
+    if finished.len() < FINISHED_KEPT {
+        return;
+    }
+    finished.sort();
+    for (_, id) in finished.iter().take(finished.len() + 1 - FINISHED_KEPT) {
+        migs.remove(id);
+    }
 }

@@ -9,9 +9,9 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use aya::Ebpf;
 use shepherd_common::{
     EndpointConfig, EndpointKey, EndpointStats, FlowKey, Translation, MAP_ENDPOINTS, MAP_LISTENER,
-    MAP_LISTENER_COUNT, MAP_STATS, MAP_TRANSLATE, MAP_TRANSLATING, MAX_LISTENERS, PROG_INTERCEPT,
-    PROG_RST_SHIELD, PROG_TRANSLATE_DEST_IN, PROG_TRANSLATE_DEST_OUT, PROG_TRANSLATE_ORIGIN_IN,
-    PROG_TRANSLATE_ORIGIN_OUT,
+    MAP_LISTENER_COUNT, MAP_PROXIED, MAP_STATS, MAP_TRANSLATE, MAP_TRANSLATING, MAX_LISTENERS,
+    PROG_INTERCEPT, PROG_RST_SHIELD, PROG_TRANSLATE_DEST_IN, PROG_TRANSLATE_DEST_OUT,
+    PROG_TRANSLATE_ORIGIN_IN, PROG_TRANSLATE_ORIGIN_OUT, PROXIED_KEY_LEN,
 };
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
@@ -78,6 +78,8 @@ pub struct EbpfInterception {
     stats: Mutex<PerCpuHashMap<MapData, EndpointKey, EndpointStats>>,
     translate: Mutex<Translations>,
     _listener: SockHash<MapData, u32>,
+    /// Counted for `/metrics`, never written here.
+    proxied: Mutex<HashMap<MapData, [u8; PROXIED_KEY_LEN], u8>>,
     /// Keeps programs and their links alive.
     _ebpf: Ebpf,
 }
@@ -157,6 +159,8 @@ impl EbpfInterception {
             HashMap::try_from(take(&mut ebpf, MAP_ENDPOINTS)?).map_err(map_err(MAP_ENDPOINTS))?;
         let stats =
             PerCpuHashMap::try_from(take(&mut ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?;
+        let proxied =
+            HashMap::try_from(take(&mut ebpf, MAP_PROXIED)?).map_err(map_err(MAP_PROXIED))?;
         let translate = Translations {
             flows: HashMap::try_from(take(&mut ebpf, MAP_TRANSLATE)?)
                 .map_err(map_err(MAP_TRANSLATE))?,
@@ -182,6 +186,7 @@ impl EbpfInterception {
             stats: Mutex::new(stats),
             translate: Mutex::new(translate),
             _listener: sockhash,
+            proxied: Mutex::new(proxied),
             _ebpf: ebpf,
         })
     }
@@ -397,6 +402,19 @@ impl Interception for EbpfInterception {
             m.remove_counted(&new)?;
         }
         m.remove_counted(&flow)
+    }
+
+    fn keep_entry(&self, key: FlowKey, t: Translation) -> Result<(), InterceptError> {
+        self.translations()?.insert_counted(key, t)
+    }
+
+    fn occupancy(&self) -> super::Occupancy {
+        let translations = self.translations().map_or(0, |m| m.installed as usize);
+        let proxied_flows = self.proxied.lock().map_or(0, |m| m.keys().count());
+        super::Occupancy {
+            translations,
+            proxied_flows,
+        }
     }
 
     fn translation(&self, flow: FlowKey) -> Result<Option<Translation>, InterceptError> {

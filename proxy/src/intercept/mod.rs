@@ -43,6 +43,16 @@ impl InterceptError {
     }
 }
 
+/// How full the kernel's flow maps are (for `/metrics` and the soak).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Backend flows being translated (`SHEPHERD_TRANSLATE`).
+    pub translations: usize,
+    /// Client flows remembered as proxied (`SHEPHERD_PROXIED`, an LRU map:
+    /// it fills up to its capacity and stays there, by design).
+    pub proxied_flows: usize,
+}
+
 /// What the control plane needs from the kernel side.
 pub trait Interception: Send + Sync {
     /// Creates or updates an endpoint's entry with `EP_*` flags.
@@ -55,12 +65,20 @@ pub trait Interception: Send + Sync {
     fn set_translation(&self, flow: FlowKey, t: Translation) -> Result<(), InterceptError>;
     /// Stops rewriting a flow (no-op if it was not translated).
     fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError>;
+    /// Installs `t` under `key` alone (not under its other address too):
+    /// the pod→node entry of a flow's previous translation, kept while the
+    /// pod may still answer from its previous address.
+    fn keep_entry(&self, key: FlowKey, t: Translation) -> Result<(), InterceptError>;
     /// A flow's translation, as installed (`None` if it is not translated).
     fn translation(&self, flow: FlowKey) -> Result<Option<Translation>, InterceptError>;
     /// What the translate programs have seen of a translated flow
     /// ([`Translation::marks`], both of its entries merged); `None` if the
     /// flow is not translated.
     fn translation_marks(&self, flow: FlowKey) -> Result<Option<[u8; 8]>, InterceptError>;
+    /// How full the flow maps are.
+    fn occupancy(&self) -> Occupancy {
+        Occupancy::default()
+    }
 }
 
 /// An in-memory stand-in used by unit tests (no kernel involved): records the
@@ -96,6 +114,12 @@ impl Interception for RecordingInterception {
     fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError> {
         if let Ok(mut m) = self.translations.lock() {
             m.remove(&flow);
+        }
+        Ok(())
+    }
+    fn keep_entry(&self, key: FlowKey, t: Translation) -> Result<(), InterceptError> {
+        if let Ok(mut m) = self.translations.lock() {
+            m.insert(key, t);
         }
         Ok(())
     }

@@ -761,23 +761,43 @@ async fn abort_after_target_removes_the_translation(m: Mechanism) {
 
 /// A flow an earlier migration moved (and still translates), re-targeted by
 /// a second migration that is then aborted, goes back to the earlier
-/// translation: the pod is still where the first migration put it.
+/// translation: the pod is still where the first migration put it. While
+/// the second hold lasts, what the pod sends from its earlier address is
+/// still translated back (it is not frozen yet): that entry is kept until
+/// the hold ends, and goes at a release.
 async fn abort_puts_back_an_earlier_migrations_translation(m: Mechanism) {
     let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
     let mut c = held_and_translated(&r, "m20").await;
     r.control
         .release("m20", ReleaseMode::Resume, None)
         .expect("release");
+    // The flow's own entry (the stand-in keeps one per flow, under the
+    // address its sockets use), not the kept pod→node one.
     let new_addr = |r: &Rig| {
         let t = r.intercept.translations.lock().expect("lock");
-        assert_eq!(t.len(), 1, "{t:?}");
-        t.values()
-            .map(|t| std::net::Ipv4Addr::from(t.new_addr.to_ne_bytes()))
-            .next()
+        let own: Vec<_> = t
+            .iter()
+            .filter(|(k, v)| **k == k.with_pod_addr(v.old_addr))
+            .collect();
+        assert!(own.len() <= 1, "{t:?}");
+        own.first()
+            .map(|(_, t)| std::net::Ipv4Addr::from(t.new_addr.to_ne_bytes()))
+    };
+    let kept = |r: &Rig| -> Vec<std::net::Ipv4Addr> {
+        let t = r.intercept.translations.lock().expect("lock");
+        t.iter()
+            .filter(|(k, v)| **k != k.with_pod_addr(v.old_addr))
+            .map(|(k, _)| std::net::Ipv4Addr::from(k.pod_addr.to_ne_bytes()))
+            .collect()
     };
     assert_eq!(new_addr(&r), Some("127.0.0.2".parse().expect("ip")));
     r.hold_to("m21", "127.0.0.3".parse().expect("ip")).await;
     assert_eq!(new_addr(&r), Some("127.0.0.3".parse().expect("ip")));
+    assert_eq!(
+        kept(&r),
+        ["127.0.0.2".parse::<std::net::Ipv4Addr>().expect("ip")],
+        "the pod's replies from its earlier address are still translated back"
+    );
     r.control.abort("m21", None).expect("abort");
     assert_eq!(
         new_addr(&r),
@@ -787,22 +807,46 @@ async fn abort_puts_back_an_earlier_migrations_translation(m: Mechanism) {
     // A move back to the registered address removes the translation; an
     // abort of that move puts it back.
     r.hold_to("m23", *r.endpoint.0.ip()).await;
-    assert_eq!(r.translations(), 0, "back home: nothing translated");
+    assert_eq!(new_addr(&r), None, "back home: nothing translated");
+    assert_eq!(kept(&r).len(), 1, "but the earlier address still answers");
     r.control.abort("m23", None).expect("abort");
     assert_eq!(new_addr(&r), Some("127.0.0.2".parse().expect("ip")));
+    // A move that is released: the kept entry goes with the hold.
+    r.hold_to("m24", "127.0.0.4".parse().expect("ip")).await;
+    assert_eq!(kept(&r).len(), 1);
+    r.control
+        .release("m24", ReleaseMode::Resume, None)
+        .expect("release");
+    assert!(kept(&r).is_empty(), "kept past the release: {:?}", kept(&r));
+    assert_eq!(new_addr(&r), Some("127.0.0.4".parse().expect("ip")));
     c.write_all(b"z").await.expect("write");
     assert_eq!(read_exact_timeout(&mut c, 1).await, b"z");
 }
 
-/// The (old, new) pod addresses of each translation in the stand-in map,
+/// The (old, new) pod addresses of each flow's translation in the
+/// stand-in map (one entry per flow, under the address its sockets use),
 /// sorted.
 fn translated_addrs(
     intercept: &RecordingInterception,
 ) -> Vec<(std::net::Ipv4Addr, std::net::Ipv4Addr)> {
+    addrs_where(intercept, true)
+}
+
+/// The (old, new) addresses of entries kept from an earlier translation
+/// while a hold lasts (see `Control::target`), sorted.
+fn kept_addrs(intercept: &RecordingInterception) -> Vec<(std::net::Ipv4Addr, std::net::Ipv4Addr)> {
+    addrs_where(intercept, false)
+}
+
+fn addrs_where(
+    intercept: &RecordingInterception,
+    own: bool,
+) -> Vec<(std::net::Ipv4Addr, std::net::Ipv4Addr)> {
     let t = intercept.translations.lock().expect("lock");
     let mut v: Vec<_> = t
-        .values()
-        .map(|t| {
+        .iter()
+        .filter(|(k, t)| (**k == k.with_pod_addr(t.old_addr)) == own)
+        .map(|(_, t)| {
             (
                 t.old_addr.to_ne_bytes().into(),
                 t.new_addr.to_ne_bytes().into(),
@@ -1084,6 +1128,11 @@ async fn a_second_move_translates_flows_opened_after_the_first(m: Mechanism) {
             (ip("127.0.0.2"), ip("127.0.0.3"))
         ],
         "each flow is translated from the address its sockets use"
+    );
+    assert_eq!(
+        kept_addrs(&r.intercept),
+        [(ip("127.0.0.1"), ip("127.0.0.2"))],
+        "the first flow's first translation is kept for the pod's replies from 127.0.0.2 until the hold ends"
     );
     let mut addrs: Vec<Option<Ipv4Addr>> = st.backend_flows.iter().map(|f| f.pod_addr).collect();
     addrs.sort();
