@@ -2,6 +2,7 @@
 //!
 //! setup → fmt check → build-ebpf → clippy (userspace and eBPF) → unit tests
 //! → privileged integration tests (root; single-threaded, real namespaces)
+//! → `soak --migrations 10` (the long run's checks, time-boxed)
 //! → `bench --quick` (so the benchmark harness cannot rot).
 use crate::util::{self, workspace_root};
 use crate::{build_ebpf, setup};
@@ -68,6 +69,16 @@ pub fn run(o: &Options) -> Result<()> {
     t.args(["--test-threads=1"]).env("SHEPHERD_BIN", &bin);
     util::run(&mut t)?;
     if o.filter.is_none() {
+        // Ten migrations, not a hundred: every check of the long run, in
+        // about half a minute (`cargo xtask soak` runs the long one).
+        step("soak --migrations 10");
+        crate::soak::run(&crate::soak::Options {
+            migrations: 10,
+            streams: 50,
+            json: false,
+            write: false,
+            no_setup: true,
+        })?;
         // Once, small: the benchmark harness must keep working (no timing
         // assertions; benchmarks are not tests).
         step("bench --quick");
