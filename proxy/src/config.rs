@@ -34,7 +34,7 @@ pub struct Config {
 
 /// Most endpoints `--max-endpoints` may ask for (the kernel maps are
 /// allocated up front, about 100 bytes per entry per CPU for the counters).
-pub const MAX_ENDPOINTS_CEILING: u32 = 1 << 20;
+pub const MAX_ENDPOINTS_CEILING: u32 = 65_536;
 
 impl Config {
     /// The per-endpoint hold cap in force.

@@ -19,5 +19,21 @@ pub enum ControlError {
     #[error("{0}")]
     Limit(String),
     #[error("kernel interception failed: {0}")]
-    Intercept(#[from] crate::intercept::InterceptError),
+    Intercept(crate::intercept::InterceptError),
+}
+
+impl From<crate::intercept::InterceptError> for ControlError {
+    /// A full kernel map is a limit reached, not an internal error: the
+    /// caller can remove something or raise it.
+    fn from(e: crate::intercept::InterceptError) -> Self {
+        if e.is_full() {
+            ControlError::Limit(format!(
+                "{e}: the kernel table has no room (endpoint entries: --max-endpoints, with \
+                 room for removed endpoints still draining and destination shields); nothing \
+                 was changed"
+            ))
+        } else {
+            ControlError::Intercept(e)
+        }
+    }
 }

@@ -151,6 +151,35 @@ pub fn decide_repeat_hold(id: &str, current: Phase, same_endpoints: bool) -> Res
     }
 }
 
+/// Ids of records the agent no longer keeps (finished migrations pruned,
+/// incoming records retired), so that a late or repeated call with one is
+/// refused rather than taken for a new migration. Bounded: the oldest go
+/// first, after [`Forgotten::CAPACITY`].
+#[derive(Debug, Default)]
+pub struct Forgotten {
+    order: std::collections::VecDeque<String>,
+    ids: std::collections::HashSet<String>,
+}
+
+impl Forgotten {
+    pub const CAPACITY: usize = 4096;
+
+    pub fn insert(&mut self, id: String) {
+        if self.ids.insert(id.clone()) {
+            self.order.push_back(id);
+        }
+        while self.order.len() > Self::CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+}
+
 /// Checks a migration id: 1–128 characters of `[A-Za-z0-9._:-]`.
 pub fn validate_id(id: &str) -> Result<(), String> {
     let ok = !id.is_empty()
@@ -238,6 +267,17 @@ mod tests {
         assert!(decide_repeat_hold("m", Phase::Holding, false).is_err());
         let e = decide_repeat_hold("m", Phase::Released, true).expect_err("finished");
         assert!(e.contains("new id"), "{e}");
+    }
+
+    #[test]
+    fn forgotten_ids_are_remembered_up_to_a_bound() {
+        let mut f = Forgotten::default();
+        for i in 0..Forgotten::CAPACITY + 10 {
+            f.insert(format!("m{i}"));
+        }
+        assert!(!f.contains("m0"), "the oldest go first");
+        assert!(f.contains(&format!("m{}", Forgotten::CAPACITY + 9)));
+        assert!(f.contains("m10"));
     }
 
     #[test]

@@ -22,7 +22,14 @@ pub fn ensure(dir: &Path) -> Result<(), DirError> {
             .create(dir)
             .map_err(DirError::Io)?;
     }
-    let meta = std::fs::metadata(dir).map_err(DirError::Io)?;
+    // Not through a symlink: its target could be swapped after the check.
+    let meta = std::fs::symlink_metadata(dir).map_err(DirError::Io)?;
+    if !meta.is_dir() {
+        return Err(DirError::Unsafe(format!(
+            "{} is not a directory (a symlink is refused); give another --api-socket",
+            dir.display()
+        )));
+    }
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     if meta.uid() != me || meta.mode() & 0o022 != 0 {

@@ -16,6 +16,7 @@
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
 use std::os::linux::net::SocketAddrExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{SocketAddr, UnixListener};
 use std::path::{Path, PathBuf};
@@ -51,14 +52,26 @@ pub fn acquire(api_socket: &Path) -> Result<InstanceLock, InstanceError> {
             crate::private_dir::DirError::Unsafe(m) => InstanceError::Unsafe(m),
         })?;
     }
+    // Never through a symlink, and only a plain file of ours: the pid is
+    // written into it.
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)
         .map_err(io_err)?;
+    let meta = file.metadata().map_err(io_err)?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_file() || meta.uid() != me || meta.nlink() != 1 {
+        return Err(InstanceError::Unsafe(format!(
+            "{} is not a plain file of uid {me} with one link; remove it",
+            path.display()
+        )));
+    }
     let mut file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
     {
         Ok(f) => f,
@@ -103,14 +116,19 @@ fn abstract_lock() -> Result<Option<UnixListener>, InstanceError> {
     match UnixListener::bind_addr(&addr) {
         Ok(l) => Ok(Some(l)),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            let holder = holder(&addr);
             // SAFETY: geteuid has no preconditions.
             let me = unsafe { libc::geteuid() };
-            match holder {
-                Some(c) if c.uid != 0 && c.uid != me => {
+            match holder() {
+                // An agent listens, so a connect reaches it at once and says
+                // who it is. Anyone else (not root, or a socket that does not
+                // listen, or one whose queue is full) is not an agent.
+                Some(c) if c.uid == 0 || c.uid == me => Err(InstanceError::AlreadyRunning {
+                    pid: shown_pid(Some(c.pid)),
+                }),
+                c => {
                     tracing::warn!(
-                        pid = c.pid,
-                        uid = c.uid,
+                        pid = c.map_or(0, |c| c.pid),
+                        uid = c.map(|c| c.uid),
                         "the abstract name @shepherd-agent.lock is held by a process that is not \
                          an agent (not root); ignoring it. The lock file next to the API socket \
                          still refuses a second agent on this socket, but one started with another \
@@ -118,18 +136,23 @@ fn abstract_lock() -> Result<Option<UnixListener>, InstanceError> {
                     );
                     Ok(None)
                 }
-                c => Err(InstanceError::AlreadyRunning {
-                    pid: shown_pid(c.map(|c| c.pid)),
-                }),
             }
         }
         Err(e) => Err(io_err(e)),
     }
 }
 
-/// The credentials of the process holding `addr`, via SO_PEERCRED.
-fn holder(addr: &SocketAddr) -> Option<libc::ucred> {
-    let s = std::os::unix::net::UnixStream::connect_addr(addr).ok()?;
+/// The credentials of the process holding the abstract name, via
+/// SO_PEERCRED. The connect never blocks (a holder that does not listen, or
+/// lets its queue fill, would otherwise stall the agent's start).
+fn holder() -> Option<libc::ucred> {
+    use std::os::unix::ffi::OsStrExt;
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).ok()?;
+    s.set_nonblocking(true).ok()?;
+    let mut name = vec![0u8];
+    name.extend_from_slice(LOCK_NAME);
+    let addr = socket2::SockAddr::unix(std::ffi::OsStr::from_bytes(&name)).ok()?;
+    s.connect(&addr).ok()?;
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,

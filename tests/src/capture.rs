@@ -41,8 +41,9 @@ pub struct CaptureReport {
     pub tcp_packets: u64,
     /// TCP segments with RST set.
     pub rsts: u64,
-    /// One line per RST: `DIR SRC:PORT > DST:PORT seq=N ack=N`, DIR being `in`
-    /// or `out` as seen from the captured interface.
+    /// One line per RST: `DIR SRC:PORT > DST:PORT seq=N ack=N t=S`, DIR
+    /// being `in` or `out` as seen from the captured interface, and S the
+    /// wall clock's seconds modulo 100 000 (to line up with a log).
     pub rst_lines: Vec<String>,
     /// RSTs on the harness's own readiness probes (not counted in `rsts`).
     pub probe_rsts: u64,
@@ -314,9 +315,11 @@ mod tests {
         record_frame(&mut r, &[0xff; 7], false);
         record_frame(&mut r, &tcp_frame(true)[..30], false);
         assert_eq!((r.frames, r.tcp_packets, r.rsts, r.malformed), (4, 2, 1, 2));
-        assert_eq!(
-            r.rst_lines,
-            ["out 10.77.2.10:7000 > 10.77.1.2:40000 seq=1234 ack=0"]
+        assert_eq!(r.rst_lines.len(), 1, "{:?}", r.rst_lines);
+        assert!(
+            r.rst_lines[0].starts_with("out 10.77.2.10:7000 > 10.77.1.2:40000 seq=1234 ack=0 t="),
+            "{:?}",
+            r.rst_lines
         );
     }
 }

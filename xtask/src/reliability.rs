@@ -63,7 +63,6 @@ pub fn write_soak(r: &Value) -> Result<()> {
                 r["bounds"]["translations_after"]
             ),
         ),
-        ("proxied_flows", "LRU, ≤ 65536".to_string()),
         (
             "migration_records",
             format!("≤ {}", r["bounds"]["migration_records"]),

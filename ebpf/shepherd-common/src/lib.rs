@@ -34,11 +34,6 @@ pub const MAP_TRANSLATE: &str = "SHEPHERD_TRANSLATE";
 /// no migrated flows pays one array read per packet, not two hash lookups.
 /// Userspace raises it before inserting and lowers it after removing.
 pub const MAP_TRANSLATING: &str = "SHEPHERD_TRANSLATING";
-/// LRU map of client flows handed to the proxy (read by userspace only to
-/// count them: keys are 12 bytes, [`PROXIED_KEY_LEN`]).
-pub const MAP_PROXIED: &str = "SHEPHERD_PROXIED";
-/// Size of a `SHEPHERD_PROXIED` key (saddr, daddr, sport, dport).
-pub const PROXIED_KEY_LEN: usize = 12;
 
 /// Program names in the object file.
 pub const PROG_INTERCEPT: &str = "intercept";

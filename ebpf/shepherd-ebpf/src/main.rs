@@ -95,9 +95,6 @@ struct ProxiedFlow {
 /// the first ACK closed the socket). Forwarded, it would reach the pod, which
 /// never knew the flow and would reset the client: it is dropped instead.
 /// Only this program reads and writes it.
-// Userspace counts the map's keys as plain bytes of this length.
-const _: () = assert!(core::mem::size_of::<ProxiedFlow>() == shepherd_common::PROXIED_KEY_LEN);
-
 #[map(name = "SHEPHERD_PROXIED")]
 static PROXIED: LruHashMap<ProxiedFlow, u8> = LruHashMap::with_max_entries(65536, 0);
 

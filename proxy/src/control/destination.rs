@@ -132,6 +132,11 @@ impl Control {
         req: &IncomingRequest,
     ) -> Result<IncomingStatus, ControlError> {
         migration::validate_id(id).map_err(ControlError::Invalid)?;
+        if lock(&self.forgotten_incoming).contains(id) {
+            return Err(ControlError::Conflict(format!(
+                "incoming migration {id} was retired (the pod left this node); use a new id"
+            )));
+        }
         // 0 has always meant "no deadline" here.
         migration::bounded_ms(
             "deadline_ms",
@@ -353,6 +358,7 @@ impl Control {
             false
         });
         incoming.remove(id);
+        lock(&self.forgotten_incoming).insert(id.to_string());
         // Nothing is given back to a record that is gone: a failure of a
         // later one removes what it installed.
         for other in incoming.values_mut() {

@@ -109,12 +109,6 @@ impl Control {
             vec![(String::new(), occ.translations as f64)],
         );
         metric(
-            "shepherd_proxied_flows",
-            "gauge",
-            "Client flows remembered as proxied (an LRU map: it stays full once filled).",
-            vec![(String::new(), occ.proxied_flows as f64)],
-        );
-        metric(
             "shepherd_hold_buffer_bytes",
             "gauge",
             "Client bytes queued in hold buffers.",

@@ -6,7 +6,8 @@
 //! lands), [`metrics`].
 //!
 //! Locking: `endpoints`, then `migrations`, then `incoming`, never the other
-//! way round; no lock is held across an await.
+//! way round, and the `forgotten` id sets after any of them; no lock is held
+//! across an await.
 mod destination;
 pub use destination::{ENDED_FLOW_LINGER, UNSEEN_FLOW_LIMIT};
 mod metrics;
@@ -73,6 +74,10 @@ pub struct Control {
     migrations: Mutex<HashMap<String, Migration>>,
     incoming: Mutex<HashMap<String, destination::Incoming>>,
     next_epoch: AtomicU64,
+    /// Ids of pruned migrations and retired incoming records (taken last,
+    /// after any other lock).
+    forgotten: Mutex<crate::migration::Forgotten>,
+    forgotten_incoming: Mutex<crate::migration::Forgotten>,
     pub aborts_total: AtomicU64,
     hold_seconds_total: Mutex<f64>,
 }
@@ -103,6 +108,8 @@ impl Control {
             migrations: Mutex::new(HashMap::new()),
             incoming: Mutex::new(HashMap::new()),
             next_epoch: AtomicU64::new(1),
+            forgotten: Mutex::default(),
+            forgotten_incoming: Mutex::default(),
             aborts_total: AtomicU64::new(0),
             hold_seconds_total: Mutex::new(0.0),
         })
@@ -151,6 +158,12 @@ impl Control {
                 self.config.max_endpoints
             )));
         }
+        // What the kernel had for each new one (a draining endpoint keeps
+        // its entry, flags 0, for its connections): a failure puts it back.
+        let before: HashMap<EndpointAddr, Option<u32>> = new
+            .iter()
+            .map(|a| (*a, self.intercept.endpoint_flags(a.key())))
+            .collect();
         let mut done: Vec<EndpointAddr> = Vec::new();
         for addr in addrs {
             let state = eps
@@ -178,19 +191,13 @@ impl Control {
                 for a in done.iter().chain(std::iter::once(addr)) {
                     if new.contains(a) {
                         eps.remove(a);
-                        let _ = self.intercept.remove_endpoint(a.key());
+                        let _ = match before.get(a).copied().flatten() {
+                            Some(flags) => self.intercept.set_endpoint(a.key(), flags),
+                            None => self.intercept.remove_endpoint(a.key()),
+                        };
                     }
                 }
-                return Err(if e.is_full() {
-                    ControlError::Limit(format!(
-                        "the kernel's endpoint table is full (--max-endpoints {}, counting \
-                         removed endpoints whose connections are still draining): {e}; \
-                         none of this batch was added",
-                        self.config.max_endpoints
-                    ))
-                } else {
-                    e.into()
-                });
+                return Err(e.into());
             }
             done.push(*addr);
             tracing::info!(endpoint = %addr, "endpoint registered");

@@ -55,6 +55,12 @@ impl Control {
         let (states, stats, started) = {
             let eps = lock(&self.endpoints);
             let mut migs = lock(&self.migrations);
+            if lock(&self.forgotten).contains(id) {
+                return Err(ControlError::Conflict(format!(
+                    "migration {id} finished and its record is no longer kept; use a new id \
+                     for a new migration"
+                )));
+            }
             if let Some(m) = migs.get(id) {
                 migration::decide_repeat_hold(id, m.phase, m.endpoints == wanted)
                     .map_err(ControlError::Conflict)?;
@@ -98,7 +104,9 @@ impl Control {
                     s.set_mode(Mode::Holding(stats.clone()));
                 }
                 let started = Instant::now();
-                prune_finished(&mut migs);
+                for gone in prune_finished(&mut migs) {
+                    lock(&self.forgotten).insert(gone);
+                }
                 migs.insert(
                     id.to_string(),
                     Migration {
@@ -471,14 +479,24 @@ impl Control {
                 return Err(e);
             }
         };
+        m.replaced = replaced;
+        // Only now that nothing can fail: flows back at the address their
+        // sockets use need no translation, and what earlier migrations
+        // installed for them goes (an abort puts it back from `replaced`).
+        for (state, c) in &conns {
+            if backend_flow(c).map(|f| flow_pod_addr(c, &f)) == Some(to) {
+                state.untranslate(c, false);
+            }
+        }
         // The pod is still at its previous address until it is frozen:
         // what it sends from there (a reply already on its way when the
         // hold began) must still be translated back, or this node resets
         // it and the checkpoint captures a connection the proxy no longer
         // has. Retargeting dropped that entry; it comes back until the
-        // hold ends.
+        // hold ends. After the untranslation above, which removes a flow's
+        // entries under both of its addresses.
         let mut lingering = Vec::new();
-        for (key, prev) in &replaced {
+        for (key, prev) in &m.replaced {
             let rev = key.with_pod_addr(prev.new_addr);
             let prev_new = Ipv4Addr::from(prev.new_addr.to_ne_bytes());
             if rev == *key || prev_new == to {
@@ -492,15 +510,6 @@ impl Control {
             }
         }
         m.lingering = lingering;
-        m.replaced = replaced;
-        // Only now that nothing can fail: flows back at the address their
-        // sockets use need no translation, and what earlier migrations
-        // installed for them goes (an abort puts it back from `replaced`).
-        for (state, c) in &conns {
-            if backend_flow(c).map(|f| flow_pod_addr(c, &f)) == Some(to) {
-                state.untranslate(c, false);
-            }
-        }
         // Each connection removes its entry when its backend socket is done,
         // so the map does not fill up across migrations.
         let mut unclaimed: std::collections::HashSet<FlowKey> = installed.iter().copied().collect();
@@ -576,16 +585,24 @@ fn backend_flows(states: &[Arc<EndpointState>]) -> Vec<BackendFlow> {
 /// status of a long-running agent grow without bound.
 pub const FINISHED_KEPT: usize = 64;
 
-fn prune_finished(migs: &mut std::collections::HashMap<String, Migration>) {
+/// Forgets the oldest finished migrations beyond [`FINISHED_KEPT`] (minus
+/// one, for the one about to start); returns their ids.
+fn prune_finished(migs: &mut std::collections::HashMap<String, Migration>) -> Vec<String> {
     let mut finished: Vec<(Instant, String)> = migs
         .values()
         .filter_map(|m| m.ended.map(|t| (t, m.id.clone())))
         .collect();
     if finished.len() < FINISHED_KEPT {
-        return;
+        return Vec::new();
     }
     finished.sort();
-    for (_, id) in finished.iter().take(finished.len() + 1 - FINISHED_KEPT) {
-        migs.remove(id);
-    }
+    let n = finished.len() + 1 - FINISHED_KEPT;
+    finished
+        .into_iter()
+        .take(n)
+        .map(|(_, id)| {
+            migs.remove(&id);
+            id
+        })
+        .collect()
 }

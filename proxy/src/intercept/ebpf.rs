@@ -9,9 +9,9 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use aya::Ebpf;
 use shepherd_common::{
     EndpointConfig, EndpointKey, EndpointStats, FlowKey, Translation, MAP_ENDPOINTS, MAP_LISTENER,
-    MAP_LISTENER_COUNT, MAP_PROXIED, MAP_STATS, MAP_TRANSLATE, MAP_TRANSLATING, MAX_LISTENERS,
-    PROG_INTERCEPT, PROG_RST_SHIELD, PROG_TRANSLATE_DEST_IN, PROG_TRANSLATE_DEST_OUT,
-    PROG_TRANSLATE_ORIGIN_IN, PROG_TRANSLATE_ORIGIN_OUT, PROXIED_KEY_LEN,
+    MAP_LISTENER_COUNT, MAP_STATS, MAP_TRANSLATE, MAP_TRANSLATING, MAX_LISTENERS, PROG_INTERCEPT,
+    PROG_RST_SHIELD, PROG_TRANSLATE_DEST_IN, PROG_TRANSLATE_DEST_OUT, PROG_TRANSLATE_ORIGIN_IN,
+    PROG_TRANSLATE_ORIGIN_OUT,
 };
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
@@ -70,6 +70,15 @@ impl Translations {
     }
 }
 
+/// Entries of the kernel's endpoint maps for `--max-endpoints`: a quarter
+/// more, for removed endpoints still draining and a destination's shield
+/// entries, which count there too.
+pub fn kernel_endpoint_entries(max_endpoints: u32) -> u32 {
+    max_endpoints
+        .saturating_add(max_endpoints / 4)
+        .saturating_add(16)
+}
+
 /// The object built by `cargo xtask build-ebpf` (empty if it was not built).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shepherd.bpf.o"));
 
@@ -78,8 +87,6 @@ pub struct EbpfInterception {
     stats: Mutex<PerCpuHashMap<MapData, EndpointKey, EndpointStats>>,
     translate: Mutex<Translations>,
     _listener: SockHash<MapData, u32>,
-    /// Counted for `/metrics`, never written here.
-    proxied: Mutex<HashMap<MapData, [u8; PROXIED_KEY_LEN], u8>>,
     /// Keeps programs and their links alive.
     _ebpf: Ebpf,
 }
@@ -127,8 +134,8 @@ impl EbpfInterception {
             }
         }
         let mut ebpf = aya::EbpfLoader::new()
-            .map_max_entries(MAP_ENDPOINTS, max_endpoints)
-            .map_max_entries(MAP_STATS, max_endpoints)
+            .map_max_entries(MAP_ENDPOINTS, kernel_endpoint_entries(max_endpoints))
+            .map_max_entries(MAP_STATS, kernel_endpoint_entries(max_endpoints))
             .load(OBJECT)
             .map_err(|e| InterceptError::Load(e.to_string()))?;
         use TcAttachType::{Egress, Ingress};
@@ -159,8 +166,6 @@ impl EbpfInterception {
             HashMap::try_from(take(&mut ebpf, MAP_ENDPOINTS)?).map_err(map_err(MAP_ENDPOINTS))?;
         let stats =
             PerCpuHashMap::try_from(take(&mut ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?;
-        let proxied =
-            HashMap::try_from(take(&mut ebpf, MAP_PROXIED)?).map_err(map_err(MAP_PROXIED))?;
         let translate = Translations {
             flows: HashMap::try_from(take(&mut ebpf, MAP_TRANSLATE)?)
                 .map_err(map_err(MAP_TRANSLATE))?,
@@ -186,7 +191,6 @@ impl EbpfInterception {
             stats: Mutex::new(stats),
             translate: Mutex::new(translate),
             _listener: sockhash,
-            proxied: Mutex::new(proxied),
             _ebpf: ebpf,
         })
     }
@@ -404,16 +408,22 @@ impl Interception for EbpfInterception {
         m.remove_counted(&flow)
     }
 
+    fn endpoint_flags(&self, key: EndpointKey) -> Option<u32> {
+        self.endpoints
+            .lock()
+            .ok()?
+            .get(&key, 0)
+            .ok()
+            .map(|c| c.flags)
+    }
+
     fn keep_entry(&self, key: FlowKey, t: Translation) -> Result<(), InterceptError> {
         self.translations()?.insert_counted(key, t)
     }
 
     fn occupancy(&self) -> super::Occupancy {
-        let translations = self.translations().map_or(0, |m| m.installed as usize);
-        let proxied_flows = self.proxied.lock().map_or(0, |m| m.keys().count());
         super::Occupancy {
-            translations,
-            proxied_flows,
+            translations: self.translations().map_or(0, |m| m.installed as usize),
         }
     }
 

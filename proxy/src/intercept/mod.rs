@@ -43,14 +43,13 @@ impl InterceptError {
     }
 }
 
-/// How full the kernel's flow maps are (for `/metrics` and the soak).
+/// How full the kernel's flow maps are (for `/metrics` and the soak). The
+/// LRU map of proxied client flows is not counted: it fills up to its
+/// capacity and stays there by design, and counting it walks 65,536 keys.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Occupancy {
-    /// Backend flows being translated (`SHEPHERD_TRANSLATE`).
+    /// Entries of `SHEPHERD_TRANSLATE` (two per translated backend flow).
     pub translations: usize,
-    /// Client flows remembered as proxied (`SHEPHERD_PROXIED`, an LRU map:
-    /// it fills up to its capacity and stays there, by design).
-    pub proxied_flows: usize,
 }
 
 /// What the control plane needs from the kernel side.
@@ -59,6 +58,8 @@ pub trait Interception: Send + Sync {
     fn set_endpoint(&self, key: EndpointKey, flags: u32) -> Result<(), InterceptError>;
     /// Deletes an endpoint's entry and counters.
     fn remove_endpoint(&self, key: EndpointKey) -> Result<(), InterceptError>;
+    /// An endpoint entry's flags, if it has one (a draining endpoint's are 0).
+    fn endpoint_flags(&self, key: EndpointKey) -> Option<u32>;
     /// Counters of an endpoint (zero if unknown).
     fn stats(&self, key: EndpointKey) -> EndpointStats;
     /// Starts rewriting a migrated backend flow's pod address.
@@ -90,6 +91,13 @@ pub struct RecordingInterception {
 }
 
 impl Interception for RecordingInterception {
+    fn endpoint_flags(&self, key: EndpointKey) -> Option<u32> {
+        self.entries
+            .lock()
+            .ok()?
+            .get(&(key.addr, key.port))
+            .copied()
+    }
     fn set_endpoint(&self, key: EndpointKey, flags: u32) -> Result<(), InterceptError> {
         if let Ok(mut e) = self.entries.lock() {
             e.insert((key.addr, key.port), flags);
@@ -112,8 +120,14 @@ impl Interception for RecordingInterception {
         Ok(())
     }
     fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError> {
+        // As the kernel map: the entry under the flow's new address goes too.
         if let Ok(mut m) = self.translations.lock() {
-            m.remove(&flow);
+            if let Some(t) = m.remove(&flow) {
+                let new = flow.with_pod_addr(t.new_addr);
+                if new != flow {
+                    m.remove(&new);
+                }
+            }
         }
         Ok(())
     }

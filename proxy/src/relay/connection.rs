@@ -146,8 +146,9 @@ struct Conn {
     client_w: OwnedWriteHalf,
     backend: Option<Backend>,
     up: HoldBuffer,
-    /// What of `up` is held, charged to the endpoint's and node's budgets
-    /// (always its front: bytes read after a release are behind them).
+    /// What `up` and the up lane hold, charged to the endpoint's budget, and
+    /// of it what is held, charged to the node's too (always the front:
+    /// bytes read after a release queue behind them).
     charge: Charge,
     /// The front of `up` being written (reused between iterations).
     batch: Vec<Bytes>,
@@ -302,10 +303,9 @@ impl Conn {
             } else {
                 FORWARD_READ_AHEAD.min(self.ctx.hold_cap_per_conn)
             };
-            let mut room = cap.saturating_sub(self.up.len());
-            if hold.is_some() {
-                room = room.min(self.charge.available());
-            }
+            let room = cap
+                .saturating_sub(self.up.len())
+                .min(self.charge.available(hold.is_some()));
             self.room = room;
             // The up lane is empty whenever anything else happens upstream.
             let up_lane_busy = !self.up_lane.is_empty();
@@ -316,9 +316,8 @@ impl Conn {
                 && hold.is_none()
                 && self.backend.is_some()
                 && self.up.is_empty();
-            // Held, and blocked only by a budget: wake up when it frees.
-            let budget_blocked =
-                hold.is_some() && !self.client_eof && self.up.len() < cap && room == 0;
+            // Blocked only by a budget: wake up when it frees.
+            let budget_blocked = !self.client_eof && self.up.len() < cap && room == 0;
             if hold.is_none() {
                 self.up
                     .front_batch(&mut self.batch, WRITE_BATCH_CHUNKS, READ_CHUNK);
@@ -390,10 +389,10 @@ impl Conn {
                                 Err(e) => return Err(format!("taking spliced bytes back: {e}")),
                             }
                         }
-                        // Everything queued is held now: the forwarding
-                        // read-ahead was charged to nothing.
-                        self.charge
-                            .take(self.up.len().saturating_sub(self.charge.bytes()));
+                        // Everything queued is held now, the forwarding
+                        // read-ahead (charged to the endpoint only) and the
+                        // spliced bytes just taken back alike.
+                        self.charge.hold_all(self.up.len());
                         // What the last replay had left is this hold's now.
                         self.hand_on_replay();
                         self.start_hold(h);
@@ -440,6 +439,9 @@ impl Conn {
                     Ok(Filled::Bytes(n)) => {
                         self.up_bulk = n >= SPLICE_MIN;
                         self.info.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+                        // Spliced bytes wait in the pipe as read-ahead:
+                        // the endpoint's budget counts them as queued.
+                        self.charge.take(n, false);
                     }
                     Ok(Filled::Eof) => self.client_eof = true,
                     Ok(Filled::WouldBlock) => {}
@@ -455,6 +457,7 @@ impl Conn {
                         self.info
                             .bytes_spliced
                             .fetch_add(n as u64, Ordering::Relaxed);
+                        self.charge.give_back(n);
                     }),
                     (r, _) => r,
                 };
@@ -647,9 +650,7 @@ impl Conn {
             Ok(_) => {
                 let n = self.up.commit();
                 self.up_bulk = n >= SPLICE_MIN;
-                if self.mode.hold().is_some() {
-                    self.charge.take(n);
-                }
+                self.charge.take(n, self.mode.hold().is_some());
                 self.info.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
                 self.info.queued.store(self.up.len(), Ordering::Relaxed);
                 if let Some(h) = self.mode.hold() {

@@ -1,14 +1,14 @@
 //! The client→pod byte queue of one connection, and the budgets that cap
 //! held bytes: one per endpoint and one for the node.
 //!
-//! Only held bytes are charged: those queued when a hold begins and those
-//! read during it. A forwarding connection's read-ahead (a few chunks at
-//! most, while its pod is slow) is bounded per connection and charged to
-//! nothing, so a pod that stops reading can never take the budget other
-//! endpoints need: with one node-wide budget for both, one SIGSTOPped pod
-//! with busy clients stopped every other endpoint's traffic. The
-//! per-endpoint budget keeps one held endpoint from taking all of the
-//! node's.
+//! Every queued byte is charged to its endpoint's budget; held bytes
+//! (those queued when a hold begins and those read during it) to the
+//! node's too. A forwarding connection's read-ahead towards a slow or
+//! stopped pod (a few chunks per connection) thus fills only its own
+//! endpoint's budget: with one node-wide budget for everything, one
+//! SIGSTOPped pod with busy clients stopped every other endpoint's traffic.
+//! The per-endpoint budget also keeps one held endpoint from taking all of
+//! the node's, and bounds what a hold inherits from the read-ahead.
 //!
 //! In steady state the queue holds at most the chunk being written; while the
 //! endpoint is held it is the hold buffer. Invariant: bytes leave the queue
@@ -179,13 +179,18 @@ impl Budget {
     }
 }
 
-/// The held bytes of one connection, charged to its endpoint's budget and
-/// the node's together. Whatever is still charged is given back on drop.
+/// The queued bytes of one connection: all of them charged to its
+/// endpoint's budget, the held ones (always the queue's front: bytes read
+/// after a release queue behind them) to the node's too. Whatever is still
+/// charged is given back on drop.
 #[derive(Debug)]
 pub struct Charge {
     node: Arc<Budget>,
     endpoint: Arc<Budget>,
-    bytes: usize,
+    /// Bytes charged to the endpoint: everything queued.
+    queued: usize,
+    /// Of those, bytes charged to the node too: the held front.
+    held: usize,
 }
 
 impl Charge {
@@ -193,37 +198,60 @@ impl Charge {
         Self {
             node,
             endpoint,
-            bytes: 0,
+            queued: 0,
+            held: 0,
         }
     }
 
-    /// Bytes charged now.
-    pub fn bytes(&self) -> usize {
-        self.bytes
+    /// Bytes charged to the node (held) now.
+    pub fn held(&self) -> usize {
+        self.held
     }
 
-    /// Bytes that may still be charged, by both budgets.
-    pub fn available(&self) -> usize {
-        self.node.available().min(self.endpoint.available())
+    /// Bytes that may still be read: the endpoint's room, and while held
+    /// the node's too.
+    pub fn available(&self, holding: bool) -> usize {
+        let e = self.endpoint.available();
+        if holding {
+            e.min(self.node.available())
+        } else {
+            e
+        }
     }
 
-    pub fn take(&mut self, n: usize) {
-        self.node.take(n);
+    /// `n` bytes were read into the queue; `holding`: they are held.
+    pub fn take(&mut self, n: usize, holding: bool) {
         self.endpoint.take(n);
-        self.bytes += n;
+        self.queued += n;
+        if holding {
+            self.node.take(n);
+            self.held += n;
+        }
     }
 
-    /// `n` bytes left the front of the queue: the charged ones among them
-    /// (the queue's charged bytes are always at its front) are given back.
+    /// A hold begins with `queued` bytes in the queue: all of them are held
+    /// (charged to both budgets) from now on.
+    pub fn hold_all(&mut self, queued: usize) {
+        let e = queued.saturating_sub(self.queued);
+        self.endpoint.take(e);
+        self.queued += e;
+        let n = queued.saturating_sub(self.held);
+        self.node.take(n);
+        self.held += n;
+    }
+
+    /// `n` bytes left the front of the queue.
     pub fn give_back(&mut self, n: usize) {
-        let n = n.min(self.bytes);
-        self.bytes -= n;
-        self.node.give_back(n);
-        self.endpoint.give_back(n);
+        let e = n.min(self.queued);
+        self.queued -= e;
+        self.endpoint.give_back(e);
+        let h = n.min(self.held);
+        self.held -= h;
+        self.node.give_back(h);
     }
 
     pub fn give_back_all(&mut self) {
-        self.give_back(self.bytes);
+        self.give_back(self.queued.max(self.held));
     }
 
     /// Both budgets (to wait on them without borrowing the charge).
@@ -337,17 +365,23 @@ mod tests {
     }
 
     #[test]
-    fn a_charge_counts_against_both_budgets_and_gives_back_only_its_own() {
+    fn a_charge_counts_queued_bytes_to_the_endpoint_and_held_ones_to_the_node() {
         let node = Budget::new(100);
         let ep = Budget::new(30);
         let mut c = Charge::new(node.clone(), ep.clone());
-        assert_eq!(c.available(), 30, "the endpoint's budget is the tighter");
-        c.take(20);
-        assert_eq!((node.used(), ep.used(), c.available()), (20, 20, 10));
-        // 50 bytes written, of which only the first 20 were charged.
-        c.give_back(50);
-        assert_eq!((node.used(), ep.used(), c.bytes()), (0, 0, 0));
-        c.take(5);
+        // Forwarding read-ahead: the endpoint's only.
+        c.take(10, false);
+        assert_eq!((node.used(), ep.used(), c.available(false)), (0, 10, 20));
+        // A hold begins: what is queued is held.
+        c.hold_all(10);
+        assert_eq!((node.used(), ep.used(), c.held()), (10, 10, 10));
+        c.take(10, true);
+        assert_eq!((node.used(), ep.used(), c.available(true)), (20, 20, 10));
+        // Released; 5 more read while forwarding, behind the held ones.
+        c.take(5, false);
+        assert_eq!((node.used(), ep.used()), (20, 25));
+        c.give_back(22);
+        assert_eq!((node.used(), ep.used(), c.held()), (0, 3, 0));
         drop(c);
         assert_eq!((node.used(), ep.used()), (0, 0), "given back on drop");
     }

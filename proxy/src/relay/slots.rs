@@ -5,8 +5,9 @@
 //! the splice pipe pool up to [`MAX_PIPES`] pairs more. Everything else the
 //! agent opens — the API socket and its callers, eBPF maps, programs and
 //! links, netlink, logs — comes from a fixed reserve. A connection accepted
-//! when every slot is taken is closed at once with a FIN (never a reset) and
-//! counted; connections already established are not touched. Without this,
+//! when every slot is taken is closed at once and counted (a FIN; a client
+//! that had already sent bytes gets a reset, as from any server that closes
+//! unread input: draining it would hold the descriptor we lack); connections already established are not touched. Without this,
 //! a flood (or a loop: an endpoint that leads back to the agent) takes
 //! every descriptor, and then the API cannot accept the call that would
 //! repair things. HAProxy's `maxconn`, derived from the same limit, is the
