@@ -3,6 +3,7 @@
 //! setup → fmt check → build-ebpf → clippy (userspace and eBPF) → unit tests
 //! → privileged integration tests (root; single-threaded, real namespaces)
 //! → `soak --migrations 10` (the long run's checks, time-boxed)
+//! → `fuzz --time 20` (every libFuzzer target, its corpus replayed first)
 //! → `bench --quick` (so the benchmark harness cannot rot).
 use crate::util::{self, workspace_root};
 use crate::{build_ebpf, setup};
@@ -78,6 +79,11 @@ pub fn run(o: &Options) -> Result<()> {
             json: false,
             write: false,
             no_setup: true,
+        })?;
+        step("fuzz --time 20");
+        crate::fuzz::run_all(&crate::fuzz::Options {
+            time: 20,
+            targets: Vec::new(),
         })?;
         // Once, small: the benchmark harness must keep working (no timing
         // assertions; benchmarks are not tests).

@@ -3,6 +3,7 @@ mod bench;
 mod build_ebpf;
 mod ci;
 mod demo;
+mod fuzz;
 mod plot;
 mod reliability;
 mod scenario;
@@ -33,6 +34,8 @@ enum Task {
     Bench(bench::Options),
     /// Back-to-back live migrations under load, checked (RELIABILITY.md).
     Soak(soak::Options),
+    /// The libFuzzer targets under fuzz/, each for a bounded time.
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Task::Demo(o) => demo::run(&o),
         Task::Bench(o) => bench::run(&o),
         Task::Soak(o) => soak::run(&o),
+        Task::Fuzz(o) => fuzz::run_cmd(&o),
     }
 }

@@ -305,13 +305,7 @@ fn read_flows(src: &str) -> anyhow::Result<serde_json::Value> {
     } else {
         std::fs::read_to_string(src).with_context(|| format!("reading {src}"))?
     };
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
-        format!("{src} is not JSON: pass the origin's `shepherd migrate status --id ID --json`")
-    })?;
-    match v.get("backend_flows") {
-        Some(f @ serde_json::Value::Array(_)) => Ok(f.clone()),
-        _ => anyhow::bail!("{src} has no backend_flows: pass the origin's `shepherd migrate status --id ID --json`"),
-    }
+    shepherd::api::types::flows_from_status(&text, src).map_err(anyhow::Error::msg)
 }
 
 fn print_incoming(s: &IncomingStatus, json: bool) -> anyhow::Result<ExitCode> {

@@ -80,6 +80,7 @@ pub fn run(opts: &Options) -> Result<()> {
     debian_packages()?;
     nightly_components()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     bpffs()?;
     criu::criu(opts.rebuild_criu)?;
     eprintln!("setup: done in {:.1} s", start.elapsed().as_secs_f64());
@@ -193,6 +194,20 @@ fn nightly_components() -> Result<()> {
         version.trim(),
         missing.join(", ")
     );
+    Ok(())
+}
+
+// ----------------------------------------------------------- cargo-fuzz
+
+/// cargo-fuzz, for `cargo xtask fuzz` (from crates.io).
+fn cargo_fuzz() -> Result<()> {
+    if let Ok(v) = output(clean_cargo("cargo").args(["fuzz", "--version"])) {
+        eprintln!("setup: cargo-fuzz ({}): ok (already present)", v.trim());
+        return Ok(());
+    }
+    run_cmd(clean_cargo("cargo").args(["install", "cargo-fuzz", "--locked"]))
+        .context("could not install cargo-fuzz from crates.io")?;
+    eprintln!("setup: cargo-fuzz: installed");
     Ok(())
 }
 
