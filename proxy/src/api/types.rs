@@ -212,6 +212,23 @@ pub struct ErrorBody {
     pub detail: String,
 }
 
+/// The `backend_flows` of an origin's migration status (`migrate status
+/// --json`), as `migrate incoming --flows-from` reads it; `src` names the
+/// file in errors. The flows themselves are checked by the agent.
+pub fn flows_from_status(text: &str, src: &str) -> Result<serde_json::Value, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "{src} is not JSON ({e}): pass the origin's `shepherd migrate status --id ID --json`"
+        )
+    })?;
+    match v.get("backend_flows") {
+        Some(f @ serde_json::Value::Array(_)) => Ok(f.clone()),
+        _ => Err(format!(
+            "{src} has no backend_flows: pass the origin's `shepherd migrate status --id ID --json`"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::BackendFlow;
@@ -229,22 +246,5 @@ mod tests {
         let f: BackendFlow = serde_json::from_str(moved).expect("parse");
         assert_eq!(f.pod_addr, Some([10, 0, 2, 7].into()));
         assert_eq!(serde_json::to_string(&f).expect("json"), moved);
-    }
-}
-
-/// The `backend_flows` of an origin's migration status (`migrate status
-/// --json`), as `migrate incoming --flows-from` reads it; `src` names the
-/// file in errors. The flows themselves are checked by the agent.
-pub fn flows_from_status(text: &str, src: &str) -> Result<serde_json::Value, String> {
-    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| {
-        format!(
-            "{src} is not JSON ({e}): pass the origin's `shepherd migrate status --id ID --json`"
-        )
-    })?;
-    match v.get("backend_flows") {
-        Some(f @ serde_json::Value::Array(_)) => Ok(f.clone()),
-        _ => Err(format!(
-            "{src} has no backend_flows: pass the origin's `shepherd migrate status --id ID --json`"
-        )),
     }
 }
