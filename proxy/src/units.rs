@@ -21,7 +21,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !v.is_finite() || v < 0.0 {
         return Err(format!("invalid duration {s:?}: must be a positive number"));
     }
-    Ok(Duration::from_secs_f64(v * scale))
+    // Not `from_secs_f64`, which panics past u64::MAX seconds (found by
+    // fuzzing: " 5555…5" as a duration).
+    Duration::try_from_secs_f64(v * scale).map_err(|_| format!("invalid duration {s:?}: too long"))
 }
 
 /// Parses "4096", "64KiB", "16MiB", "1GiB" (also K/M/G, KB/MB/GB as binary).
@@ -60,6 +62,9 @@ mod tests {
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("-1s").is_err());
+        // Found by fuzzing: this used to panic (overflow in from_secs_f64).
+        assert!(parse_duration(" 555555555555555555555555555").is_err());
+        assert!(parse_duration("1e300m").is_err());
     }
 
     #[test]

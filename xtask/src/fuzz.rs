@@ -48,11 +48,16 @@ pub fn run_all(o: &Options) -> Result<Vec<Ran>> {
             .arg("-rss_limit_mb=2048")
             .arg("-print_final_stats=1"));
         if let Err(e) = status {
-            bail!(
-                "fuzz target {t} failed ({e}): the crashing input is under fuzz/artifacts/{t}/; \
-                 fix the bug, then copy the input into fuzz/corpus/{t}/ so every later run \
-                 replays it"
-            );
+            let artifacts = workspace_root().join("fuzz/artifacts").join(t);
+            let crashed = std::fs::read_dir(&artifacts).is_ok_and(|mut d| d.next().is_some());
+            if crashed {
+                bail!(
+                    "fuzz target {t} found a crash ({e}): the input is under {}; fix the bug, \
+                     then copy the input into fuzz/corpus/{t}/ so every later run replays it",
+                    artifacts.display()
+                );
+            }
+            bail!("fuzz target {t} could not be built or run: {e}");
         }
         ran.push(Ran {
             target: t.clone(),
