@@ -84,6 +84,7 @@ pub fn run(o: &Options) -> Result<()> {
         crate::fuzz::run_all(&crate::fuzz::Options {
             time: 20,
             targets: Vec::new(),
+            scratch: true,
         })?;
         // Once, small: the benchmark harness must keep working (no timing
         // assertions; benchmarks are not tests).

@@ -17,6 +17,10 @@ pub struct Options {
     pub time: u64,
     /// Targets to run (default: all).
     pub targets: Vec<String>,
+    /// Keep new inputs in a scratch directory, not in the committed
+    /// corpus (CI: the checkout stays as it was).
+    #[arg(long)]
+    pub scratch: bool,
 }
 
 /// What one target's run left.
@@ -39,9 +43,24 @@ pub fn run_all(o: &Options) -> Result<Vec<Ran>> {
         }
         let corpus = workspace_root().join("fuzz/corpus").join(t);
         std::fs::create_dir_all(&corpus)?;
-        let status = run(clean_cargo("cargo")
-            .current_dir(workspace_root())
-            .args(["+nightly", "fuzz", "run", "--fuzz-dir", "fuzz", t])
+        // libFuzzer writes new inputs into the first corpus directory and
+        // replays them all.
+        let scratch = tempfile::Builder::new()
+            .prefix("shepherd-fuzz-")
+            .tempdir()?;
+        let mut cmd = clean_cargo("cargo");
+        cmd.current_dir(workspace_root()).args([
+            "+nightly",
+            "fuzz",
+            "run",
+            "--fuzz-dir",
+            "fuzz",
+            t,
+        ]);
+        if o.scratch {
+            cmd.arg(scratch.path());
+        }
+        let status = run(cmd
             .arg(&corpus)
             .arg("--")
             .arg(format!("-max_total_time={}", o.time))
