@@ -386,6 +386,77 @@ mod tests {
         assert_eq!((node.used(), ep.used()), (0, 0), "given back on drop");
     }
 
+    /// What a connection does to its queue, in any order: client reads
+    /// (while forwarding or held), holds beginning, writes to the pod of
+    /// any size, and the connection ending.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Read(usize, bool),
+        Hold,
+        Write(usize),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (1usize..5000, any::<bool>()).prop_map(|(n, h)| Op::Read(n, h)),
+            Just(Op::Hold),
+            (0usize..9000).prop_map(Op::Write),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Any interleaving keeps the queue's bytes in order and exactly
+        /// once, keeps the budgets equal to what is queued (the endpoint's)
+        /// and held (the node's), and gives everything back at the end.
+        #[test]
+        fn any_interleaving_keeps_order_and_the_budgets_straight(
+            ops in proptest::collection::vec(op(), 1..200)
+        ) {
+            let node = Budget::new(usize::MAX / 2);
+            let ep = Budget::new(usize::MAX / 2);
+            let mut buf = HoldBuffer::new();
+            let mut charge = Charge::new(node.clone(), ep.clone());
+            let (mut next, mut out) = (0u32, Vec::<u8>::new());
+            for o in ops {
+                match o {
+                    Op::Read(n, holding) => {
+                        let t = buf.read_target(n);
+                        let take = n.min(t.limit);
+                        for _ in 0..take {
+                            t.buf.extend_from_slice(&[(next % 251) as u8]);
+                            next += 1;
+                        }
+                        let got = buf.commit();
+                        proptest::prop_assert_eq!(got, take);
+                        charge.take(got, holding);
+                    }
+                    Op::Hold => charge.hold_all(buf.len()),
+                    Op::Write(n) => {
+                        let n = n.min(buf.len());
+                        let mut written = 0;
+                        while written < n {
+                            let Some(front) = buf.front() else { break };
+                            let k = front.len().min(n - written);
+                            out.extend_from_slice(&front[..k]);
+                            buf.consume(k);
+                            written += k;
+                        }
+                        charge.give_back(written);
+                    }
+                }
+                proptest::prop_assert_eq!(ep.used(), buf.len(), "the endpoint counts what is queued");
+                proptest::prop_assert!(charge.held() <= buf.len());
+                proptest::prop_assert_eq!(node.used(), charge.held(), "the node counts what is held");
+            }
+            for (i, b) in out.iter().enumerate() {
+                proptest::prop_assert_eq!(*b, (i % 251) as u8, "byte {} out of order or twice", i);
+            }
+            drop(charge);
+            proptest::prop_assert_eq!((node.used(), ep.used()), (0, 0));
+        }
+    }
+
     #[tokio::test]
     async fn give_back_wakes_waiters() {
         let b = Budget::new(10);
