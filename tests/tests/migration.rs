@@ -623,6 +623,46 @@ fn failed_dump_aborts_and_the_pod_keeps_serving() {
     w.assert_no_rst();
 }
 
+/// Fault: the destination's agent is down when the controller prepares it.
+/// The controller stops at that first step, before anything is held or
+/// dumped: the pod serves on where it was, its clients see nothing, and the
+/// origin has no record of the attempt.
+#[test]
+fn destination_agent_down_before_incoming_changes_nothing() {
+    privileged!();
+    let mut w = World::new("mgx", true, &[PORT]);
+    let s = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
+    std::thread::sleep(Duration::from_millis(300));
+    shepherd_tests::process::signal_pid(w.dest.pid(), libc::SIGKILL)
+        .expect("kill the destination's agent");
+    std::thread::sleep(Duration::from_millis(200));
+    let plan = w.plan("mig-down", &[PORT]);
+    let pod = w.pod.as_mut().expect("pod");
+    let pid = pod.pid();
+    let c = Cluster {
+        topo: &w.t,
+        origin: &w.origin,
+        dest: &w.dest,
+    };
+    let err = controller::migrate(&c, &plan, pid, &mut || {}, &|l| eprintln!("[mig-down] {l}"))
+        .expect_err("a migration towards a dead agent");
+    assert_eq!(err.step, "shield destination", "{err}");
+    assert!(
+        w.pod.as_ref().is_some_and(Workload::is_alive),
+        "the pod must keep running"
+    );
+    assert_eq!(
+        w.origin.http("GET", "/v1/migrations/mig-down", None).0,
+        404,
+        "nothing was held"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let r = s.stop();
+    r.assert_ok();
+    assert!(r.max_gap < Duration::from_secs(1), "{:?}", r.max_gap);
+    w.assert_no_rst();
+}
+
 /// redis-server as the pod, a real client doing SET/GET every 10 ms through
 /// Shepherd across the migration: zero failed commands, and data written
 /// before the migration is readable after it.

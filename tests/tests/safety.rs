@@ -756,3 +756,46 @@ fn one_stuck_endpoint_cannot_starve_the_others() {
     drop(c);
     w.capture.take();
 }
+
+/// Fault: the controller vanishes after `target` (the hold was given the
+/// pod's new address, so the held flows are translated). The deadline
+/// aborts the migration: the translations go (nothing is left in the map),
+/// forwarding resumes to the pod where it still is, and the client's stream
+/// loses nothing and sees no RST.
+#[test]
+fn a_controller_that_vanishes_after_target_is_undone_by_the_deadline() {
+    privileged!();
+    let mut w = world("vt", &[]);
+    w.register();
+    let ep = w.ep().to_string();
+    let s = shepherd_tests::stream::CounterStream::start(
+        &w.t.client,
+        w.ep(),
+        Duration::from_millis(10),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let hold = serde_json::json!({ "endpoints": [ep], "deadline_ms": 1500, "to": "10.77.2.99" })
+        .to_string();
+    let (status, body) = w.agent.http("PUT", "/v1/migrations/vt/hold", Some(&hold));
+    assert_eq!(status, 200, "{body}");
+    let translated = |w: &World| -> u64 {
+        w.agent
+            .http("GET", "/metrics", None)
+            .1
+            .lines()
+            .find_map(|l| l.strip_prefix("shepherd_translated_flows "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    assert!(translated(&w) > 0, "the held flow is translated");
+    // The controller is gone: nothing more is called.
+    std::thread::sleep(Duration::from_millis(2500));
+    let st = w.agent.cli_json(&["migrate", "status", "--id", "vt"]);
+    assert_eq!(st["state"], "aborted", "{st}");
+    assert_eq!(st["reason"], "deadline", "{st}");
+    assert_eq!(translated(&w), 0, "translations left after the abort");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = s.stop();
+    r.assert_ok();
+    w.assert_no_rst();
+}
