@@ -33,11 +33,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &config.liveness,
     )
     .context("creating the transparent listeners (needs CAP_NET_ADMIN)")?;
-    let intercept = Arc::new(EbpfInterception::load(
+    let intercept = Arc::new(EbpfInterception::load_with(
         &config.intercept_ifaces,
         &config.shield_ifaces,
         &listeners,
         config.max_endpoints,
+        config.max_translations,
     )?);
     let routing = Routing::install().await?;
 

@@ -28,6 +28,8 @@ pub struct Config {
     /// Entries of the kernel's endpoint maps: registered endpoints, and
     /// removed ones whose connections are still draining.
     pub max_endpoints: u32,
+    /// Entries of the kernel's translation map (two per translated flow).
+    pub max_translations: u32,
     /// Keepalive and user timeout of relayed sockets.
     pub liveness: crate::transport::liveness::Liveness,
 }
@@ -83,6 +85,13 @@ impl Config {
             ));
         }
         self.liveness.validate()?;
+        if !(2..=1 << 20).contains(&self.max_translations) {
+            return Err(format!(
+                "--max-translations must be between 2 and {} (got {})",
+                1 << 20,
+                self.max_translations
+            ));
+        }
         if self.hold_deadline.is_zero() {
             return Err("--hold-deadline must be > 0".into());
         }
@@ -110,6 +119,7 @@ mod tests {
             data_threads: 2,
             max_connections: None,
             max_endpoints: 4096,
+            max_translations: 65_536,
             liveness: Default::default(),
         }
     }

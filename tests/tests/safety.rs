@@ -799,3 +799,42 @@ fn a_controller_that_vanishes_after_target_is_undone_by_the_deadline() {
     r.assert_ok();
     w.assert_no_rst();
 }
+
+/// Fault: the translation map is full when a hold asks for the pod's new
+/// address. The hold is aborted (not left in place), the answer is a 409
+/// naming the limit, nothing stays in the map, and the clients go on with
+/// the pod where it is, losing nothing.
+#[test]
+fn a_full_translation_map_aborts_the_hold_cleanly() {
+    privileged!();
+    // Room for two flows (two entries each); three are held.
+    let mut w = world("tf", &["--max-translations", "4"]);
+    w.register();
+    let ep = w.ep().to_string();
+    let streams: Vec<_> = (0..3)
+        .map(|_| {
+            shepherd_tests::stream::CounterStream::start(
+                &w.t.client,
+                w.ep(),
+                Duration::from_millis(10),
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let hold = serde_json::json!({ "endpoints": [ep], "to": "10.77.2.99" }).to_string();
+    let (status, body) = w.agent.http("PUT", "/v1/migrations/tf/hold", Some(&hold));
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("limit_reached") && body.contains("aborted"),
+        "{body}"
+    );
+    let st = w.agent.cli_json(&["migrate", "status", "--id", "tf"]);
+    assert_eq!(st["state"], "aborted", "{st}");
+    let metrics = w.agent.http("GET", "/metrics", None).1;
+    assert!(metrics.contains("shepherd_translated_flows 0"), "{metrics}");
+    std::thread::sleep(Duration::from_millis(300));
+    for s in streams {
+        s.stop().assert_ok();
+    }
+    w.assert_no_rst();
+}

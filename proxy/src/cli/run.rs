@@ -58,6 +58,11 @@ pub struct RunArgs {
     /// The kernel maps are sized for it at start.
     #[arg(long, default_value_t = 4096)]
     max_endpoints: u32,
+    /// Entries of the kernel's translation map, two per backend flow
+    /// translated after a move to a new address. A hold whose flows do not
+    /// fit is aborted and answers 409 limit_reached.
+    #[arg(long, default_value_t = 65_536)]
+    max_translations: u32,
     /// Idle time before keepalive probes a relayed connection's sockets (0:
     /// no keepalive). A peer that vanished silently is noticed after about
     /// idle + interval × probes; never during a hold (the backend's timers
@@ -102,6 +107,7 @@ pub fn run(args: RunArgs, api_socket: PathBuf) -> anyhow::Result<ExitCode> {
         data_threads: args.data_threads.unwrap_or_else(default_data_threads),
         max_connections: args.max_connections,
         max_endpoints: args.max_endpoints,
+        max_translations: args.max_translations,
         liveness: shepherd::transport::liveness::Liveness {
             idle: args.keepalive_idle,
             interval: args.keepalive_interval,

@@ -180,7 +180,18 @@ impl Control {
         }
         if let Some(to) = req.to {
             drop(migs);
-            return self.target(id, to);
+            // All or nothing: a hold whose flows cannot be translated (the
+            // kernel's table is full) is not left in place.
+            return self.target(id, to).map_err(|e| {
+                let why = format!("target failed: {e}");
+                let _ = self.abort(id, Some(why.clone()));
+                match e {
+                    ControlError::Limit(m) => ControlError::Limit(format!(
+                        "{m}; the hold was aborted: clients go on with the pod where it is"
+                    )),
+                    other => other,
+                }
+            });
         }
         Ok(self.status_of(m))
     }

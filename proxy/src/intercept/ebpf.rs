@@ -70,6 +70,10 @@ impl Translations {
     }
 }
 
+/// Entries of the translation map unless `--max-translations` says
+/// otherwise: two per translated backend flow.
+pub const DEFAULT_MAX_TRANSLATIONS: u32 = 65_536;
+
 /// Entries of the kernel's endpoint maps for `--max-endpoints`: a quarter
 /// more, for removed endpoints still draining and a destination's shield
 /// entries, which count there too.
@@ -116,6 +120,24 @@ impl EbpfInterception {
         listeners: &[impl AsRawFd],
         max_endpoints: u32,
     ) -> Result<Self, InterceptError> {
+        Self::load_with(
+            intercept_ifaces,
+            shield_ifaces,
+            listeners,
+            max_endpoints,
+            DEFAULT_MAX_TRANSLATIONS,
+        )
+    }
+
+    /// [`load`](Self::load), with the translation map holding
+    /// `max_translations` entries (two per translated flow).
+    pub fn load_with(
+        intercept_ifaces: &[String],
+        shield_ifaces: &[String],
+        listeners: &[impl AsRawFd],
+        max_endpoints: u32,
+        max_translations: u32,
+    ) -> Result<Self, InterceptError> {
         if OBJECT.is_empty() {
             return Err(InterceptError::NoObject);
         }
@@ -136,6 +158,7 @@ impl EbpfInterception {
         let mut ebpf = aya::EbpfLoader::new()
             .map_max_entries(MAP_ENDPOINTS, kernel_endpoint_entries(max_endpoints))
             .map_max_entries(MAP_STATS, kernel_endpoint_entries(max_endpoints))
+            .map_max_entries(MAP_TRANSLATE, max_translations)
             .load(OBJECT)
             .map_err(|e| InterceptError::Load(e.to_string()))?;
         use TcAttachType::{Egress, Ingress};
