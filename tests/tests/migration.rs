@@ -663,6 +663,62 @@ fn destination_agent_down_before_incoming_changes_nothing() {
     w.assert_no_rst();
 }
 
+/// Fault: the link between the nodes is cut for 2 s right after the
+/// restore, before the release (node B's port on the fabric's bridge goes
+/// down). TCP retransmits across the cut: every byte arrives once and in
+/// order, no RST, and the pause is the freeze plus the cut plus a
+/// retransmission back-off.
+#[test]
+fn a_two_second_cut_between_restore_and_release_loses_nothing() {
+    privileged!();
+    let mut w = World::new("mgk", true, &[PORT]);
+    let streams: Vec<CounterStream> = (0..3)
+        .map(|_| CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let plan = w.plan("mig-cut", &[PORT]);
+    let mut pod = w.pod.take().expect("pod");
+    let pid = pod.pid();
+    let c = Cluster {
+        topo: &w.t,
+        origin: &w.origin,
+        dest: &w.dest,
+    };
+    let cut = |line: &str| {
+        eprintln!("[mig-cut] {line}");
+        if line.starts_with("restore") {
+            w.t.fabric.ip(&["link", "set", "nodeb", "down"]);
+            std::thread::sleep(Duration::from_secs(2));
+            w.t.fabric.ip(&["link", "set", "nodeb", "up"]);
+        }
+    };
+    let (restored, report) = controller::migrate(
+        &c,
+        &plan,
+        pid,
+        &mut || {
+            pod.wait_exit(Duration::from_secs(10));
+        },
+        &cut,
+    )
+    .unwrap_or_else(|e| panic!("{e}\norigin log:\n{}", w.origin.log()));
+    drop(pod);
+    std::thread::sleep(Duration::from_millis(2000));
+    for s in streams {
+        let r = s.stop();
+        r.assert_ok();
+        assert!(
+            r.max_gap <= report.freeze + Duration::from_secs(2) + Duration::from_secs(4),
+            "client paused {:?} (freeze {:?}, cut 2 s)",
+            r.max_gap,
+            report.freeze
+        );
+    }
+    assert!(restored.is_alive());
+    w.restored = Some(restored);
+    w.assert_no_rst();
+}
+
 /// redis-server as the pod, a real client doing SET/GET every 10 ms through
 /// Shepherd across the migration: zero failed commands, and data written
 /// before the migration is readable after it.
