@@ -719,6 +719,70 @@ fn a_two_second_cut_between_restore_and_release_loses_nothing() {
     w.assert_no_rst();
 }
 
+/// Fault: the destination's agent dies when `complete` is due, after the
+/// release (with it go its programs: the new address is no longer
+/// translated back for the restored sockets). That is a loss: the pod
+/// resets the flows it no longer recognises, and the proxy closes each
+/// client cleanly (a FIN after every byte the pod sent, never a reset or a
+/// hang) and says why in the migration's status.
+#[test]
+fn destination_agent_dead_at_complete_ends_clients_cleanly() {
+    privileged!();
+    let mut w = World::new("mgc", true, &[PORT]);
+    let streams: Vec<CounterStream> = (0..2)
+        .map(|_| CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let plan = w.plan("mig-dead-dest", &[PORT]);
+    let mut pod = w.pod.take().expect("pod");
+    let pid = pod.pid();
+    let dest_pid = w.dest.pid();
+    let c = Cluster {
+        topo: &w.t,
+        origin: &w.origin,
+        dest: &w.dest,
+    };
+    let kill_at_complete = |line: &str| {
+        eprintln!("[mig-dead-dest] {line}");
+        if line.starts_with("release") {
+            let _ = shepherd_tests::process::signal_pid(dest_pid, libc::SIGKILL);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let err = controller::migrate(
+        &c,
+        &plan,
+        pid,
+        &mut || {
+            pod.wait_exit(Duration::from_secs(10));
+        },
+        &kill_at_complete,
+    )
+    .expect_err("complete cannot reach a dead agent");
+    drop(pod);
+    assert_eq!(err.step, "complete", "{err}");
+    // Every client ends, cleanly, within seconds.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while streams.iter().any(|s| !s.has_failed()) {
+        assert!(
+            Instant::now() < deadline,
+            "a client hangs after the destination died"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for s in streams {
+        let r = s.stop();
+        assert!(r.eof, "the client did not get a FIN: {:?}", r.first_error);
+        assert!(r.in_order, "bytes out of order before the end");
+    }
+    let st = w
+        .origin
+        .cli_json(&["migrate", "status", "--id", "mig-dead-dest"]);
+    assert!(u(&st, "connections_closed") >= 1, "{st}");
+    assert!(st["reason"].as_str().is_some_and(|r| !r.is_empty()), "{st}");
+    w.assert_no_rst();
+}
+
 /// redis-server as the pod, a real client doing SET/GET every 10 ms through
 /// Shepherd across the migration: zero failed commands, and data written
 /// before the migration is readable after it.
