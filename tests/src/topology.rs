@@ -506,20 +506,15 @@ impl ExtraPod {
         name: &str,
         ip: Ipv4Addr,
     ) -> ExtraPod {
-        let node = if behind_origin { &t.node_a } else { &t.node_b };
         let p = ExtraPod {
-            ns: Netns::create(name),
+            ns: fresh_pod(t, behind_origin, host_if, name, ip),
             host_if,
             ip,
             behind_origin,
         };
-        wire_pod_unrouted(node, host_if, &p.ns, ip);
         for old in [t.pod_ip, t.pod_b_ip] {
             addr_add(&p.ns, "lo", &format!("{old}/32"));
         }
-        rp_filter_off(&p.ns, &[POD_IF, "lo"]);
-        rp_filter_off(node, &[host_if]);
-        node.sysctl(&format!("net.ipv4.conf.{host_if}.send_redirects"), "0");
         p
     }
 }
@@ -626,18 +621,14 @@ impl TwoNode {
 }
 
 /// A fresh pod namespace `name` behind node A (`behind_a`) or node B, on a
-/// veth `host_if`, with no address yet (a [`Hop`] gives it one). A runtime
-/// restores a checkpoint into a new sandbox, never into the one it left;
-/// dropping the guard deletes the namespace and its veth.
-pub fn fresh_pod(t: &TwoNode, behind_a: bool, host_if: &str, name: &str) -> Netns {
+/// veth `host_if`, at `ip` (wired as [`wire_pod_unrouted`]: its node routes
+/// it only when a move switches routes). A runtime restores a checkpoint
+/// into a new sandbox, never into the one it left; dropping the guard
+/// deletes the namespace and its veth.
+pub fn fresh_pod(t: &TwoNode, behind_a: bool, host_if: &str, name: &str, ip: Ipv4Addr) -> Netns {
     let node = if behind_a { &t.node_a } else { &t.node_b };
     let ns = Netns::create(name);
-    let gw = POD_GATEWAY.to_string();
-    veth(node, host_if, &ns, POD_IF);
-    addr_add_scope_link(node, host_if, &format!("{gw}/32"));
-    link_up(node, host_if);
-    link_up(&ns, POD_IF);
-    link_up(&ns, "lo");
+    wire_pod_unrouted(node, host_if, &ns, ip);
     rp_filter_off(&ns, &[POD_IF, "lo"]);
     rp_filter_off(node, &[host_if]);
     node.sysctl(&format!("net.ipv4.conf.{host_if}.send_redirects"), "0");
@@ -648,8 +639,8 @@ pub fn fresh_pod(t: &TwoNode, behind_a: bool, host_if: &str, name: &str) -> Netn
 /// of a [`TwoNode`] at a new address every time (the soak's pod), from one
 /// [`Place`] to a fresh one: `ip` is where it lands, `history` every address
 /// it had before (the sockets it keeps are bound to those).
-/// [`Hop::prepare`] addresses the destination first: `ip` on its eth0, the
-/// history on its `lo`. Routes: every address of the pod goes wherever it
+/// [`Hop::prepare`] readies the destination first ([`fresh_pod`] made it at
+/// `ip`): the history on its `lo`. Routes: every address of the pod goes wherever it
 /// lands (node A routes them to node B, or straight to the pod; node B to
 /// the pod).
 pub struct Hop<'a> {
@@ -661,13 +652,9 @@ pub struct Hop<'a> {
 }
 
 impl Hop<'_> {
-    /// Addresses the destination namespace and gives it its routes.
+    /// Puts the pod's earlier addresses on the destination's `lo`.
     pub fn prepare(&self) {
         let ns = self.to.ns;
-        let gw = POD_GATEWAY.to_string();
-        addr_add(ns, POD_IF, &format!("{}/32", self.ip));
-        ns.ip(&["route", "replace", &gw, "dev", POD_IF, "scope", "link"]);
-        ns.ip(&["route", "replace", "default", "via", &gw, "dev", POD_IF]);
         for old in self.history {
             ns.ip(&["addr", "replace", &format!("{old}/32"), "dev", "lo"]);
         }

@@ -154,6 +154,19 @@ impl World {
 
     /// Runs the reference controller; panics with the step that failed.
     fn migrate(&mut self, plan: &Plan) -> Report {
+        self.try_migrate(plan, &|_| {})
+            .unwrap_or_else(|e| panic!("{e}\norigin log:\n{}", self.origin.log()))
+    }
+
+    /// [`migrate`](Self::migrate), calling `on_step` after each step (a
+    /// fault can be injected there) and returning the controller's error.
+    /// The pod stays owned by the world: restored, rolled back, or still
+    /// running at A if it was never dumped.
+    fn try_migrate(
+        &mut self,
+        plan: &Plan,
+        on_step: &dyn Fn(&str),
+    ) -> Result<Report, ControllerError> {
         let mut pod = self.pod.take().expect("pod running at A");
         let pid = pod.pid();
         let c = Cluster {
@@ -168,15 +181,23 @@ impl World {
             &mut || {
                 pod.wait_exit(Duration::from_secs(10));
             },
-            &|line| eprintln!("[{}] {line}", plan.id),
+            &|line| {
+                eprintln!("[{}] {line}", plan.id);
+                on_step(line);
+            },
         );
         match result {
             Ok((restored, report)) => {
                 self.restored = Some(restored);
-                drop(pod);
-                report
+                Ok(report)
             }
-            Err(e) => panic!("{e}\norigin log:\n{}", self.origin.log()),
+            Err(mut e) => {
+                self.restored = e.rolled_back.take();
+                if pod.is_alive() {
+                    self.pod = Some(pod);
+                }
+                Err(e)
+            }
         }
     }
 
@@ -596,14 +617,8 @@ fn failed_dump_aborts_and_the_pod_keeps_serving() {
     std::thread::sleep(Duration::from_millis(300));
     let mut plan = w.plan("mig-fail", &[PORT]);
     plan.image_limit = Some(64 * 1024);
-    let pod = w.pod.as_mut().expect("pod");
-    let pid = pod.pid();
-    let c = Cluster {
-        topo: &w.t,
-        origin: &w.origin,
-        dest: &w.dest,
-    };
-    let err = controller::migrate(&c, &plan, pid, &mut || {}, &|l| eprintln!("[mig-fail] {l}"))
+    let err = w
+        .try_migrate(&plan, &|_| {})
         .expect_err("the dump must fail");
     assert_eq!(err.step, "dump", "{err}");
     assert!(
@@ -637,14 +652,8 @@ fn destination_agent_down_before_incoming_changes_nothing() {
         .expect("kill the destination's agent");
     std::thread::sleep(Duration::from_millis(200));
     let plan = w.plan("mig-down", &[PORT]);
-    let pod = w.pod.as_mut().expect("pod");
-    let pid = pod.pid();
-    let c = Cluster {
-        topo: &w.t,
-        origin: &w.origin,
-        dest: &w.dest,
-    };
-    let err = controller::migrate(&c, &plan, pid, &mut || {}, &|l| eprintln!("[mig-down] {l}"))
+    let err = w
+        .try_migrate(&plan, &|_| {})
         .expect_err("a migration towards a dead agent");
     assert_eq!(err.step, "shield destination", "{err}");
     assert!(
@@ -676,33 +685,25 @@ fn a_two_second_cut_between_restore_and_release_loses_nothing() {
         .map(|_| CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK))
         .collect();
     std::thread::sleep(Duration::from_millis(300));
-    let plan = w.plan("mig-cut", &[PORT]);
-    let mut pod = w.pod.take().expect("pod");
-    let pid = pod.pid();
-    let c = Cluster {
-        topo: &w.t,
-        origin: &w.origin,
-        dest: &w.dest,
+    let fabric = w.t.fabric.name().to_string();
+    let set_link = |state: &str| {
+        let ok = std::process::Command::new("ip")
+            .args(["-n", &fabric, "link", "set", "nodeb", state])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip link set nodeb {state} in {fabric}");
     };
     let cut = |line: &str| {
-        eprintln!("[mig-cut] {line}");
         if line.starts_with("restore") {
-            w.t.fabric.ip(&["link", "set", "nodeb", "down"]);
+            set_link("down");
             std::thread::sleep(Duration::from_secs(2));
-            w.t.fabric.ip(&["link", "set", "nodeb", "up"]);
+            set_link("up");
         }
     };
-    let (restored, report) = controller::migrate(
-        &c,
-        &plan,
-        pid,
-        &mut || {
-            pod.wait_exit(Duration::from_secs(10));
-        },
-        &cut,
-    )
-    .unwrap_or_else(|e| panic!("{e}\norigin log:\n{}", w.origin.log()));
-    drop(pod);
+    let plan = w.plan("mig-cut", &[PORT]);
+    let report = w
+        .try_migrate(&plan, &cut)
+        .unwrap_or_else(|e| panic!("{e}\norigin log:\n{}", w.origin.log()));
     std::thread::sleep(Duration::from_millis(2000));
     for s in streams {
         let r = s.stop();
@@ -714,8 +715,7 @@ fn a_two_second_cut_between_restore_and_release_loses_nothing() {
             report.freeze
         );
     }
-    assert!(restored.is_alive());
-    w.restored = Some(restored);
+    assert!(w.restored.as_ref().is_some_and(RestoredProcess::is_alive));
     w.assert_no_rst();
 }
 
@@ -734,32 +734,16 @@ fn destination_agent_dead_at_complete_ends_clients_cleanly() {
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let plan = w.plan("mig-dead-dest", &[PORT]);
-    let mut pod = w.pod.take().expect("pod");
-    let pid = pod.pid();
     let dest_pid = w.dest.pid();
-    let c = Cluster {
-        topo: &w.t,
-        origin: &w.origin,
-        dest: &w.dest,
-    };
     let kill_at_complete = |line: &str| {
-        eprintln!("[mig-dead-dest] {line}");
         if line.starts_with("release") {
             let _ = shepherd_tests::process::signal_pid(dest_pid, libc::SIGKILL);
             std::thread::sleep(Duration::from_millis(200));
         }
     };
-    let err = controller::migrate(
-        &c,
-        &plan,
-        pid,
-        &mut || {
-            pod.wait_exit(Duration::from_secs(10));
-        },
-        &kill_at_complete,
-    )
-    .expect_err("complete cannot reach a dead agent");
-    drop(pod);
+    let err = w
+        .try_migrate(&plan, &kill_at_complete)
+        .expect_err("complete cannot reach a dead agent");
     assert_eq!(err.step, "complete", "{err}");
     // Every client ends, cleanly, within seconds.
     let deadline = Instant::now() + Duration::from_secs(15);

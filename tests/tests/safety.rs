@@ -52,11 +52,7 @@ fn connection_churn_gives_memory_back() {
         });
         // Let the agent see every FIN and finish its connections.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while w.agent.cli_json(&["conn", "ls"])["connections"]
-            .as_array()
-            .map_or(0, |a| a.len())
-            > 0
-        {
+        while connection_count(&w) > 0 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "connections never finished"

@@ -300,6 +300,7 @@ fn soak(o: &Options, echo: &Path, dir: &Path, say: &dyn Fn(&str)) -> Result<Valu
                 k % 2 == 0,
                 &host_ifs[k - 1],
                 &format!("{prefix}p{k}"),
+                address(k),
             ))
         })
         .collect();
