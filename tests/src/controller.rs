@@ -63,6 +63,12 @@ pub struct Plan {
     /// Failure injection for tests: put the images on a tmpfs this small, so
     /// the dump fails part-way (ENOSPC) and CRIU must roll back.
     pub image_limit: Option<u64>,
+    /// The hold's deadline (the agent's default without it).
+    pub hold_deadline: Option<Duration>,
+    /// Failure injection for tests: the controller vanishes right after the
+    /// restore, calling neither `release` nor `complete` (the agents'
+    /// deadlines must end the migration).
+    pub vanish_after_restore: bool,
 }
 
 impl Plan {
@@ -75,6 +81,8 @@ impl Plan {
             routes_before_restore: false,
             shepherd: true,
             image_limit: None,
+            hold_deadline: None,
+            vanish_after_restore: false,
         }
     }
 }
@@ -301,11 +309,15 @@ pub fn migrate_with(
         .map_err(|e| fail("shield destination", e))?;
         step("shield destination", s, &mut report);
         t_hold = Instant::now();
+        let mut hold = json!({ "endpoints": eps, "to": new_ip });
+        if let Some(d) = plan.hold_deadline {
+            hold["deadline_ms"] = json!(d.as_millis() as u64);
+        }
         let held = api(
             c.origin,
             "PUT",
             &format!("/v1/migrations/{id}/hold"),
-            Some(json!({ "endpoints": eps, "to": new_ip })),
+            Some(hold),
         )
         .map_err(|e| {
             abort("hold failed");
@@ -399,6 +411,9 @@ pub fn migrate_with(
     }
     report.freeze = t_freeze.elapsed();
     step("restore", s, &mut report);
+    if plan.vanish_after_restore {
+        return Ok(report);
+    }
     if !routes_early {
         let s = Instant::now();
         t.switch_routes();

@@ -12,10 +12,12 @@ use shepherd_tests::capture::{Capture, CaptureReport};
 use shepherd_tests::controller::{self, Cluster, ControllerError, Plan, ReleaseMode, Report};
 use shepherd_tests::criu::RestoredProcess;
 use shepherd_tests::names::unique_prefix;
+use shepherd_tests::netem::{Impairment, Netem};
 use shepherd_tests::process::{wait_tcp_ready, Workload};
 use shepherd_tests::stream::{request_response, CounterReport, CounterStream};
 use shepherd_tests::topology::{ExtraPod, SecondMove, TwoNode, POD_C_IP, POD_D_IP};
 use shepherd_tests::{echo_bin, privileged};
+use std::cell::RefCell;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -713,6 +715,115 @@ fn a_two_second_cut_between_restore_and_release_loses_nothing() {
             "client paused {:?} (freeze {:?}, cut 2 s)",
             r.max_gap,
             report.freeze
+        );
+    }
+    assert!(w.restored.as_ref().is_some_and(RestoredProcess::is_alive));
+    w.assert_no_rst();
+}
+
+/// Fault: the fabric between the nodes loses 5% of its packets and delays
+/// the rest by 50 ms (netem's figures; see `shepherd_tests::netem`) from
+/// the restore on: through the release, the replay and after. The replay
+/// completes: every byte once and in order, no RST, and the clients' pause
+/// bounded by the freeze and TCP's retransmissions.
+#[test]
+fn loss_and_delay_on_the_fabric_during_the_replay_lose_nothing() {
+    privileged!();
+    let mut w = World::new("mgl", true, &[PORT]);
+    let streams: Vec<CounterStream> = (0..3)
+        .map(|_| CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let fabric = w.t.fabric.name().to_string();
+    let netem: RefCell<Option<Netem>> = RefCell::new(None);
+    let impair = |line: &str| {
+        if line.starts_with("restore") {
+            let imp = Impairment {
+                loss: 0.05,
+                delay: Duration::from_millis(50),
+            };
+            *netem.borrow_mut() = Some(Netem::start(&fabric, 0, imp));
+        }
+    };
+    let plan = w.plan("mig-lossy", &[PORT]);
+    let report = w
+        .try_migrate(&plan, &impair)
+        .unwrap_or_else(|e| panic!("{e}\norigin log:\n{}", w.origin.log()));
+    // The replayed streams go on over the impaired fabric for a while.
+    std::thread::sleep(Duration::from_secs(3));
+    let done = netem.take().expect("the fabric was impaired").stop();
+    eprintln!("impaired fabric: {done:?}");
+    assert!(
+        done.packets >= 100 && done.dropped > 0,
+        "the impairment saw too little to count: {done:?}"
+    );
+    let st = w
+        .origin
+        .cli_json(&["migrate", "status", "--id", "mig-lossy"]);
+    assert!(st["bytes_held"].as_u64() > Some(0), "{st}");
+    assert_eq!(
+        st["bytes_replayed"], st["bytes_held"],
+        "the replay completed: {st}"
+    );
+    for s in streams {
+        let r = s.stop();
+        r.assert_ok();
+        assert!(
+            r.max_gap <= report.freeze + Duration::from_secs(5),
+            "client paused {:?} (freeze {:?})",
+            r.max_gap,
+            report.freeze
+        );
+    }
+    assert!(w.restored.as_ref().is_some_and(RestoredProcess::is_alive));
+    w.assert_no_rst();
+}
+
+/// Fault: the controller vanishes right after the restore: no release and
+/// no `complete`. When the hold's deadline comes, the origin sees the pod's
+/// restored connections answering from its new address and releases there
+/// (resume) instead of aborting, which would send the replay to the address
+/// the pod has left; the status says so. Every byte once, in order, no RST.
+#[test]
+fn a_controller_that_vanishes_after_the_restore_is_rolled_forward() {
+    privileged!();
+    let mut w = World::new("mgv", true, &[PORT]);
+    let streams: Vec<CounterStream> = (0..3)
+        .map(|_| CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut plan = w.plan("mig-vanish", &[PORT]);
+    let deadline = Duration::from_secs(4);
+    plan.hold_deadline = Some(deadline);
+    plan.vanish_after_restore = true;
+    let report = w
+        .try_migrate(&plan, &|_| {})
+        .unwrap_or_else(|e| panic!("{e}\norigin log:\n{}", w.origin.log()));
+    let status = || {
+        w.origin
+            .cli_json(&["migrate", "status", "--id", "mig-vanish"])
+    };
+    let until = Instant::now() + deadline + Duration::from_secs(10);
+    while status()["state"] == "holding" {
+        assert!(Instant::now() < until, "the deadline never ended the hold");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = status();
+    assert_eq!(st["state"], "released", "{st}");
+    assert_eq!(st["mode"], "resume", "{st}");
+    let reason = st["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("deadline") && reason.contains("answer at its target"),
+        "{st}"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    for s in streams {
+        let r = s.stop();
+        r.assert_ok();
+        assert!(
+            r.max_gap <= deadline + report.freeze + Duration::from_secs(2),
+            "client paused {:?} (deadline {deadline:?})",
+            r.max_gap
         );
     }
     assert!(w.restored.as_ref().is_some_and(RestoredProcess::is_alive));

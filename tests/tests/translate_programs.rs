@@ -5,13 +5,14 @@
 //! pods share the node's (address, port), which `connect()` allows and a
 //! node drain that moves both pods at once exercises.
 
-use etherparse::{Ipv4HeaderSlice, PacketBuilder, TcpHeaderSlice};
+use etherparse::{Ipv4HeaderSlice, TcpHeaderSlice};
 use shepherd::intercept::ebpf::EbpfInterception;
 use shepherd::intercept::Interception;
 use shepherd_common::{
     EndpointKey, FlowKey, Translation, EP_SHIELD, MARK_REUSED, MARK_RST, MARK_SEEN, ROLE_DEST,
     ROLE_ORIGIN,
 };
+use shepherd_tests::frames::{frame, Flag, PAYLOAD};
 use shepherd_tests::privileged;
 use std::net::{Ipv4Addr, TcpListener};
 
@@ -32,33 +33,6 @@ fn load() -> (EbpfInterception, TcpListener) {
     let ic = EbpfInterception::load(&[], &[], std::slice::from_ref(&listener), 4096)
         .unwrap_or_else(|e| panic!("load the eBPF object: {e}"));
     (ic, listener)
-}
-
-/// TCP flags a test frame carries besides ACK.
-#[derive(Clone, Copy, PartialEq)]
-enum Flag {
-    None,
-    Syn,
-    SynAck,
-    Fin,
-    Rst,
-}
-
-fn frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flag: Flag) -> Vec<u8> {
-    let mut out = Vec::new();
-    let b = PacketBuilder::ethernet2([1; 6], [2; 6])
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1234, 64000);
-    let b = match flag {
-        Flag::None => b.ack(99),
-        // A connection's first segment: SYN alone.
-        Flag::Syn => b.syn(),
-        Flag::SynAck => b.syn().ack(99),
-        Flag::Fin => b.ack(99).fin(),
-        Flag::Rst => b.ack(99).rst(),
-    };
-    b.write(&mut out, b"held bytes").expect("build frame");
-    out
 }
 
 fn translation(old: [u8; 4], new: [u8; 4], role: u32) -> Translation {
@@ -104,7 +78,7 @@ fn run_with(
     );
     let tcp = TcpHeaderSlice::from_slice(&out[14 + ip_len..]).expect("TCP header");
     let payload = &out[14 + ip_len + tcp.slice().len()..];
-    assert_eq!(payload, b"held bytes", "{program}: payload");
+    assert_eq!(payload, PAYLOAD, "{program}: payload");
     assert_eq!(
         tcp.checksum(),
         tcp.calc_checksum_ipv4(&ip, payload).expect("checksum"),

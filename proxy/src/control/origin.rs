@@ -6,7 +6,7 @@ use crate::api::types::{BackendFlow, HoldRequest, MigrationStatus};
 use crate::endpoint::{ConnInfo, EndpointState, HoldStats, Mode};
 use crate::error::ControlError;
 use crate::migration::{self, Phase, ReleaseMode, Request, Step};
-use shepherd_common::{FlowKey, EP_INTERCEPT, EP_SHIELD, ROLE_ORIGIN};
+use shepherd_common::{FlowKey, EP_INTERCEPT, EP_SHIELD, MARK_SEEN, ROLE_ORIGIN};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -206,11 +206,59 @@ impl Control {
             let due = lock(&control.migrations)
                 .get(&id)
                 .is_some_and(|m| m.phase == Phase::Holding && m.stats.epoch == epoch);
-            if due {
+            if !due {
+                return;
+            }
+            // Past the restore, an abort would lose what a release keeps:
+            // the pod's restored sockets already speak from its target.
+            if let Some((to, seen, held)) = control.restored_at_target(&id) {
+                tracing::warn!(migration = %id, ?deadline, %to, seen, held, "hold deadline passed without a release, but the pod answers at its target; releasing there (resume)");
+                let why = format!(
+                    "deadline: no release came, but the pod's restored connections answer at its \
+                     target {to} ({seen} of {held} held flows); released there in resume mode"
+                );
+                let mode = ReleaseMode::Resume;
+                let _ =
+                    control.finish(&id, Request::Release(mode), Some(why), Some(mode), Some(to));
+            } else {
                 tracing::warn!(migration = %id, ?deadline, "hold deadline passed without a release; aborting");
                 let _ = control.finish(&id, Request::Abort, Some("deadline".into()), None, None);
             }
         });
+    }
+
+    /// Whether the pod of a hold with a target was restored there with its
+    /// connections: a segment from the target address crossed this node on
+    /// one of the held flows (a restored socket sends a window probe as it
+    /// leaves repair mode). Then the target, how many flows were seen and how
+    /// many are held. The deadline releases such a hold instead of aborting
+    /// it: the restore is the migration's point of no return, and aborting
+    /// after it would send the replay to an address the pod has left.
+    fn restored_at_target(&self, id: &str) -> Option<(Ipv4Addr, usize, usize)> {
+        let migs = lock(&self.migrations);
+        let m = migs.get(id)?;
+        let to = m.target?;
+        let new_addr = u32::from_ne_bytes(to.octets());
+        let keys: Vec<FlowKey> = m
+            .states
+            .iter()
+            .flat_map(|s| s.connections())
+            .filter_map(|c| conn_flow_key(&c))
+            .collect();
+        let seen = keys
+            .iter()
+            .filter(|key| {
+                let ours = matches!(
+                    self.intercept.translation(**key),
+                    Ok(Some(t)) if t.role == ROLE_ORIGIN && t.new_addr == new_addr
+                );
+                ours && matches!(
+                    self.intercept.translation_marks(**key),
+                    Ok(Some(marks)) if marks[MARK_SEEN] != 0
+                )
+            })
+            .count();
+        (seen > 0).then_some((to, seen, keys.len()))
     }
 
     /// Ends a hold: held bytes are replayed to the pod, in order.

@@ -243,6 +243,20 @@ impl EbpfInterception {
     /// tests can check the programs' packet logic against the real maps.
     #[doc(hidden)]
     pub fn test_run(&self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>), InterceptError> {
+        self.test_run_marked(program, frame, 0)
+            .map(|(verdict, out, _)| (verdict, out))
+    }
+
+    /// [`test_run`](Self::test_run) on a packet carrying `mark` (the
+    /// socket mark of the sender, as the proxy's backend connections carry
+    /// theirs); also returns the packet's mark as the program left it.
+    #[doc(hidden)]
+    pub fn test_run_marked(
+        &self,
+        program: &str,
+        frame: &[u8],
+        mark: u32,
+    ) -> Result<(u32, Vec<u8>, u32), InterceptError> {
         use std::os::fd::{AsFd, AsRawFd};
         let fail =
             |detail: String| InterceptError::Load(format!("test run of {program}: {detail}"));
@@ -274,6 +288,14 @@ impl EbpfInterception {
             batch_size: u32,
             _pad: u32,
         }
+        // A `struct __sk_buff` (192 bytes since 5.16): the kernel takes
+        // `mark` from it (other fields it does not take must be zero) and
+        // writes it back.
+        const SK_BUFF_LEN: usize = 192;
+        const MARK_AT: usize = 8;
+        let mut ctx_in = [0u8; SK_BUFF_LEN];
+        ctx_in[MARK_AT..MARK_AT + 4].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SK_BUFF_LEN];
         let mut attr = TestRunAttr {
             prog_fd: fd.as_fd().as_raw_fd() as u32,
             data_size_in: frame.len() as u32,
@@ -281,12 +303,17 @@ impl EbpfInterception {
             data_in: frame.as_ptr() as u64,
             data_out: out.as_mut_ptr() as u64,
             repeat: 1,
+            ctx_size_in: SK_BUFF_LEN as u32,
+            ctx_size_out: SK_BUFF_LEN as u32,
+            ctx_in: ctx_in.as_ptr() as u64,
+            ctx_out: ctx_out.as_mut_ptr() as u64,
             ..Default::default()
         };
         const BPF_PROG_TEST_RUN: libc::c_long = 10;
         // SAFETY: `attr` is a valid `bpf_attr.test` for its size; the kernel
-        // reads `frame` and writes at most `data_size_out` bytes to `out`,
-        // both live for the call.
+        // reads `frame` and `ctx_in` and writes at most `data_size_out`
+        // bytes to `out` and `ctx_size_out` to `ctx_out`, all live for the
+        // call.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -299,7 +326,9 @@ impl EbpfInterception {
             return Err(fail(std::io::Error::last_os_error().to_string()));
         }
         out.truncate(attr.data_size_out as usize);
-        Ok((attr.retval, out))
+        let mut mark_out = [0u8; 4];
+        mark_out.copy_from_slice(&ctx_out[MARK_AT..MARK_AT + 4]);
+        Ok((attr.retval, out, u32::from_ne_bytes(mark_out)))
     }
 }
 

@@ -672,6 +672,37 @@ async fn a_hold_and_release_never_seen_keep_the_counters_straight() {
     assert!(g2.bytes_replayed <= g2.bytes_held, "{g2:?}");
 }
 
+/// The controller vanished after the restore: when the deadline comes, the
+/// pod's restored connections already answer from its target (a segment from
+/// there crossed the node on a held flow). An abort would send the replay to
+/// the address the pod has left, so the deadline releases at the target, in
+/// resume mode, and says why. Without that sign it aborts, as before
+/// (`deadline_aborts_and_resumes`, `abort_after_target_removes_the_translation`).
+async fn a_deadline_after_the_restore_releases_at_the_target(m: Mechanism) {
+    let r = rig(m, 1 << 20, 8 << 20, Duration::from_millis(500)).await;
+    let mut c = held_and_translated(&r, "m30").await;
+    if let Ok(mut t) = r.intercept.translations.lock() {
+        for v in t.values_mut() {
+            v.marks[shepherd_common::MARK_SEEN] = 1;
+        }
+    }
+    c.write_all(b"held").await.expect("write during hold");
+    assert_eq!(read_exact_timeout(&mut c, 4).await, b"held");
+    let st = r.control.status("m30").expect("status");
+    assert_eq!(st.state, Phase::Released, "{st:?}");
+    assert_eq!(st.mode, Some(ReleaseMode::Resume));
+    let reason = st.reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("deadline") && reason.contains("target 127.0.0.2"),
+        "{reason}"
+    );
+    assert_eq!(r.translations(), 1, "the flow stays translated");
+    // The controller, back, finds it done: a resume release is a no-op.
+    r.control
+        .release("m30", ReleaseMode::Resume, None)
+        .expect("a late release in the same mode");
+}
+
 impl Rig {
     /// Holds the endpoint under migration `id` and says the pod lands at `to`.
     async fn hold_to(&self, id: &str, to: std::net::Ipv4Addr) -> MigrationStatus {
@@ -1501,6 +1532,7 @@ for_each_mechanism!(
     connection_opened_during_hold_is_queued_then_served,
     per_connection_cap_applies_back_pressure_without_loss,
     deadline_aborts_and_resumes,
+    a_deadline_after_the_restore_releases_at_the_target,
     bad_requests_are_rejected_and_change_nothing,
     reconnect_mode_replays_held_bytes_on_a_new_backend_connection,
     target_translates_held_flows_and_incoming_shields_and_translates,
@@ -1513,3 +1545,4 @@ for_each_mechanism!(
 
 // After the macro: its scenarios run with each mechanism too.
 mod backend_ends_during_hold;
+mod state_machine;
