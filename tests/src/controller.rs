@@ -23,6 +23,7 @@
 use crate::agent::Agent;
 use crate::criu::{self, DumpOpts, Images, RestoredProcess, TcpRestore};
 use crate::netns::Netns;
+pub use crate::process::reap;
 use crate::topology::PodMove;
 use serde_json::{json, Value};
 use std::net::SocketAddrV4;
@@ -208,20 +209,6 @@ impl Checkpointer for CriuProcess<'_> {
         let (p, _) = criu::restore(into, images, tcp).map_err(|e| e.to_string())?;
         self.restored = Some(p);
         Ok(())
-    }
-}
-
-/// Reaps `pid` if it is our (sub-reaped) child, waiting up to `timeout`.
-pub fn reap(pid: u32, timeout: Duration) {
-    let until = Instant::now() + timeout;
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid on a specific pid with WNOHANG; status is a local.
-        let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
-        if r != 0 || Instant::now() >= until {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -309,3 +309,17 @@ pub fn raise_nofile() -> io::Result<u64> {
 pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
+
+/// Reaps `pid` if it is our (sub-reaped) child, waiting up to `timeout`.
+pub fn reap(pid: u32, timeout: Duration) {
+    let until = Instant::now() + timeout;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid on a specific pid with WNOHANG; status is a local.
+        let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+        if r != 0 || Instant::now() >= until {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -721,6 +721,59 @@ fn a_two_second_cut_between_restore_and_release_loses_nothing() {
     w.assert_no_rst();
 }
 
+/// Fault: the restore on B fails (pod B's namespace lacks the old address
+/// the restored sockets are bound to), and the controller restores the pod
+/// back on A from the same images. The migration is aborted, the pod serves
+/// on at A, and the clients lose nothing and see no RST.
+#[test]
+fn a_restore_that_fails_on_b_is_restored_on_a() {
+    privileged!();
+    let mut w = World::new("mgb", true, &[PORT]);
+    w.t.pod_b
+        .ip(&["addr", "del", &format!("{}/32", w.t.pod_ip), "dev", "lo"]);
+    let streams: Vec<CounterStream> = (0..3)
+        .map(|_| CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let plan = w.plan("mig-back-home", &[PORT]);
+    let mut pod = w.pod.take().expect("pod");
+    let pid = pod.pid();
+    let c = Cluster {
+        topo: &w.t,
+        origin: &w.origin,
+        dest: &w.dest,
+    };
+    let mut err = controller::migrate(
+        &c,
+        &plan,
+        pid,
+        &mut || {
+            pod.wait_exit(Duration::from_secs(10));
+        },
+        &|l| eprintln!("[mig-back-home] {l}"),
+    )
+    .expect_err("the restore on B must fail");
+    drop(pod);
+    assert_eq!(err.step, "restore", "{err}");
+    let back = err
+        .rolled_back
+        .take()
+        .unwrap_or_else(|| panic!("not restored back on A: {err}"));
+    assert!(back.is_alive(), "{err}");
+    let st = w
+        .origin
+        .cli_json(&["migrate", "status", "--id", "mig-back-home"]);
+    assert_eq!(st["state"], "aborted", "{st}");
+    std::thread::sleep(Duration::from_millis(500));
+    for s in streams {
+        s.stop().assert_ok();
+    }
+    request_response(&w.t.client, w.t.pod_addr(PORT), b"still at A")
+        .expect("a new connection after the failed move");
+    w.restored = Some(back);
+    w.assert_no_rst();
+}
+
 /// Fault: the fabric between the nodes loses 5% of its packets and delays
 /// the rest by 50 ms (netem's figures; see `shepherd_tests::netem`) from
 /// the restore on: through the release, the replay and after. The replay

@@ -512,6 +512,14 @@ pub fn restore(
         .and_then(|s| s.trim().parse::<u32>().ok());
     let finished = run.status.success()
         || fs::read_to_string(&log).is_ok_and(|l| l.contains("Restore finished successfully"));
+    if !finished {
+        // A failed restore kills the tasks it had forked, and they are
+        // reparented to us (a subreaper): reap them, or their pids stay
+        // taken (zombies) and a retry, say back where the pod was, fails.
+        for pid in images_pids(images) {
+            crate::process::reap(pid, Duration::from_secs(2));
+        }
+    }
     match pid {
         Some(pid) if finished && pid_alive(pid) => {
             let elapsed = run.elapsed;

@@ -103,7 +103,7 @@ struct ReapLater(Vec<u32>);
 impl Drop for ReapLater {
     fn drop(&mut self) {
         for pid in &self.0 {
-            crate::controller::reap(*pid, Duration::from_secs(2));
+            crate::process::reap(*pid, Duration::from_secs(2));
         }
     }
 }
