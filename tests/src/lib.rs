@@ -51,6 +51,7 @@ pub mod netem;
 pub mod netns;
 pub mod privilege;
 pub mod process;
+pub mod record;
 pub mod resp;
 pub mod runtime;
 pub mod single;

@@ -4,6 +4,7 @@
 //! the client's interface and checks every byte.
 
 use serde_json::Value;
+use shepherd_tests::record::{self, ms};
 use shepherd_tests::single::{start_echo, u, World, UNMANAGED_PORT};
 use shepherd_tests::stream::{bulk_echo, connect_in, request_response, CounterStream};
 use shepherd_tests::{echo_bin, privileged};
@@ -294,6 +295,73 @@ fn hold_buffer_cap_applies_back_pressure() {
     w.assert_no_rst();
 }
 
+/// Fault: 100 clients push during a hold until the node's total hold budget
+/// is spent (a quarter of what they push). Held bytes stay within the caps,
+/// the clients' windows close, and after the release every byte of every
+/// client comes back once and in order, with no RST.
+#[test]
+fn a_hundred_clients_exhaust_the_total_hold_budget_and_lose_nothing() {
+    privileged!();
+    const TOTAL: u64 = 8 << 20;
+    const CLIENTS: u64 = 100;
+    const EACH: u64 = 1 << 20;
+    let mut w = world(
+        "hx",
+        &[
+            "--hold-buffer-per-conn",
+            "1MiB",
+            "--hold-buffer-per-endpoint",
+            "8MiB",
+            "--hold-buffer-total",
+            "8MiB",
+        ],
+    );
+    w.register();
+    let ep = w.ep().to_string();
+    w.agent.cli_json(&["migrate", "hold", "--id", "m-hx", &ep]);
+    let (client, dst) = (&w.t.client, w.ep());
+    let (reports, held) = std::thread::scope(|scope| {
+        let pushers: Vec<_> = (0..CLIENTS)
+            .map(|i| scope.spawn(move || bulk_echo(client, dst, EACH, 100 + i)))
+            .collect();
+        // Until the budget is spent (or long enough to say it never is).
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut st = w.status("m-hx");
+        while u(&st, "bytes_held") < TOTAL - (1 << 20) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+            st = w.status("m-hx");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let st = w.status("m-hx");
+        let held = u(&st, "bytes_held");
+        assert!(held <= TOTAL, "held more than the total cap: {st}");
+        assert!(held >= TOTAL / 2, "the budget was never spent: {st}");
+        assert_eq!(u(&st, "connections"), CLIENTS, "{st}");
+        w.agent.cli_json(&["migrate", "release", "--id", "m-hx"]);
+        let reports: Vec<_> = pushers
+            .into_iter()
+            .map(|p| p.join().expect("pusher"))
+            .collect();
+        (reports, held)
+    });
+    for r in &reports {
+        r.assert_ok();
+        assert_eq!(r.received, EACH);
+    }
+    let st = w.status("m-hx");
+    assert_eq!(u(&st, "connections_closed"), 0, "{st}");
+    w.assert_no_rst();
+    record::fault(
+        "a_hundred_clients_exhaust_the_total_hold_budget_and_lose_nothing",
+        format!(
+            "{CLIENTS} clients pushing {} MiB each against an {} MiB total: {} bytes held at the cap, the rest waits in the clients' closed windows; after the release every byte of every client once and in order; 0 closed; 0 RST",
+            EACH >> 20,
+            TOTAL >> 20,
+            held
+        ),
+    );
+}
+
 /// 5. A hold whose release never comes aborts at its deadline; the stream
 ///    resumes towards the original pod and the status says why.
 #[test]
@@ -332,6 +400,13 @@ fn hold_without_release_aborts_at_deadline() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("aborted (deadline)"));
     w.assert_no_rst();
+    record::fault(
+        "hold_without_release_aborts_at_deadline",
+        format!(
+            "the deadline aborts, forwarding resumes to the pod: the stream paused {} and lost nothing; a late release is a 409 naming the abort; 0 RST",
+            ms(r.max_gap)
+        ),
+    );
 }
 
 /// 6. Bad input gets a clear error and the agent keeps serving.
@@ -596,6 +671,10 @@ fn unreachable_backend_closes_the_client_cleanly() {
     // The pod's kernel refuses the proxy's backend socket, on the node's
     // side; nothing of that may reach the client's wire.
     w.assert_no_rst();
+    record::fault(
+        "unreachable_backend_closes_the_client_cleanly",
+        "the client gets a clean FIN (EOF) and the log says the backend is unreachable; 0 RST",
+    );
 }
 
 /// A late segment of a proxied flow, arriving after the proxy's socket has
@@ -678,6 +757,13 @@ fn deadline_abort_with_the_pod_gone_closes_cleanly_and_says_why() {
     // The pod's kernel refuses the proxy's backend socket, on the node's
     // side; nothing of that may reach the client's wire.
     w.assert_no_rst();
+    record::fault(
+        "deadline_abort_with_the_pod_gone_closes_cleanly_and_says_why",
+        format!(
+            "the client gets a FIN after every byte the pod sent (in order, no I/O error); the status says: \"{}\"; 0 RST",
+            st["reason"].as_str().unwrap_or_default()
+        ),
+    );
 }
 
 /// Kubernetes' sequence on one node: hold, the pod's process is killed
@@ -725,6 +811,13 @@ fn a_pod_killed_during_a_hold_and_restarted_keeps_its_clients() {
     assert_eq!(u(&st, "connections_closed"), 0, "{st}");
     assert_eq!(u(&st, "bytes_replayed"), u(&st, "bytes_held"), "{st}");
     w.assert_no_rst();
+    record::fault(
+        "a_pod_killed_during_a_hold_and_restarted_keeps_its_clients",
+        format!(
+            "every client kept: {} held bytes replayed into the restarted pod's new connections, each value once and in order; 0 connections closed; 0 RST",
+            u(&st, "bytes_held")
+        ),
+    );
 }
 
 /// While an endpoint is held, RSTs from the pod's address are dropped by

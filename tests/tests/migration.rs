@@ -14,6 +14,7 @@ use shepherd_tests::criu::RestoredProcess;
 use shepherd_tests::names::unique_prefix;
 use shepherd_tests::netem::{Impairment, Netem};
 use shepherd_tests::process::{wait_tcp_ready, Workload};
+use shepherd_tests::record::{self, ms};
 use shepherd_tests::stream::{request_response, CounterReport, CounterStream};
 use shepherd_tests::topology::{ExtraPod, SecondMove, TwoNode, POD_C_IP, POD_D_IP};
 use shepherd_tests::{echo_bin, privileged};
@@ -556,6 +557,14 @@ fn route_switched_before_restore_resets_nobody() {
         report.dest_status
     );
     w.assert_no_rst();
+    record::fault(
+        "route_switched_before_restore_resets_nobody",
+        format!(
+            "the destination's shield dropped {} RST(s) from the new namespace; every byte once and in order, nobody reset (0 RST); freeze {}",
+            report.dest_status["rsts_shielded"],
+            ms(report.freeze)
+        ),
+    );
 }
 
 /// Reconnect mode: the pod is restored without its TCP connections; the
@@ -638,6 +647,13 @@ fn failed_dump_aborts_and_the_pod_keeps_serving() {
     request_response(&w.t.client, w.t.pod_addr(PORT), b"still here")
         .expect("pod still serving at A");
     w.assert_no_rst();
+    record::fault(
+        "failed_dump_aborts_and_the_pod_keeps_serving",
+        format!(
+            "CRIU rolls the dump back, the migration is aborted, the pod serves on at A (new connections too); the stream paused {} and lost nothing; 0 RST",
+            ms(r.max_gap)
+        ),
+    );
 }
 
 /// Fault: the destination's agent is down when the controller prepares it.
@@ -672,6 +688,13 @@ fn destination_agent_down_before_incoming_changes_nothing() {
     r.assert_ok();
     assert!(r.max_gap < Duration::from_secs(1), "{:?}", r.max_gap);
     w.assert_no_rst();
+    record::fault(
+        "destination_agent_down_before_incoming_changes_nothing",
+        format!(
+            "the controller stops at `incoming`, before any hold or dump; the pod serves on, the origin has no record; the stream's longest pause {}; 0 RST",
+            ms(r.max_gap)
+        ),
+    );
 }
 
 /// Fault: the link between the nodes is cut for 2 s right after the
@@ -707,9 +730,11 @@ fn a_two_second_cut_between_restore_and_release_loses_nothing() {
         .try_migrate(&plan, &cut)
         .unwrap_or_else(|e| panic!("{e}\norigin log:\n{}", w.origin.log()));
     std::thread::sleep(Duration::from_millis(2000));
+    let mut longest = Duration::ZERO;
     for s in streams {
         let r = s.stop();
         r.assert_ok();
+        longest = longest.max(r.max_gap);
         assert!(
             r.max_gap <= report.freeze + Duration::from_secs(2) + Duration::from_secs(4),
             "client paused {:?} (freeze {:?}, cut 2 s)",
@@ -719,6 +744,14 @@ fn a_two_second_cut_between_restore_and_release_loses_nothing() {
     }
     assert!(w.restored.as_ref().is_some_and(RestoredProcess::is_alive));
     w.assert_no_rst();
+    record::fault(
+        "a_two_second_cut_between_restore_and_release_loses_nothing",
+        format!(
+            "TCP retransmits across the cut: every byte once and in order, 0 RST; longest pause {} (freeze {}, cut 2 s)",
+            ms(longest),
+            ms(report.freeze)
+        ),
+    );
 }
 
 /// Fault: the restore on B fails (pod B's namespace lacks the old address
@@ -772,6 +805,10 @@ fn a_restore_that_fails_on_b_is_restored_on_a() {
         .expect("a new connection after the failed move");
     w.restored = Some(back);
     w.assert_no_rst();
+    record::fault(
+        "a_restore_that_fails_on_b_is_restored_on_a",
+        "the controller restores the pod back on A from the same images and aborts: every byte once and in order, 0 RST; new connections served at A",
+    );
 }
 
 /// Fault: the fabric between the nodes loses 5% of its packets and delays
@@ -818,9 +855,11 @@ fn loss_and_delay_on_the_fabric_during_the_replay_lose_nothing() {
         st["bytes_replayed"], st["bytes_held"],
         "the replay completed: {st}"
     );
+    let mut longest = Duration::ZERO;
     for s in streams {
         let r = s.stop();
         r.assert_ok();
+        longest = longest.max(r.max_gap);
         assert!(
             r.max_gap <= report.freeze + Duration::from_secs(5),
             "client paused {:?} (freeze {:?})",
@@ -830,6 +869,17 @@ fn loss_and_delay_on_the_fabric_during_the_replay_lose_nothing() {
     }
     assert!(w.restored.as_ref().is_some_and(RestoredProcess::is_alive));
     w.assert_no_rst();
+    record::fault(
+        "loss_and_delay_on_the_fabric_during_the_replay_lose_nothing",
+        format!(
+            "the replay completes ({} bytes held, all replayed): every byte once and in order, 0 RST; {} of {} packets dropped on the fabric; longest pause {} (freeze {})",
+            st["bytes_held"],
+            done.dropped,
+            done.packets,
+            ms(longest),
+            ms(report.freeze)
+        ),
+    );
 }
 
 /// Fault: the controller vanishes right after the restore: no release and
@@ -870,9 +920,11 @@ fn a_controller_that_vanishes_after_the_restore_is_rolled_forward() {
         "{st}"
     );
     std::thread::sleep(Duration::from_millis(1000));
+    let mut longest = Duration::ZERO;
     for s in streams {
         let r = s.stop();
         r.assert_ok();
+        longest = longest.max(r.max_gap);
         assert!(
             r.max_gap <= deadline + report.freeze + Duration::from_secs(2),
             "client paused {:?} (deadline {deadline:?})",
@@ -881,6 +933,14 @@ fn a_controller_that_vanishes_after_the_restore_is_rolled_forward() {
     }
     assert!(w.restored.as_ref().is_some_and(RestoredProcess::is_alive));
     w.assert_no_rst();
+    record::fault(
+        "a_controller_that_vanishes_after_the_restore_is_rolled_forward",
+        format!(
+            "the deadline ({}) finds the restored connections answering from the new address and releases there (resume): every byte once and in order, 0 RST; longest pause {}",
+            ms(deadline),
+            ms(longest)
+        ),
+    );
 }
 
 /// Fault: the destination's agent dies when `complete` is due, after the
@@ -929,6 +989,14 @@ fn destination_agent_dead_at_complete_ends_clients_cleanly() {
     assert!(u(&st, "connections_closed") >= 1, "{st}");
     assert!(st["reason"].as_str().is_some_and(|r| !r.is_empty()), "{st}");
     w.assert_no_rst();
+    record::fault(
+        "destination_agent_dead_at_complete_ends_clients_cleanly",
+        format!(
+            "a loss, ended cleanly: {} client(s) closed with a FIN after every byte in order (no RST, no hang); the status says: \"{}\"; the controller reports the failed step",
+            u(&st, "connections_closed"),
+            st["reason"].as_str().unwrap_or_default()
+        ),
+    );
 }
 
 /// redis-server as the pod, a real client doing SET/GET every 10 ms through

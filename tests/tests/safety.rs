@@ -6,6 +6,7 @@ use shepherd_tests::echo_bin;
 use shepherd_tests::netns::in_netns;
 use shepherd_tests::privileged;
 use shepherd_tests::process::{open_fds, raise_nofile};
+use shepherd_tests::record::{self, ms};
 use shepherd_tests::single::World;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -214,6 +215,10 @@ fn the_connection_limit_refuses_cleanly_and_keeps_the_api() {
     }
     drop(socks);
     w.assert_no_rst();
+    record::fault(
+        "the_connection_limit_refuses_cleanly_and_keeps_the_api",
+        "connections past `--max-connections` closed at accept with a FIN and counted; the established ones echo on; the API answers throughout; 0 RST",
+    );
 }
 
 /// `--max-endpoints` bounds registration with a 409 that names it, and a
@@ -445,6 +450,14 @@ fn slow_api_callers_are_cut_off_and_others_served() {
     report.assert_ok();
     assert!(report.received > 100, "{report:?}");
     w.assert_no_rst();
+    record::fault(
+        "slow_api_callers_are_cut_off_and_others_served",
+        format!(
+            "100 half-sent requests cut off after {}; other callers answered throughout; the data plane relayed {} values meanwhile; 0 RST",
+            ms(waited),
+            report.received
+        ),
+    );
 }
 
 /// An unprivileged user who binds the agent's abstract lock name first (and
@@ -794,6 +807,10 @@ fn a_controller_that_vanishes_after_target_is_undone_by_the_deadline() {
     let r = s.stop();
     r.assert_ok();
     w.assert_no_rst();
+    record::fault(
+        "a_controller_that_vanishes_after_target_is_undone_by_the_deadline",
+        "the deadline aborts and the translations go (0 left); the stream loses nothing; 0 RST",
+    );
 }
 
 /// Fault: the translation map is full when a hold asks for the pod's new
@@ -833,4 +850,8 @@ fn a_full_translation_map_aborts_the_hold_cleanly() {
         s.stop().assert_ok();
     }
     w.assert_no_rst();
+    record::fault(
+        "a_full_translation_map_aborts_the_hold_cleanly",
+        "the hold is aborted with 409 `limit_reached`, nothing left in the map; the clients go on with the pod where it is, every byte once, 0 RST",
+    );
 }

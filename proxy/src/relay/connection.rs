@@ -435,13 +435,23 @@ impl Conn {
             Event::ClientReadable(Err(e), _) => return Err(format!("client read failed: {e}")),
             Event::ClientReadable(Ok(()), false) => self.copy_from_client()?,
             Event::ClientReadable(Ok(()), true) => {
-                match self.up_lane.fill_from(self.client_r.as_ref(), self.room) {
+                // Spliced only while forwarding: the endpoint's room.
+                let room = self.charge.reserve(self.room.max(1), false);
+                let filled = if room == 0 {
+                    Ok(Filled::WouldBlock)
+                } else {
+                    self.up_lane.fill_from(self.client_r.as_ref(), room)
+                };
+                if let Ok(Filled::Bytes(n)) = &filled {
+                    // Spliced bytes wait in the pipe as read-ahead: the
+                    // endpoint's budget counts them as queued.
+                    self.charge.take(*n, false);
+                }
+                self.charge.unreserve();
+                match filled {
                     Ok(Filled::Bytes(n)) => {
                         self.up_bulk = n >= SPLICE_MIN;
                         self.info.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
-                        // Spliced bytes wait in the pipe as read-ahead:
-                        // the endpoint's budget counts them as queued.
-                        self.charge.take(n, false);
                     }
                     Ok(Filled::Eof) => self.client_eof = true,
                     Ok(Filled::WouldBlock) => {}
@@ -618,12 +628,22 @@ impl Conn {
     /// Reads what the client sent into the hold buffer (as much as `room`
     /// allows); nothing if it turns out there was nothing.
     fn copy_from_client(&mut self) -> Result<(), String> {
-        let target = self.up.read_target(self.room.max(1));
+        // The room, taken before the read: other connections read at once.
+        let room = self
+            .charge
+            .reserve(self.room.max(1), self.mode.hold().is_some());
+        if room == 0 {
+            // Spent by another connection meanwhile: the next turn waits.
+            return Ok(());
+        }
+        let target = self.up.read_target(room);
         let limit = target.limit;
-        match inq::read_buf(self.client_r.as_ref(), &mut target.buf.limit(limit)) {
+        let r = match inq::read_buf(self.client_r.as_ref(), &mut target.buf.limit(limit)) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             r => self.client_read(r),
-        }
+        };
+        self.charge.unreserve();
+        r
     }
 
     /// Reads what the pod sent into `down`.
