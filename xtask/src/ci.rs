@@ -67,9 +67,15 @@ pub fn run(o: &Options) -> Result<()> {
     if let Some(f) = &o.filter {
         t.arg(f);
     }
-    t.args(["--test-threads=1"]).env("SHEPHERD_BIN", &bin);
+    crate::faults::clear_records()?;
+    t.args(["--test-threads=1"])
+        .env("SHEPHERD_BIN", &bin)
+        .env("SHEPHERD_RECORD_DIR", crate::faults::record_dir());
     util::run(&mut t)?;
     if o.filter.is_none() {
+        // Every fault of the matrix was shown by a test that passed.
+        step("fault matrix");
+        println!("{}", crate::faults::table(&crate::faults::record_dir())?);
         // Ten migrations, not a hundred: every check of the long run, in
         // about half a minute (`cargo xtask soak` runs the long one).
         step("soak --migrations 10");

@@ -3,6 +3,7 @@ mod bench;
 mod build_ebpf;
 mod ci;
 mod demo;
+mod faults;
 mod fuzz;
 mod plot;
 mod reliability;
@@ -36,6 +37,8 @@ enum Task {
     Soak(soak::Options),
     /// The libFuzzer targets under fuzz/, each for a bounded time.
     Fuzz(fuzz::Options),
+    /// The fault matrix: one privileged test per fault (RELIABILITY.md).
+    Faults(faults::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,5 +50,6 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(o) => bench::run(&o),
         Task::Soak(o) => soak::run(&o),
         Task::Fuzz(o) => fuzz::run_cmd(&o),
+        Task::Faults(o) => faults::run(&o),
     }
 }

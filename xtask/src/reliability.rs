@@ -1,6 +1,7 @@
 //! RELIABILITY.md: the soak's figures, written by `cargo xtask soak
-//! --write` between markers, so the hand-written parts (the fault table,
-//! the fuzz targets) stay as they are.
+//! --write`, and the fault table, written by `cargo xtask faults --write`,
+//! each between its markers, so the hand-written parts (the probing
+//! findings, the fuzz targets) stay as they are.
 use crate::bench::report::Machine;
 use crate::util::workspace_root;
 use anyhow::{Context, Result};
@@ -10,16 +11,22 @@ use std::fmt::Write;
 const BEGIN: &str = "<!-- soak:begin -->";
 const END: &str = "<!-- soak:end -->";
 
-/// Replaces the soak section of RELIABILITY.md with `r`.
-pub fn write_soak(r: &Value) -> Result<()> {
+/// Replaces what RELIABILITY.md holds between `begin` and `end` with
+/// `body` (the markers stay).
+pub fn write_section(begin: &str, end: &str, body: &str) -> Result<()> {
     let path = workspace_root().join("RELIABILITY.md");
     let old = std::fs::read_to_string(&path).context("reading RELIABILITY.md")?;
-    let (Some(b), Some(e)) = (old.find(BEGIN), old.find(END)) else {
-        anyhow::bail!("RELIABILITY.md has no {BEGIN} … {END} markers");
+    let (Some(b), Some(e)) = (old.find(begin), old.find(end)) else {
+        anyhow::bail!("RELIABILITY.md has no {begin} … {end} markers");
     };
+    let new = format!("{}{begin}\n{body}{}", &old[..b], &old[e..]);
+    std::fs::write(&path, new).context("writing RELIABILITY.md")
+}
+
+/// Replaces the soak section of RELIABILITY.md with `r`.
+pub fn write_soak(r: &Value) -> Result<()> {
     let m = Machine::read();
     let mut s = String::new();
-    let _ = writeln!(s, "{BEGIN}");
     let _ = writeln!(
         s,
         "Produced by `cargo xtask soak --migrations {} --streams {} --write` on {} cores ({}), {:.0} GiB, kernel {}: {} live migrations in {} s.\n",
@@ -85,7 +92,5 @@ pub fn write_soak(r: &Value) -> Result<()> {
         r["end"]["leftover_namespaces"],
         r["failures"].as_array().map_or(0, Vec::len)
     );
-    let _ = write!(s, "{END}");
-    let new = format!("{}{}{}", &old[..b], s, &old[e + END.len()..]);
-    std::fs::write(&path, new).context("writing RELIABILITY.md")
+    write_section(BEGIN, END, &s)
 }
