@@ -37,8 +37,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &config.intercept_ifaces,
         &config.shield_ifaces,
         &listeners,
-        config.max_endpoints,
-        config.max_translations,
+        map_sizes(&config),
     )?);
     let routing = Routing::install().await?;
 
@@ -215,5 +214,14 @@ struct RemoveOnDrop(std::path::PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The kernel maps' sizes the configuration asks for.
+fn map_sizes(config: &Config) -> shepherd::intercept::ebpf::MapSizes {
+    shepherd::intercept::ebpf::MapSizes {
+        endpoints: config.max_endpoints,
+        translations: config.max_translations,
+        proxied_flows: config.max_proxied_flows,
     }
 }

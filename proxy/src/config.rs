@@ -30,6 +30,8 @@ pub struct Config {
     pub max_endpoints: u32,
     /// Entries of the kernel's translation map (two per translated flow).
     pub max_translations: u32,
+    /// Entries of the kernel's proxied-flow map (LRU: the oldest goes).
+    pub max_proxied_flows: u32,
     /// Keepalive and user timeout of relayed sockets.
     pub liveness: crate::transport::liveness::Liveness,
 }
@@ -92,6 +94,13 @@ impl Config {
                 self.max_translations
             ));
         }
+        if !(16..=1 << 22).contains(&self.max_proxied_flows) {
+            return Err(format!(
+                "--max-proxied-flows must be between 16 and {} (got {})",
+                1 << 22,
+                self.max_proxied_flows
+            ));
+        }
         if self.hold_deadline.is_zero() {
             return Err("--hold-deadline must be > 0".into());
         }
@@ -120,6 +129,7 @@ mod tests {
             max_connections: None,
             max_endpoints: 4096,
             max_translations: 65_536,
+            max_proxied_flows: crate::intercept::ebpf::DEFAULT_MAX_PROXIED_FLOWS,
             liveness: Default::default(),
         }
     }

@@ -66,12 +66,9 @@ impl Netem {
             panic!("NFQUEUE {queue} in {ns}: {e}");
         }
         q.set_nonblocking(true);
-        let stop = Arc::new(AtomicBool::new(false));
-        let worker = {
-            let stop = stop.clone();
-            std::thread::spawn(move || run(q, imp, &stop))
-        };
-        let rule: Vec<String> = ["FORWARD", "-j", "NFQUEUE", "--queue-num"]
+        // `--queue-bypass`: should the thread stop early (its socket
+        // closes), packets flow unimpaired instead of being dropped.
+        let rule: Vec<String> = ["FORWARD", "-j", "NFQUEUE", "--queue-bypass", "--queue-num"]
             .iter()
             .map(|s| s.to_string())
             .chain([queue.to_string()])
@@ -83,6 +80,11 @@ impl Netem {
             rule.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let stop = stop.clone();
+            std::thread::spawn(move || run(q, imp, &stop))
+        };
         Netem {
             ns: ns.to_string(),
             rule,

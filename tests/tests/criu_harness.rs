@@ -476,6 +476,14 @@ fn vetoed_dump_rolls_back_and_a_later_migration_works() {
     assert_eq!(cap.rsts, 0, "RSTs: {:#?}", cap.rst_lines);
     assert!(veto_gap < Duration::from_secs(1), "veto gap {veto_gap:?}");
     assert!(restored.is_alive());
+    shepherd_tests::record::fault(
+        "vetoed_dump_rolls_back_and_a_later_migration_works",
+        format!(
+            "CRIU rolls the vetoed dump back: the pod serves on (the stream paused {} ms), and a later migration works (freeze {} ms, 0 RST)",
+            veto_gap.as_millis(),
+            freeze.as_millis()
+        ),
+    );
 }
 
 /// The guards leave nothing: namespaces, the restored process (gone from

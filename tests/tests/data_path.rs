@@ -293,6 +293,14 @@ fn hold_buffer_cap_applies_back_pressure() {
         peak >> 20
     );
     w.assert_no_rst();
+    record::fault(
+        "hold_buffer_cap_applies_back_pressure",
+        format!(
+            "one client pushing 512 MiB into a 16 MiB hold: the window closes at the cap (agent RSS peaked at {} MiB, from {} MiB); after the release all 512 MiB arrive once and in order; 0 RST",
+            peak >> 20,
+            baseline >> 20
+        ),
+    );
 }
 
 /// Fault: 100 clients push during a hold until the node's total hold budget

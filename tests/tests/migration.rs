@@ -535,6 +535,10 @@ fn failed_second_move_leaves_the_pod_serving_where_it_was() {
         .expect("pod still serving at B");
     assert_backend(&w, w.t.pod_b_ip);
     w.assert_no_rst();
+    record::fault(
+        "failed_second_move_leaves_the_pod_serving_where_it_was",
+        "the pod's second move fails at its dump: it serves on at B, the destination's translations for the failed move are undone, the first move's stay; every byte once, 0 RST",
+    );
 }
 
 /// A route that races ahead of the restore: node A sends to node B before

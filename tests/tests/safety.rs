@@ -855,3 +855,58 @@ fn a_full_translation_map_aborts_the_hold_cleanly() {
         "the hold is aborted with 409 `limit_reached`, nothing left in the map; the clients go on with the pod where it is, every byte once, 0 RST",
     );
 }
+
+/// Fault: the proxied-flow map is full. It is an LRU map
+/// (`--max-proxied-flows`, 16 here): with four times as many connections
+/// open at once, the oldest entries make room, and nothing is refused or
+/// reset: every connection is intercepted and echoes, before and after the
+/// others close, and new connections keep coming in.
+#[test]
+fn a_full_proxied_flow_map_refuses_and_resets_nothing() {
+    privileged!();
+    const FLOWS: usize = 16;
+    let mut w = world("pf", &["--max-proxied-flows", "16"]);
+    w.register();
+    let ep = w.ep();
+    let mut socks: Vec<TcpStream> = (0..4 * FLOWS)
+        .map(|i| {
+            let (s, _) = shepherd_tests::stream::connect_in(&w.t.client, ep)
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            s
+        })
+        .collect();
+    for round in 0..2u8 {
+        for (i, s) in socks.iter_mut().enumerate() {
+            s.write_all(&[round, i as u8]).expect("write");
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b)
+                .unwrap_or_else(|e| panic!("connection {i}, round {round}: {e}"));
+            assert_eq!(b, [round, i as u8]);
+        }
+    }
+    let eps = w.agent.cli_json(&["endpoint", "ls"]);
+    let assigned = eps["endpoints"][0]["syns_assigned"].as_u64().unwrap_or(0);
+    assert!(assigned >= (4 * FLOWS) as u64, "{eps}");
+    // Closed in order, oldest first; then new connections, each served.
+    for s in socks.drain(..) {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut rest = Vec::new();
+        let mut s = s;
+        s.read_to_end(&mut rest).expect("a clean end");
+    }
+    for i in 0..FLOWS {
+        shepherd_tests::stream::request_response(&w.t.client, ep, b"again")
+            .unwrap_or_else(|e| panic!("new connection {i}: {e}"));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    w.assert_no_rst();
+    record::fault(
+        "a_full_proxied_flow_map_refuses_and_resets_nothing",
+        format!(
+            "an LRU map: with {} connections through a {FLOWS}-entry map the oldest entries make room; every connection intercepted ({assigned} SYNs assigned) and echoing, closed cleanly, new ones served; 0 RST",
+            4 * FLOWS
+        ),
+    );
+}

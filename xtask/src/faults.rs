@@ -65,8 +65,16 @@ pub const FAULTS: &[(&str, &str)] = &[
         "data_path::a_hundred_clients_exhaust_the_total_hold_budget_and_lose_nothing",
     ),
     (
+        "one client pushing far past its connection's hold cap",
+        "data_path::hold_buffer_cap_applies_back_pressure",
+    ),
+    (
         "the translation map full when a hold asks for the new address (`--max-translations`)",
         "safety::a_full_translation_map_aborts_the_hold_cleanly",
+    ),
+    (
+        "the proxied-flow map full (`--max-proxied-flows`)",
+        "safety::a_full_proxied_flow_map_refuses_and_resets_nothing",
     ),
     (
         "the descriptor limit reached",
@@ -83,6 +91,14 @@ pub const FAULTS: &[(&str, &str)] = &[
     (
         "a dump fails (ENOSPC)",
         "migration::failed_dump_aborts_and_the_pod_keeps_serving",
+    ),
+    (
+        "a post-dump script vetoes the dump (raw CRIU, no Shepherd)",
+        "criu_harness::vetoed_dump_rolls_back_and_a_later_migration_works",
+    ),
+    (
+        "the pod's second move (from B) fails at its dump",
+        "migration::failed_second_move_leaves_the_pod_serving_where_it_was",
     ),
     (
         "routes switched before the restore",

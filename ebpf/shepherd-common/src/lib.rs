@@ -205,7 +205,9 @@ pub const MARK_RST: usize = 2;
 /// flow's wire tuple: the migrated flow is gone and a new connection reuses
 /// its tuple. The entry then translates nothing more.
 pub const MARK_REUSED: usize = 3;
-/// Index in [`Translation::marks`]: any segment of the flow was translated.
+/// Index in [`Translation::marks`]: a segment from the pod's side of the
+/// flow (not an RST) was translated: the pod's socket is live there. A
+/// restored socket sends a window probe as it leaves repair mode.
 pub const MARK_SEEN: usize = 4;
 
 impl Translation {

@@ -63,6 +63,12 @@ pub struct RunArgs {
     /// fit is aborted and answers 409 limit_reached.
     #[arg(long, default_value_t = 65_536)]
     max_translations: u32,
+    /// Entries of the kernel's map of client flows handed to the proxy,
+    /// used to drop a stray segment of a flow whose proxy socket has closed
+    /// (which the pod would answer with a reset). An LRU map: when full, the
+    /// oldest flow's entry makes room; nothing is refused.
+    #[arg(long, default_value_t = shepherd::intercept::ebpf::DEFAULT_MAX_PROXIED_FLOWS)]
+    max_proxied_flows: u32,
     /// Idle time before keepalive probes a relayed connection's sockets (0:
     /// no keepalive). A peer that vanished silently is noticed after about
     /// idle + interval × probes; never during a hold (the backend's timers
@@ -108,6 +114,7 @@ pub fn run(args: RunArgs, api_socket: PathBuf) -> anyhow::Result<ExitCode> {
         max_connections: args.max_connections,
         max_endpoints: args.max_endpoints,
         max_translations: args.max_translations,
+        max_proxied_flows: args.max_proxied_flows,
         liveness: shepherd::transport::liveness::Liveness {
             idle: args.keepalive_idle,
             interval: args.keepalive_interval,

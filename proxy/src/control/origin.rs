@@ -6,7 +6,9 @@ use crate::api::types::{BackendFlow, HoldRequest, MigrationStatus};
 use crate::endpoint::{ConnInfo, EndpointState, HoldStats, Mode};
 use crate::error::ControlError;
 use crate::migration::{self, Phase, ReleaseMode, Request, Step};
-use shepherd_common::{FlowKey, EP_INTERCEPT, EP_SHIELD, MARK_SEEN, ROLE_ORIGIN};
+use shepherd_common::{
+    FlowKey, EP_INTERCEPT, EP_SHIELD, MARK_POD_FIN, MARK_RST, MARK_SEEN, ROLE_ORIGIN,
+};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -211,18 +213,43 @@ impl Control {
             }
             // Past the restore, an abort would lose what a release keeps:
             // the pod's restored sockets already speak from its target.
-            if let Some((to, seen, held)) = control.restored_at_target(&id) {
-                tracing::warn!(migration = %id, ?deadline, %to, seen, held, "hold deadline passed without a release, but the pod answers at its target; releasing there (resume)");
-                let why = format!(
-                    "deadline: no release came, but the pod's restored connections answer at its \
-                     target {to} ({seen} of {held} held flows); released there in resume mode"
-                );
-                let mode = ReleaseMode::Resume;
-                let _ =
-                    control.finish(&id, Request::Release(mode), Some(why), Some(mode), Some(to));
-            } else {
-                tracing::warn!(migration = %id, ?deadline, "hold deadline passed without a release; aborting");
-                let _ = control.finish(&id, Request::Abort, Some("deadline".into()), None, None);
+            let decision = match control.restored_at_target(&id) {
+                Some(seen) => Some((seen.answers().await, seen)),
+                None => None,
+            };
+            match decision {
+                Some((true, seen)) => {
+                    let to = seen.target;
+                    tracing::warn!(migration = %id, ?deadline, %to, seen = seen.flows, held = seen.held, "hold deadline passed without a release, but the pod answers at its target; releasing there (resume)");
+                    let why = format!(
+                        "deadline: no release came, but the pod's restored connections answer at \
+                         its target {to} ({} of {} held flows) and it accepts connections there; \
+                         released there in resume mode",
+                        seen.flows, seen.held
+                    );
+                    let mode = ReleaseMode::Resume;
+                    let _ = control.finish(
+                        &id,
+                        Request::Release(mode),
+                        Some(why),
+                        Some(mode),
+                        Some(to),
+                    );
+                }
+                Some((false, seen)) => {
+                    tracing::warn!(migration = %id, ?deadline, to = %seen.target, "hold deadline passed without a release; the pod spoke from its target but does not answer there; aborting");
+                    let why = format!(
+                        "deadline (the pod's connections spoke from its target {}, but it accepts \
+                         no connection there: a restore that failed late?)",
+                        seen.target
+                    );
+                    let _ = control.finish(&id, Request::Abort, Some(why), None, None);
+                }
+                None => {
+                    tracing::warn!(migration = %id, ?deadline, "hold deadline passed without a release; aborting");
+                    let _ =
+                        control.finish(&id, Request::Abort, Some("deadline".into()), None, None);
+                }
             }
         });
     }
@@ -230,22 +257,27 @@ impl Control {
     /// Whether the pod of a hold with a target was restored there with its
     /// connections: a segment from the target address crossed this node on
     /// one of the held flows (a restored socket sends a window probe as it
-    /// leaves repair mode). Then the target, how many flows were seen and how
-    /// many are held. The deadline releases such a hold instead of aborting
-    /// it: the restore is the migration's point of no return, and aborting
-    /// after it would send the replay to an address the pod has left.
-    fn restored_at_target(&self, id: &str) -> Option<(Ipv4Addr, usize, usize)> {
-        let migs = lock(&self.migrations);
-        let m = migs.get(id)?;
-        let to = m.target?;
-        let new_addr = u32::from_ne_bytes(to.octets());
-        let keys: Vec<FlowKey> = m
-            .states
-            .iter()
-            .flat_map(|s| s.connections())
-            .filter_map(|c| conn_flow_key(&c))
-            .collect();
-        let seen = keys
+    /// leaves repair mode), and the pod's side of it has not closed since
+    /// (a restore that fails late kills the sockets it had restored). The deadline
+    /// then also asks the pod itself ([`RestoredAt::answers`]) and, if it
+    /// answers, releases the hold instead of aborting it: the restore is the
+    /// migration's point of no return, and aborting after it would send the
+    /// replay to an address the pod has left.
+    fn restored_at_target(&self, id: &str) -> Option<RestoredAt> {
+        // The flows' keys under the lock; the kernel is asked without it.
+        let (target, port, keys) = {
+            let migs = lock(&self.migrations);
+            let m = migs.get(id)?;
+            let keys: Vec<FlowKey> = m
+                .states
+                .iter()
+                .flat_map(|s| s.connections())
+                .filter_map(|c| conn_flow_key(&c))
+                .collect();
+            (m.target?, m.endpoints.first()?.0.port(), keys)
+        };
+        let new_addr = u32::from_ne_bytes(target.octets());
+        let flows = keys
             .iter()
             .filter(|key| {
                 let ours = matches!(
@@ -255,10 +287,17 @@ impl Control {
                 ours && matches!(
                     self.intercept.translation_marks(**key),
                     Ok(Some(marks)) if marks[MARK_SEEN] != 0
+                        && marks[MARK_POD_FIN] == 0
+                        && marks[MARK_RST] == 0
                 )
             })
             .count();
-        (seen > 0).then_some((to, seen, keys.len()))
+        (flows > 0).then_some(RestoredAt {
+            target,
+            port,
+            flows,
+            held: keys.len(),
+        })
     }
 
     /// Ends a hold: held bytes are replayed to the pod, in order.
@@ -590,6 +629,33 @@ impl Control {
         m.target = Some(to);
         tracing::info!(migration = id, %to, flows = installed.len(), "target set; translating backend flows");
         Ok(self.status_of(m))
+    }
+}
+
+/// What a deadline found of a pod restored at its target.
+struct RestoredAt {
+    target: Ipv4Addr,
+    /// One of the held endpoints' ports.
+    port: u16,
+    /// Held flows whose pod side spoke from the target.
+    flows: usize,
+    held: usize,
+}
+
+impl RestoredAt {
+    /// How long the pod has to accept the deadline's connection.
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// Whether the pod accepts a connection at its target: a restore that
+    /// failed after its sockets left repair mode left nothing listening
+    /// there (and the destination's shield drops the refusal, so that
+    /// shows as a timeout). The connection is closed at once.
+    async fn answers(&self) -> bool {
+        let at = SocketAddrV4::new(self.target, self.port);
+        matches!(
+            tokio::time::timeout(Self::PROBE_TIMEOUT, tokio::net::TcpStream::connect(at)).await,
+            Ok(Ok(_))
+        )
     }
 }
 

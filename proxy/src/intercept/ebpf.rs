@@ -74,6 +74,38 @@ impl Translations {
 /// otherwise: two per translated backend flow.
 pub const DEFAULT_MAX_TRANSLATIONS: u32 = 65_536;
 
+/// Entries of the proxied-flow map unless `--max-proxied-flows` says
+/// otherwise. It is an LRU map: when it is full, the oldest flow's entry
+/// makes room, and that flow only loses the drop of its stray segments
+/// after its proxy socket has closed (see `SHEPHERD_PROXIED`).
+pub const DEFAULT_MAX_PROXIED_FLOWS: u32 = 65_536;
+
+/// The name of the proxied-flow map in the eBPF object.
+const MAP_PROXIED: &str = "SHEPHERD_PROXIED";
+
+/// How many entries the kernel maps get, chosen when they are loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    /// Endpoints (the kernel's endpoint maps get a quarter more, see
+    /// [`kernel_endpoint_entries`]).
+    pub endpoints: u32,
+    /// Translation entries, two per translated backend flow.
+    pub translations: u32,
+    /// Client flows handed to the proxy (LRU).
+    pub proxied_flows: u32,
+}
+
+impl MapSizes {
+    /// `endpoints` endpoints, the other maps at their defaults.
+    pub fn endpoints(endpoints: u32) -> Self {
+        Self {
+            endpoints,
+            translations: DEFAULT_MAX_TRANSLATIONS,
+            proxied_flows: DEFAULT_MAX_PROXIED_FLOWS,
+        }
+    }
+}
+
 /// Entries of the kernel's endpoint maps for `--max-endpoints`: a quarter
 /// more, for removed endpoints still draining and a destination's shield
 /// entries, which count there too.
@@ -124,19 +156,16 @@ impl EbpfInterception {
             intercept_ifaces,
             shield_ifaces,
             listeners,
-            max_endpoints,
-            DEFAULT_MAX_TRANSLATIONS,
+            MapSizes::endpoints(max_endpoints),
         )
     }
 
-    /// [`load`](Self::load), with the translation map holding
-    /// `max_translations` entries (two per translated flow).
+    /// [`load`](Self::load), with every map's size given.
     pub fn load_with(
         intercept_ifaces: &[String],
         shield_ifaces: &[String],
         listeners: &[impl AsRawFd],
-        max_endpoints: u32,
-        max_translations: u32,
+        sizes: MapSizes,
     ) -> Result<Self, InterceptError> {
         if OBJECT.is_empty() {
             return Err(InterceptError::NoObject);
@@ -156,9 +185,10 @@ impl EbpfInterception {
             }
         }
         let mut ebpf = aya::EbpfLoader::new()
-            .map_max_entries(MAP_ENDPOINTS, kernel_endpoint_entries(max_endpoints))
-            .map_max_entries(MAP_STATS, kernel_endpoint_entries(max_endpoints))
-            .map_max_entries(MAP_TRANSLATE, max_translations)
+            .map_max_entries(MAP_ENDPOINTS, kernel_endpoint_entries(sizes.endpoints))
+            .map_max_entries(MAP_STATS, kernel_endpoint_entries(sizes.endpoints))
+            .map_max_entries(MAP_TRANSLATE, sizes.translations)
+            .map_max_entries(MAP_PROXIED, sizes.proxied_flows)
             .load(OBJECT)
             .map_err(|e| InterceptError::Load(e.to_string()))?;
         use TcAttachType::{Egress, Ingress};

@@ -102,6 +102,77 @@ enum BackendEnd {
     Failed(String),
 }
 
+/// One direction of a connection: the bytes read and not yet written
+/// (`buf`), the same in a splice pipe (`lane`; splice mode), and how its
+/// two ends stand. The lane is used only when `buf` is empty, so a
+/// direction's bytes are in one place at a time, in order.
+struct Direction<B> {
+    buf: B,
+    lane: Lane,
+    /// The last read was big, so splice the next one. Small messages are
+    /// copied (one syscall fewer than a pipe round trip each way, and no
+    /// pipe to take); bulk is spliced.
+    bulk: bool,
+    /// The reading end sent its FIN (or, downstream, the backend ended).
+    eof: bool,
+    /// Its FIN was passed on: the writing end is shut down.
+    shut: bool,
+}
+
+impl<B> Direction<B> {
+    fn new(buf: B) -> Self {
+        Self {
+            buf,
+            lane: Lane::default(),
+            bulk: false,
+            eof: false,
+            shut: false,
+        }
+    }
+}
+
+/// The replay of one hold: how many bytes at the front of a connection's
+/// queue are that hold's, counted into its `bytes_replayed` as they are
+/// written. A hold that starts before the replay is done takes the rest
+/// over ([`Replay::hand_on`]), and the ended hold counts them as handed
+/// on, so that its `bytes_replayed` still reaches its `bytes_held`.
+#[derive(Default)]
+struct Replay {
+    left: usize,
+    stats: Option<Arc<HoldStats>>,
+}
+
+impl Replay {
+    /// The hold `stats` ended with `queued` bytes at the front of the queue.
+    fn begin(queued: usize, stats: Arc<HoldStats>) -> Self {
+        Self {
+            left: queued,
+            stats: Some(stats),
+        }
+    }
+
+    /// `n` bytes left the front of the queue.
+    fn written(&mut self, n: usize) {
+        let r = n.min(self.left);
+        if r == 0 {
+            return;
+        }
+        self.left -= r;
+        if let Some(h) = &self.stats {
+            h.bytes_replayed.fetch_add(r as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// A new hold begins: what is left is no longer this replay's.
+    fn hand_on(&mut self) {
+        if let Some(h) = self.stats.take() {
+            h.bytes_replayed
+                .fetch_add(self.left as u64, Ordering::Relaxed);
+        }
+        self.left = 0;
+    }
+}
+
 /// Relays one accepted client connection until both directions are done.
 pub async fn relay(
     client: TcpStream,
@@ -145,35 +216,25 @@ struct Conn {
     client_r: OwnedReadHalf,
     client_w: OwnedWriteHalf,
     backend: Option<Backend>,
-    up: HoldBuffer,
-    /// What `up` and the up lane hold, charged to the endpoint's budget, and
+    /// Client → pod: the hold buffer (whose drain after a release is the
+    /// replay), the client's EOF and the backend's shutdown.
+    up: Direction<HoldBuffer>,
+    /// What `up` and its lane hold, charged to the endpoint's budget, and
     /// of it what is held, charged to the node's too (always the front:
     /// bytes read after a release queue behind them).
     charge: Charge,
     /// The front of `up` being written (reused between iterations).
     batch: Vec<Bytes>,
-    down: Bytes,
+    /// Pod → client: bytes read and not yet written, the backend's EOF and
+    /// the client's shutdown.
+    down: Direction<Bytes>,
     down_spare: BytesMut,
-    /// Splice mode: bytes between sockets in a pipe. `up_lane` is used only
-    /// while forwarding with `up` empty, `down_lane` only with `down` empty,
-    /// so each direction's bytes are in one place at a time, in order.
+    /// Splice mode: bytes between sockets in a pipe (see [`Direction`]).
     splice: bool,
-    /// Per direction: the last read was big, so splice the next one. Small
-    /// messages are copied (one syscall fewer than a pipe round trip each
-    /// way, and no pipe to take); bulk is spliced.
-    up_bulk: bool,
-    down_bulk: bool,
-    up_lane: Lane,
-    down_lane: Lane,
     /// How many client bytes the next read may take (caps and budget).
     room: usize,
-    client_eof: bool,
-    backend_shut: bool,
-    backend_eof: bool,
-    client_shut: bool,
-    /// Bytes at the front of `up` that belong to the hold that just ended.
-    replay_left: usize,
-    replay_stats: Option<Arc<HoldStats>>,
+    /// What of `up` the hold that just ended still has to replay.
+    replay: Replay,
     /// The endpoint's reconnect count this connection has acted on.
     reconnects_seen: u64,
     /// The backend ended during a hold; the release decides what the
@@ -215,22 +276,13 @@ impl Conn {
             client_r,
             client_w,
             backend: None,
-            up: HoldBuffer::new(),
+            up: Direction::new(HoldBuffer::new()),
             batch: Vec::new(),
-            down: Bytes::new(),
+            down: Direction::new(Bytes::new()),
             down_spare: BytesMut::new(),
             splice,
-            up_bulk: false,
-            down_bulk: false,
-            up_lane: Lane::default(),
-            down_lane: Lane::default(),
             room: 0,
-            client_eof: false,
-            backend_shut: false,
-            backend_eof: false,
-            client_shut: false,
-            replay_left: 0,
-            replay_stats: None,
+            replay: Replay::default(),
             reconnects_seen,
             ended_in_hold: None,
         }
@@ -243,7 +295,7 @@ impl Conn {
     async fn run(&mut self) -> Result<(), String> {
         loop {
             let hold = self.holding();
-            if hold.is_none() && self.backend.is_none() && !self.backend_eof {
+            if hold.is_none() && self.backend.is_none() && !self.down.eof {
                 if let Err(e) = self.connect_backend().await {
                     let reason = format!("backend {} unreachable: {e}", self.endpoint.backend());
                     self.fail_backend(&reason).await;
@@ -252,30 +304,30 @@ impl Conn {
             }
             if hold.is_none()
                 && self.backend.is_some()
-                && self.up.is_empty()
-                && self.up_lane.is_empty()
-                && self.client_eof
-                && !self.backend_shut
+                && self.up.buf.is_empty()
+                && self.up.lane.is_empty()
+                && self.up.eof
+                && !self.up.shut
             {
                 // The client's FIN follows all its bytes to the pod.
                 if let Some(b) = self.backend.as_mut() {
                     let _ = b.w.shutdown().await;
                 }
-                self.backend_shut = true;
+                self.up.shut = true;
             }
-            if self.backend_eof
-                && self.down.is_empty()
-                && self.down_lane.is_empty()
-                && !self.client_shut
+            if self.down.eof
+                && self.down.buf.is_empty()
+                && self.down.lane.is_empty()
+                && !self.down.shut
                 && hold.is_none()
             {
                 // The pod's FIN follows all its bytes to the client (after
                 // the release, if it came during a hold: the release may
                 // give the client a new backend connection instead).
                 let _ = self.client_w.shutdown().await;
-                self.client_shut = true;
+                self.down.shut = true;
             }
-            if self.client_eof && self.backend_shut && self.backend_eof && self.client_shut {
+            if self.up.eof && self.up.shut && self.down.eof && self.down.shut {
                 return Ok(());
             }
             let mut tick = false;
@@ -304,35 +356,36 @@ impl Conn {
                 FORWARD_READ_AHEAD.min(self.ctx.hold_cap_per_conn)
             };
             let room = cap
-                .saturating_sub(self.up.len())
+                .saturating_sub(self.up.buf.len())
                 .min(self.charge.available(hold.is_some()));
             self.room = room;
             // The up lane is empty whenever anything else happens upstream.
-            let up_lane_busy = !self.up_lane.is_empty();
-            let read_client = !self.client_eof && room > 0 && !up_lane_busy;
+            let up_lane_busy = !self.up.lane.is_empty();
+            let read_client = !self.up.eof && room > 0 && !up_lane_busy;
             // Splice client bytes only when nothing is queued ahead of them.
             let splice_up = self.splice
-                && self.up_bulk
+                && self.up.bulk
                 && hold.is_none()
                 && self.backend.is_some()
-                && self.up.is_empty();
+                && self.up.buf.is_empty();
             // Blocked only by a budget: wake up when it frees.
-            let budget_blocked = !self.client_eof && self.up.len() < cap && room == 0;
+            let budget_blocked = !self.up.eof && self.up.buf.len() < cap && room == 0;
             if hold.is_none() {
                 self.up
+                    .buf
                     .front_batch(&mut self.batch, WRITE_BATCH_CHUNKS, READ_CHUNK);
             } else {
                 self.batch.clear();
             }
             let read_backend =
-                !self.backend_eof && self.down.is_empty() && self.down_lane.is_empty();
-            let write_client = !self.down.is_empty() || !self.down_lane.is_empty();
+                !self.down.eof && self.down.buf.is_empty() && self.down.lane.is_empty();
+            let write_client = !self.down.buf.is_empty() || !self.down.lane.is_empty();
             let (node_budget, endpoint_budget) = self.charge.budgets();
             let (backend_w, backend_r) = match self.backend.as_mut() {
                 Some(b) => (Some(&mut b.w), Some(&mut b.r)),
                 None => (None, None),
             };
-            let splice_down = self.splice && self.down_bulk;
+            let splice_down = self.splice && self.down.bulk;
 
             // A mode change goes first (a hold must take the up lane's bytes
             // back before anything else moves); the data branches are then
@@ -352,7 +405,7 @@ impl Conn {
                     Err(_) => return Err("endpoint removed".into()),
                 },
                 e = to_backend(backend_w, &self.batch, up_lane_busy && hold.is_none()) => e,
-                e = to_client(&mut self.client_w, &self.down), if write_client => e,
+                e = to_client(&mut self.client_w, &self.down.buf), if write_client => e,
                 e = from_backend(backend_r, splice_down), if read_backend => e,
                 e = from_client(&mut self.client_r, splice_up), if read_client => e,
                 _ = tokio::time::sleep(QUIESCE_POLL), if tick => Event::Tick,
@@ -380,11 +433,11 @@ impl Conn {
                     (Mode::Forwarding { .. }, Mode::Holding(h)) => {
                         // Bytes spliced but not yet written join the hold
                         // buffer; nothing is queued ahead of them.
-                        if !self.up_lane.is_empty() {
-                            match self.up_lane.drain() {
+                        if !self.up.lane.is_empty() {
+                            match self.up.lane.drain() {
                                 Ok(b) => {
-                                    self.up.push(Bytes::from(b));
-                                    self.info.queued.store(self.up.len(), Ordering::Relaxed);
+                                    self.up.buf.push(Bytes::from(b));
+                                    self.info.queued.store(self.up.buf.len(), Ordering::Relaxed);
                                 }
                                 Err(e) => return Err(format!("taking spliced bytes back: {e}")),
                             }
@@ -392,9 +445,9 @@ impl Conn {
                         // Everything queued is held now, the forwarding
                         // read-ahead (charged to the endpoint only) and the
                         // spliced bytes just taken back alike.
-                        self.charge.hold_all(self.up.len());
+                        self.charge.hold_all(self.up.buf.len());
                         // What the last replay had left is this hold's now.
-                        self.hand_on_replay();
+                        self.replay.hand_on();
                         self.start_hold(h);
                         self.backend_timers(false);
                     }
@@ -409,8 +462,7 @@ impl Conn {
                         self.backend_timers(true);
                         match after {
                             Some(a) if Arc::ptr_eq(last, a) => {
-                                self.replay_left = self.up.len();
-                                self.replay_stats = after.clone();
+                                self.replay = Replay::begin(self.up.buf.len(), a.clone());
                             }
                             // The release of a later hold, whose hold passed
                             // unseen (its quiescence timed out): that hold
@@ -418,8 +470,7 @@ impl Conn {
                             // the last one's, handed on.
                             _ => {
                                 self.hand_on_queue(last);
-                                self.replay_stats = None;
-                                self.replay_left = 0;
+                                self.replay = Replay::default();
                             }
                         }
                     }
@@ -436,11 +487,11 @@ impl Conn {
             Event::ClientReadable(Ok(()), false) => self.copy_from_client()?,
             Event::ClientReadable(Ok(()), true) => {
                 // Spliced only while forwarding: the endpoint's room.
-                let room = self.charge.reserve(self.room.max(1), false);
+                let room = self.charge.reserve(self.room.clamp(1, PIPE_SIZE), false);
                 let filled = if room == 0 {
                     Ok(Filled::WouldBlock)
                 } else {
-                    self.up_lane.fill_from(self.client_r.as_ref(), room)
+                    self.up.lane.fill_from(self.client_r.as_ref(), room)
                 };
                 if let Ok(Filled::Bytes(n)) = &filled {
                     // Spliced bytes wait in the pipe as read-ahead: the
@@ -450,10 +501,10 @@ impl Conn {
                 self.charge.unreserve();
                 match filled {
                     Ok(Filled::Bytes(n)) => {
-                        self.up_bulk = n >= SPLICE_MIN;
+                        self.up.bulk = n >= SPLICE_MIN;
                         self.info.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
                     }
-                    Ok(Filled::Eof) => self.client_eof = true,
+                    Ok(Filled::Eof) => self.up.eof = true,
                     Ok(Filled::WouldBlock) => {}
                     // No pipe to be had, or urgent data that only a plain
                     // read gets past: copy this read instead.
@@ -463,7 +514,7 @@ impl Conn {
             }
             Event::BackendWritable(r) => {
                 let r = match (r, self.backend.as_ref()) {
-                    (Ok(()), Some(b)) => self.up_lane.flush_to(b.w.as_ref()).map(|n| {
+                    (Ok(()), Some(b)) => self.up.lane.flush_to(b.w.as_ref()).map(|n| {
                         self.info
                             .bytes_spliced
                             .fetch_add(n as u64, Ordering::Relaxed);
@@ -479,12 +530,12 @@ impl Conn {
             Event::BackendReadable(Ok(()), false) => self.copy_from_backend().await?,
             Event::BackendReadable(Ok(()), true) => {
                 let filled = match self.backend.as_ref() {
-                    Some(b) => self.down_lane.fill_from(b.r.as_ref(), PIPE_SIZE),
+                    Some(b) => self.down.lane.fill_from(b.r.as_ref(), PIPE_SIZE),
                     None => Ok(Filled::WouldBlock),
                 };
                 match filled {
                     Ok(Filled::Bytes(n)) => {
-                        self.down_bulk = n >= SPLICE_MIN;
+                        self.down.bulk = n >= SPLICE_MIN;
                         self.info.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Ok(Filled::Eof) => self.backend_ended(),
@@ -493,13 +544,13 @@ impl Conn {
                         // As on the client side; the next read decides
                         // afresh whether to splice.
                         self.copy_from_backend().await?;
-                        self.down_bulk = false;
+                        self.down.bulk = false;
                     }
                     Err(e) => return self.backend_failed("read from", e).await,
                 }
             }
             Event::ClientWritable(r) => {
-                match r.and_then(|()| self.down_lane.flush_to(self.client_w.as_ref())) {
+                match r.and_then(|()| self.down.lane.flush_to(self.client_w.as_ref())) {
                     Ok(n) => {
                         self.info
                             .bytes_spliced
@@ -509,23 +560,17 @@ impl Conn {
                 }
             }
             Event::BackendWrote(Ok(n)) => {
-                self.up.consume(n);
-                if self.up.is_empty() && self.batch.capacity() > 4 {
+                self.up.buf.consume(n);
+                if self.up.buf.is_empty() && self.batch.capacity() > 4 {
                     // A replay grew it; idle connections should not keep 2 KiB.
                     self.batch = Vec::new();
                 }
                 self.charge.give_back(n);
-                self.info.queued.store(self.up.len(), Ordering::Relaxed);
-                if self.replay_left > 0 {
-                    let r = n.min(self.replay_left);
-                    self.replay_left -= r;
-                    if let Some(h) = &self.replay_stats {
-                        h.bytes_replayed.fetch_add(r as u64, Ordering::Relaxed);
-                    }
-                }
+                self.info.queued.store(self.up.buf.len(), Ordering::Relaxed);
+                self.replay.written(n);
             }
             Event::BackendWrote(Err(e)) => return self.backend_failed("write to", e).await,
-            Event::ClientWrote(Ok(n)) => self.down.advance(n),
+            Event::ClientWrote(Ok(n)) => self.down.buf.advance(n),
             Event::ClientWrote(Err(e)) => return Err(format!("client write failed: {e}")),
         }
         Ok(())
@@ -555,8 +600,8 @@ impl Conn {
         match r {
             Ok(0) => self.backend_ended(),
             Ok(n) => {
-                self.down_bulk = n >= SPLICE_MIN;
-                self.down = self.down_spare.split_to(n).freeze();
+                self.down.bulk = n >= SPLICE_MIN;
+                self.down.buf = self.down_spare.split_to(n).freeze();
                 self.info.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
             }
             Err(e) => return self.backend_failed("read from", e).await,
@@ -567,7 +612,7 @@ impl Conn {
     /// The pod sent its FIN. During a hold it is only recorded: the
     /// release decides whether the client sees it.
     fn backend_ended(&mut self) {
-        self.backend_eof = true;
+        self.down.eof = true;
         self.end_in_hold(BackendEnd::Fin);
     }
 
@@ -597,7 +642,7 @@ impl Conn {
     async fn backend_failed(&mut self, op: &str, e: io::Error) -> Result<(), String> {
         let reason = format!("{op} backend {} failed: {e}", self.info.orig_dst);
         if self.end_in_hold(BackendEnd::Failed(reason.clone())) {
-            self.backend_eof = true;
+            self.down.eof = true;
             return Ok(());
         }
         self.fail_backend(&reason).await;
@@ -631,12 +676,12 @@ impl Conn {
         // The room, taken before the read: other connections read at once.
         let room = self
             .charge
-            .reserve(self.room.max(1), self.mode.hold().is_some());
+            .reserve(self.room.clamp(1, READ_CHUNK), self.mode.hold().is_some());
         if room == 0 {
             // Spent by another connection meanwhile: the next turn waits.
             return Ok(());
         }
-        let target = self.up.read_target(room);
+        let target = self.up.buf.read_target(room);
         let limit = target.limit;
         let r = match inq::read_buf(self.client_r.as_ref(), &mut target.buf.limit(limit)) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
@@ -666,13 +711,13 @@ impl Conn {
     /// A buffered read from the client finished.
     fn client_read(&mut self, r: io::Result<usize>) -> Result<(), String> {
         match r {
-            Ok(0) => self.client_eof = true,
+            Ok(0) => self.up.eof = true,
             Ok(_) => {
-                let n = self.up.commit();
-                self.up_bulk = n >= SPLICE_MIN;
+                let n = self.up.buf.commit();
+                self.up.bulk = n >= SPLICE_MIN;
                 self.charge.take(n, self.mode.hold().is_some());
                 self.info.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
-                self.info.queued.store(self.up.len(), Ordering::Relaxed);
+                self.info.queued.store(self.up.buf.len(), Ordering::Relaxed);
                 if let Some(h) = self.mode.hold() {
                     h.bytes_held.fetch_add(n as u64, Ordering::Relaxed);
                 }
@@ -714,7 +759,7 @@ impl Conn {
         }
         // Bytes queued but not yet written are held too.
         h.bytes_held
-            .fetch_add(self.up.len() as u64, Ordering::Relaxed);
+            .fetch_add(self.up.buf.len() as u64, Ordering::Relaxed);
     }
 
     /// The hold `last` ends for this connection without it having seen the
@@ -722,18 +767,7 @@ impl Conn {
     /// to replay, and `last` counts it as handed on.
     fn hand_on_queue(&self, last: &HoldStats) {
         last.bytes_replayed
-            .fetch_add(self.up.len() as u64, Ordering::Relaxed);
-    }
-
-    /// A new hold begins before the last one's replay is done: the bytes
-    /// left are the new hold's to replay, and the last one counts them as
-    /// handed on (so its `bytes_replayed` still reaches its `bytes_held`).
-    fn hand_on_replay(&mut self) {
-        if let Some(h) = self.replay_stats.take() {
-            h.bytes_replayed
-                .fetch_add(self.replay_left as u64, Ordering::Relaxed);
-        }
-        self.replay_left = 0;
+            .fetch_add(self.up.buf.len() as u64, Ordering::Relaxed);
     }
 
     /// The pod came back without this connection (a reconnect release):
@@ -744,15 +778,15 @@ impl Conn {
         if self.backend.is_none() {
             return;
         }
-        if self.backend_eof && self.ended_in_hold.is_none() {
+        if self.down.eof && self.ended_in_hold.is_none() {
             // The pod closed its side before the hold: a new connection
             // would revive what it had ended. Its FIN goes on to the
             // client now, as it would have without the hold.
             return;
         }
         self.forget_backend();
-        self.backend_eof = false;
-        self.backend_shut = false;
+        self.down.eof = false;
+        self.up.shut = false;
         // Whatever ended the old socket, the new one starts afresh.
         self.ended_in_hold = None;
     }
@@ -801,10 +835,10 @@ impl Conn {
         // client's linger (a new flow could take the port meanwhile).
         self.forget_backend();
         let linger = self.ctx.close_linger;
-        let mut down = std::mem::take(&mut self.down);
-        if !self.down_lane.is_empty() {
+        let mut down = std::mem::take(&mut self.down.buf);
+        if !self.down.lane.is_empty() {
             // `down` and the down lane are never both non-empty.
-            match self.down_lane.drain() {
+            match self.down.lane.drain() {
                 Ok(b) => down = Bytes::from(b),
                 Err(e) => tracing::warn!(
                     client = %self.info.client,
@@ -823,7 +857,7 @@ impl Conn {
             // Readiness stays until the queue is empty (see `Event`): a
             // read that stops at an urgent mark must not end the drain.
             let mut sink = BytesMut::with_capacity(4096);
-            while !self.client_eof && self.client_r.readable().await.is_ok() {
+            while !self.up.eof && self.client_r.readable().await.is_ok() {
                 sink.clear();
                 match inq::read_buf(self.client_r.as_ref(), &mut sink) {
                     Ok(0) => break,
@@ -837,8 +871,8 @@ impl Conn {
     }
 
     fn release_budget(&mut self) {
-        let n = self.up.len();
-        self.up.consume(n);
+        let n = self.up.buf.len();
+        self.up.buf.consume(n);
         self.charge.give_back_all();
         self.info.queued.store(0, Ordering::Relaxed);
     }
@@ -877,4 +911,43 @@ async fn from_backend(r: Option<&mut OwnedReadHalf>, splice: bool) -> Event {
 
 async fn from_client(r: &mut OwnedReadHalf, splice: bool) -> Event {
     Event::ClientReadable(r.readable().await, splice)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replayed(h: &HoldStats) -> u64 {
+        h.bytes_replayed.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_replay_counts_its_hold_bytes_once_and_no_more() {
+        let h = Arc::new(HoldStats::default());
+        let mut r = Replay::begin(100, h.clone());
+        r.written(30);
+        assert_eq!(replayed(&h), 30);
+        // Bytes read after the release queue behind the replay: not its.
+        r.written(100);
+        assert_eq!(replayed(&h), 100);
+        r.written(5);
+        assert_eq!(replayed(&h), 100);
+    }
+
+    #[test]
+    fn a_hold_that_starts_mid_replay_takes_the_rest_over() {
+        let first = Arc::new(HoldStats::default());
+        let mut r = Replay::begin(100, first.clone());
+        r.written(40);
+        r.hand_on();
+        // The first hold's count reaches what it held; nothing is counted
+        // twice afterwards.
+        assert_eq!(replayed(&first), 100);
+        r.written(60);
+        assert_eq!(replayed(&first), 100);
+        // Without a hold that ended, writes count nowhere.
+        let mut none = Replay::default();
+        none.written(10);
+        none.hand_on();
+    }
 }

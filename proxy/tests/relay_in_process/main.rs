@@ -680,6 +680,10 @@ async fn a_hold_and_release_never_seen_keep_the_counters_straight() {
 /// (`deadline_aborts_and_resumes`, `abort_after_target_removes_the_translation`).
 async fn a_deadline_after_the_restore_releases_at_the_target(m: Mechanism) {
     let r = rig(m, 1 << 20, 8 << 20, Duration::from_millis(500)).await;
+    // The restored pod accepts connections at its target.
+    let at_target = SocketAddrV4::new("127.0.0.2".parse().expect("ip"), r.endpoint.0.port());
+    let l = TcpListener::bind(at_target).await.expect("bind the target");
+    serve_echo(l, r.backend_seen.clone());
     let mut c = held_and_translated(&r, "m30").await;
     if let Ok(mut t) = r.intercept.translations.lock() {
         for v in t.values_mut() {
@@ -701,6 +705,26 @@ async fn a_deadline_after_the_restore_releases_at_the_target(m: Mechanism) {
     r.control
         .release("m30", ReleaseMode::Resume, None)
         .expect("a late release in the same mode");
+}
+
+/// As above, but nothing accepts connections at the target (a restore that
+/// failed after its sockets had spoken): the deadline aborts, and says why.
+async fn a_deadline_aborts_when_the_pod_does_not_answer_at_its_target(m: Mechanism) {
+    let r = rig(m, 1 << 20, 8 << 20, Duration::from_millis(300)).await;
+    let mut c = held_and_translated(&r, "m31").await;
+    if let Ok(mut t) = r.intercept.translations.lock() {
+        for v in t.values_mut() {
+            v.marks[shepherd_common::MARK_SEEN] = 1;
+        }
+    }
+    c.write_all(b"held").await.expect("write during hold");
+    // Aborted: forwarding resumes to the pod where it was.
+    assert_eq!(read_exact_timeout(&mut c, 4).await, b"held");
+    let st = r.control.status("m31").expect("status");
+    assert_eq!(st.state, Phase::Aborted, "{st:?}");
+    let reason = st.reason.unwrap_or_default();
+    assert!(reason.contains("accepts no connection there"), "{reason}");
+    assert_eq!(r.translations(), 0, "the aborted move's entry is gone");
 }
 
 impl Rig {
@@ -1533,6 +1557,7 @@ for_each_mechanism!(
     per_connection_cap_applies_back_pressure_without_loss,
     deadline_aborts_and_resumes,
     a_deadline_after_the_restore_releases_at_the_target,
+    a_deadline_aborts_when_the_pod_does_not_answer_at_its_target,
     bad_requests_are_rejected_and_change_nothing,
     reconnect_mode_replays_held_bytes_on_a_new_backend_connection,
     target_translates_held_flows_and_incoming_shields_and_translates,
