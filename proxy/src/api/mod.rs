@@ -84,6 +84,11 @@ pub fn router(control: Arc<Control>) -> Router {
 
 type Ctl = State<Arc<Control>>;
 
+/// The wire form of what the control plane gave.
+fn wire<T, W: From<T>>(v: Vec<T>) -> Vec<W> {
+    v.into_iter().map(W::from).collect()
+}
+
 /// A path parameter (a migration id, an endpoint), with axum's rejection
 /// (invalid UTF-8 or percent-encoding) answered in the API's JSON form.
 struct Param(String);
@@ -172,14 +177,14 @@ async fn metrics(State(c): Ctl) -> impl IntoResponse {
 
 async fn list_endpoints(State(c): Ctl) -> Json<EndpointList> {
     Json(EndpointList {
-        endpoints: c.list_endpoints(),
+        endpoints: wire(c.list_endpoints()),
     })
 }
 
 async fn add_endpoints(State(c): Ctl, body: Body) -> Result<Json<EndpointList>, ApiError> {
     let req: EndpointsRequest = json_body(body, false).await?;
     Ok(Json(EndpointList {
-        endpoints: c.add_endpoints(&req.endpoints, req.relay, req.allow_local)?,
+        endpoints: wire(c.add_endpoints(&req.endpoints, req.relay, req.allow_local)?),
     }))
 }
 
@@ -193,13 +198,13 @@ async fn remove_endpoint(State(c): Ctl, Param(addr): Param) -> Result<StatusCode
 
 async fn connections(State(c): Ctl) -> Json<ConnectionList> {
     Json(ConnectionList {
-        connections: c.connections(),
+        connections: wire(c.connections()),
     })
 }
 
 async fn list_migrations(State(c): Ctl) -> Json<MigrationList> {
     Json(MigrationList {
-        migrations: c.list_migrations(),
+        migrations: wire(c.list_migrations()),
     })
 }
 
@@ -212,7 +217,7 @@ async fn migration_status(
     let flows = !uri
         .query()
         .is_some_and(|q| q.split('&').any(|kv| kv == "flows=false"));
-    Ok(Json(c.status_with(&id, flows)?))
+    Ok(Json(c.status_with(&id, flows)?.into()))
 }
 
 async fn hold(
@@ -221,7 +226,7 @@ async fn hold(
     body: Body,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let req: HoldRequest = json_body(body, false).await?;
-    Ok(Json(c.hold(&id, &req).await?))
+    Ok(Json(c.hold(&id, &req.into()).await?.into()))
 }
 
 async fn release(
@@ -230,11 +235,14 @@ async fn release(
     body: Body,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let req: ReleaseRequest = json_body(body, true).await?;
-    Ok(Json(c.release(
-        &id,
-        req.mode.unwrap_or(ReleaseMode::Resume),
-        req.to.as_deref(),
-    )?))
+    Ok(Json(
+        c.release(
+            &id,
+            req.mode.unwrap_or(ReleaseMode::Resume),
+            req.to.as_deref(),
+        )?
+        .into(),
+    ))
 }
 
 async fn abort(
@@ -243,7 +251,7 @@ async fn abort(
     body: Body,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let req: AbortRequest = json_body(body, true).await?;
-    Ok(Json(c.abort(&id, req.reason)?))
+    Ok(Json(c.abort(&id, req.reason)?.into()))
 }
 
 async fn target(
@@ -252,7 +260,7 @@ async fn target(
     body: Body,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let req: TargetRequest = json_body(body, false).await?;
-    Ok(Json(c.target(&id, req.to)?))
+    Ok(Json(c.target(&id, req.to)?.into()))
 }
 
 async fn incoming(
@@ -261,14 +269,14 @@ async fn incoming(
     body: Body,
 ) -> Result<Json<IncomingStatus>, ApiError> {
     let req: IncomingRequest = json_body(body, false).await?;
-    Ok(Json(c.incoming(&id, &req)?))
+    Ok(Json(c.incoming(&id, &req.into())?.into()))
 }
 
 async fn incoming_status(
     State(c): Ctl,
     Param(id): Param,
 ) -> Result<Json<IncomingStatus>, ApiError> {
-    Ok(Json(c.incoming_status(&id)?))
+    Ok(Json(c.incoming_status(&id)?.into()))
 }
 
 async fn retire_incoming(State(c): Ctl, Param(id): Param) -> Result<StatusCode, ApiError> {
@@ -282,5 +290,5 @@ async fn complete_incoming(
     body: Body,
 ) -> Result<Json<IncomingStatus>, ApiError> {
     let req: AbortRequest = json_body(body, true).await?;
-    Ok(Json(c.complete_incoming(&id, req.reason)?))
+    Ok(Json(c.complete_incoming(&id, req.reason)?.into()))
 }

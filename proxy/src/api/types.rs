@@ -1,5 +1,8 @@
-//! Request and response bodies of the control API. The CLI and the server
-//! share these types, so the contract has one definition.
+//! Request and response bodies of the control API: its wire form. The CLI
+//! and the server share these types, so the contract has one definition.
+//! The control plane works on `control::model`; the conversions between the
+//! two are here, at the edge.
+use crate::control::model;
 use crate::endpoint::EndpointAddr;
 use crate::migration::{Phase, ReleaseMode};
 use crate::relay::Mechanism;
@@ -203,6 +206,128 @@ pub struct ConnectionInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnectionList {
     pub connections: Vec<ConnectionInfo>,
+}
+
+impl From<model::BackendFlow> for BackendFlow {
+    fn from(f: model::BackendFlow) -> Self {
+        Self {
+            node: f.node,
+            pod_port: f.pod_port,
+            pod_addr: f.pod_addr,
+        }
+    }
+}
+
+impl From<BackendFlow> for model::BackendFlow {
+    fn from(f: BackendFlow) -> Self {
+        Self {
+            node: f.node,
+            pod_port: f.pod_port,
+            pod_addr: f.pod_addr,
+        }
+    }
+}
+
+impl From<HoldRequest> for model::HoldSpec {
+    fn from(r: HoldRequest) -> Self {
+        Self {
+            endpoints: r.endpoints,
+            deadline_ms: r.deadline_ms,
+            quiesce_timeout_ms: r.quiesce_timeout_ms,
+            to: r.to,
+        }
+    }
+}
+
+impl From<IncomingRequest> for model::IncomingSpec {
+    fn from(r: IncomingRequest) -> Self {
+        Self {
+            endpoints: r.endpoints,
+            to: r.to,
+            flows: r.flows.into_iter().map(Into::into).collect(),
+            deadline_ms: r.deadline_ms,
+        }
+    }
+}
+
+impl From<model::EndpointView> for EndpointInfo {
+    fn from(e: model::EndpointView) -> Self {
+        Self {
+            endpoint: e.endpoint,
+            state: e.state,
+            migration: e.migration,
+            connections: e.connections,
+            connections_total: e.connections_total,
+            packets_intercepted: e.packets_intercepted,
+            bytes_intercepted: e.bytes_intercepted,
+            syns_assigned: e.syns_assigned,
+            assign_failures: e.assign_failures,
+            rsts_shielded: e.rsts_shielded,
+            packets_translated: e.packets_translated,
+            strays_dropped: e.strays_dropped,
+            backend: e.backend,
+            relay: e.relay,
+        }
+    }
+}
+
+impl From<model::ConnectionView> for ConnectionInfo {
+    fn from(c: model::ConnectionView) -> Self {
+        Self {
+            id: c.id,
+            client: c.client,
+            endpoint: c.endpoint,
+            backend_local: c.backend_local,
+            backend_peer: c.backend_peer,
+            bytes_up: c.bytes_up,
+            bytes_down: c.bytes_down,
+            bytes_spliced: c.bytes_spliced,
+            queued: c.queued,
+            opened_unix_ms: c.opened_unix_ms,
+        }
+    }
+}
+
+impl From<model::MigrationView> for MigrationStatus {
+    fn from(m: model::MigrationView) -> Self {
+        Self {
+            id: m.id,
+            state: m.state,
+            reason: m.reason,
+            endpoints: m.endpoints,
+            mode: m.mode,
+            connections: m.connections,
+            connections_queued: m.connections_queued,
+            connections_closed: m.connections_closed,
+            backends_ended: m.backends_ended,
+            quiescent: m.quiescent,
+            quiesce_ms: m.quiesce_ms,
+            bytes_held: m.bytes_held,
+            bytes_replayed: m.bytes_replayed,
+            hold_duration_ms: m.hold_duration_ms,
+            deadline_ms: m.deadline_ms,
+            rsts_shielded: m.rsts_shielded,
+            started_unix_ms: m.started_unix_ms,
+            target: m.target,
+            backend_flows: m.backend_flows.into_iter().map(Into::into).collect(),
+            packets_translated: m.packets_translated,
+        }
+    }
+}
+
+impl From<model::IncomingView> for IncomingStatus {
+    fn from(i: model::IncomingView) -> Self {
+        Self {
+            id: i.id,
+            state: i.state,
+            reason: i.reason,
+            endpoints: i.endpoints,
+            to: i.to,
+            flows: i.flows.into_iter().map(Into::into).collect(),
+            rsts_shielded: i.rsts_shielded,
+            packets_translated: i.packets_translated,
+        }
+    }
 }
 
 /// Every error response: `{error, detail}`.

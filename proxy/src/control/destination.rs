@@ -13,8 +13,8 @@
 //! migration, as the flows they serve do: each one goes when the translate
 //! programs have seen its flow end (an RST, or a FIN each way) and TIME_WAIT
 //! is over ([`Control::sweep_ended_flows`], run every 10 s by the agent).
+use super::model::{BackendFlow, IncomingSpec, IncomingView};
 use super::{lock, translated_key, Control};
-use crate::api::types::{BackendFlow, IncomingRequest, IncomingStatus};
 use crate::endpoint::EndpointAddr;
 use crate::error::ControlError;
 use crate::migration;
@@ -129,8 +129,8 @@ impl Control {
     pub fn incoming(
         self: &Arc<Self>,
         id: &str,
-        req: &IncomingRequest,
-    ) -> Result<IncomingStatus, ControlError> {
+        req: &IncomingSpec,
+    ) -> Result<IncomingView, ControlError> {
         migration::validate_id(id).map_err(ControlError::Invalid)?;
         if lock(&self.forgotten_incoming).contains(id) {
             return Err(ControlError::Conflict(format!(
@@ -322,7 +322,7 @@ impl Control {
         &self,
         id: &str,
         reason: Option<String>,
-    ) -> Result<IncomingStatus, ControlError> {
+    ) -> Result<IncomingView, ControlError> {
         self.complete(id, reason, true)
     }
 
@@ -382,7 +382,7 @@ impl Control {
         id: &str,
         reason: Option<String>,
         by_controller: bool,
-    ) -> Result<IncomingStatus, ControlError> {
+    ) -> Result<IncomingView, ControlError> {
         let registered: Vec<EndpointAddr> = lock(&self.endpoints).keys().copied().collect();
         let mut incoming = lock(&self.incoming);
         let rec = incoming
@@ -696,7 +696,7 @@ impl Control {
         }
     }
 
-    pub fn incoming_status(&self, id: &str) -> Result<IncomingStatus, ControlError> {
+    pub fn incoming_status(&self, id: &str) -> Result<IncomingView, ControlError> {
         let incoming = lock(&self.incoming);
         let rec = incoming
             .get(id)
@@ -711,13 +711,13 @@ impl Control {
         })
     }
 
-    fn incoming_status_of(&self, rec: &Incoming) -> IncomingStatus {
+    fn incoming_status_of(&self, rec: &Incoming) -> IncomingView {
         let (rsts, translated) = if rec.completed {
             (rec.final_rsts, rec.final_translated)
         } else {
             self.incoming_counters(rec)
         };
-        IncomingStatus {
+        IncomingView {
             id: rec.id.clone(),
             state: if rec.completed {
                 "completed"

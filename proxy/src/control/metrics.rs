@@ -1,6 +1,6 @@
 //! Prometheus text exposition of the agent's counters.
+use super::model::EndpointView;
 use super::{lock, Control};
-use crate::api::types::EndpointInfo;
 use crate::migration::Phase;
 use crate::relay::{splice, workers};
 use std::sync::atomic::Ordering;
@@ -20,7 +20,7 @@ impl Control {
                 let _ = writeln!(out, "{name}{labels} {v}");
             }
         };
-        let per_ep = |f: &dyn Fn(&EndpointInfo) -> f64| -> Vec<(String, f64)> {
+        let per_ep = |f: &dyn Fn(&EndpointView) -> f64| -> Vec<(String, f64)> {
             eps.iter()
                 .map(|e| (format!("{{endpoint=\"{}\"}}", e.endpoint), f(e)))
                 .collect()

@@ -3,7 +3,8 @@
 //!
 //! Submodules: [`origin`] (hold, release, abort on the node holding the
 //! clients), [`destination`] (shield and translate on the node where the pod
-//! lands), [`metrics`].
+//! lands), [`metrics`]; [`model`] holds what it takes and gives, which the
+//! API converts from and to its wire form.
 //!
 //! Locking: `endpoints`, then `migrations`, then `incoming`, never the other
 //! way round, and the `forgotten` id sets after any of them; no lock is held
@@ -11,15 +12,16 @@
 mod destination;
 pub use destination::{ENDED_FLOW_LINGER, UNSEEN_FLOW_LIMIT};
 mod metrics;
+pub mod model;
 mod origin;
 
-use crate::api::types::{ConnectionInfo, EndpointInfo};
 use crate::endpoint::{EndpointAddr, EndpointState, HoldStats, Mode};
 use crate::error::ControlError;
 use crate::intercept::Interception;
 use crate::migration::{Phase, ReleaseMode};
 use crate::relay::connection::RelayContext;
 use crate::relay::Mechanism;
+use model::{ConnectionView, EndpointView};
 use shepherd_common::{EP_INTERCEPT, EP_SHIELD};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -82,6 +84,17 @@ pub struct Control {
     hold_seconds_total: Mutex<f64>,
 }
 
+impl crate::relay::Endpoints for Control {
+    fn relay_context(&self) -> RelayContext {
+        self.relay.clone()
+    }
+
+    /// The live state of the endpoint a connection was addressed to.
+    fn endpoint_for(&self, dst: SocketAddrV4) -> Option<Arc<EndpointState>> {
+        lock(&self.endpoints).get(&EndpointAddr(dst)).cloned()
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind;
     // carry on with it rather than take the whole agent down.
@@ -115,15 +128,6 @@ impl Control {
         })
     }
 
-    pub fn relay_context(&self) -> RelayContext {
-        self.relay.clone()
-    }
-
-    /// The live state of the endpoint a connection was addressed to.
-    pub fn endpoint_for(&self, dst: SocketAddrV4) -> Option<Arc<EndpointState>> {
-        lock(&self.endpoints).get(&EndpointAddr(dst)).cloned()
-    }
-
     // ---- endpoints -------------------------------------------------------
 
     /// Registers endpoints (idempotent; re-adding a draining one revives it).
@@ -138,7 +142,7 @@ impl Control {
         addrs: &[EndpointAddr],
         relay: Option<Mechanism>,
         allow_local: bool,
-    ) -> Result<Vec<EndpointInfo>, ControlError> {
+    ) -> Result<Vec<EndpointView>, ControlError> {
         if addrs.is_empty() {
             return Err(ControlError::Invalid("no endpoints given".into()));
         }
@@ -266,17 +270,17 @@ impl Control {
         Ok(())
     }
 
-    pub fn list_endpoints(&self) -> Vec<EndpointInfo> {
+    pub fn list_endpoints(&self) -> Vec<EndpointView> {
         let addrs: Vec<EndpointAddr> = lock(&self.endpoints).keys().copied().collect();
         addrs.iter().filter_map(|a| self.endpoint_info(a)).collect()
     }
 
-    fn endpoint_info(&self, addr: &EndpointAddr) -> Option<EndpointInfo> {
+    fn endpoint_info(&self, addr: &EndpointAddr) -> Option<EndpointView> {
         let state = lock(&self.endpoints).get(addr).cloned()?;
         let k = self.intercept.stats(addr.key());
         let migration = self.migration_holding(addr);
         let held = matches!(state.mode(), Mode::Holding(_));
-        Some(EndpointInfo {
+        Some(EndpointView {
             endpoint: *addr,
             state: if state.is_draining() {
                 "draining"
@@ -308,14 +312,14 @@ impl Control {
             .map(|m| m.id.clone())
     }
 
-    pub fn connections(&self) -> Vec<ConnectionInfo> {
+    pub fn connections(&self) -> Vec<ConnectionView> {
         let states: Vec<Arc<EndpointState>> = lock(&self.endpoints).values().cloned().collect();
-        let mut out: Vec<ConnectionInfo> = states
+        let mut out: Vec<ConnectionView> = states
             .iter()
             .flat_map(|s| s.connections())
             .map(|c| {
                 let backend = c.backend.lock().ok().and_then(|b| *b);
-                ConnectionInfo {
+                ConnectionView {
                     id: c.id,
                     client: c.client.to_string(),
                     endpoint: c.orig_dst.to_string(),
@@ -343,7 +347,7 @@ impl Control {
         &self,
         endpoints: &[EndpointAddr],
         to: Ipv4Addr,
-        flows: &[crate::api::types::BackendFlow],
+        flows: &[model::BackendFlow],
         role: u32,
     ) -> Result<Vec<shepherd_common::FlowKey>, ControlError> {
         let mut installed = Vec::new();
@@ -381,7 +385,7 @@ impl Control {
 fn translated_key(
     endpoints: &[EndpointAddr],
     to: Ipv4Addr,
-    f: &crate::api::types::BackendFlow,
+    f: &model::BackendFlow,
 ) -> Option<(shepherd_common::FlowKey, Ipv4Addr)> {
     let old = endpoints
         .iter()

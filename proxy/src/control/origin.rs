@@ -1,8 +1,8 @@
 //! The origin side of a migration: hold, release (resume or reconnect, at the
 //! same or a new address), abort, and their status. The origin is the node
 //! whose proxy holds the clients' connections.
+use super::model::{BackendFlow, HoldSpec, MigrationView};
 use super::{lock, unix_ms, Control, Migration};
-use crate::api::types::{BackendFlow, HoldRequest, MigrationStatus};
 use crate::endpoint::{ConnInfo, EndpointState, HoldStats, Mode};
 use crate::error::ControlError;
 use crate::migration::{self, Phase, ReleaseMode, Request, Step};
@@ -22,8 +22,8 @@ impl Control {
     pub async fn hold(
         self: &Arc<Self>,
         id: &str,
-        req: &HoldRequest,
-    ) -> Result<MigrationStatus, ControlError> {
+        req: &HoldSpec,
+    ) -> Result<MigrationView, ControlError> {
         migration::validate_id(id).map_err(ControlError::Invalid)?;
         if req.endpoints.is_empty() {
             return Err(ControlError::Invalid(
@@ -310,7 +310,7 @@ impl Control {
         id: &str,
         mode: ReleaseMode,
         to: Option<&str>,
-    ) -> Result<MigrationStatus, ControlError> {
+    ) -> Result<MigrationView, ControlError> {
         let to: Option<Ipv4Addr> = to
             .map(|t| {
                 t.parse().map_err(|_| {
@@ -330,7 +330,7 @@ impl Control {
         self.finish(id, Request::Release(mode), None, Some(mode), to)
     }
 
-    pub fn abort(&self, id: &str, reason: Option<String>) -> Result<MigrationStatus, ControlError> {
+    pub fn abort(&self, id: &str, reason: Option<String>) -> Result<MigrationView, ControlError> {
         self.finish(
             id,
             Request::Abort,
@@ -349,7 +349,7 @@ impl Control {
         reason: Option<String>,
         mode: Option<ReleaseMode>,
         to: Option<Ipv4Addr>,
-    ) -> Result<MigrationStatus, ControlError> {
+    ) -> Result<MigrationView, ControlError> {
         let eps = lock(&self.endpoints);
         let mut migs = lock(&self.migrations);
         let m = migs
@@ -427,14 +427,14 @@ impl Control {
         Ok(self.status_of(m))
     }
 
-    pub fn status(&self, id: &str) -> Result<MigrationStatus, ControlError> {
+    pub fn status(&self, id: &str) -> Result<MigrationView, ControlError> {
         self.status_with(id, true)
     }
 
     /// `flows: false` leaves `backend_flows` empty: one entry per held
     /// connection is the costly part of a status at thousands of connections,
     /// and a controller polling for progress does not need it.
-    pub fn status_with(&self, id: &str, flows: bool) -> Result<MigrationStatus, ControlError> {
+    pub fn status_with(&self, id: &str, flows: bool) -> Result<MigrationView, ControlError> {
         let migs = lock(&self.migrations);
         let m = migs
             .get(id)
@@ -442,23 +442,23 @@ impl Control {
         Ok(self.status_flows(m, flows))
     }
 
-    pub fn list_migrations(&self) -> Vec<MigrationStatus> {
+    pub fn list_migrations(&self) -> Vec<MigrationView> {
         self.list_migrations_with(true)
     }
 
-    pub fn list_migrations_with(&self, flows: bool) -> Vec<MigrationStatus> {
+    pub fn list_migrations_with(&self, flows: bool) -> Vec<MigrationView> {
         let migs = lock(&self.migrations);
-        let mut v: Vec<MigrationStatus> =
+        let mut v: Vec<MigrationView> =
             migs.values().map(|m| self.status_flows(m, flows)).collect();
         v.sort_by_key(|s| s.started_unix_ms);
         v
     }
 
-    fn status_of(&self, m: &Migration) -> MigrationStatus {
+    fn status_of(&self, m: &Migration) -> MigrationView {
         self.status_flows(m, true)
     }
 
-    fn status_flows(&self, m: &Migration, flows: bool) -> MigrationStatus {
+    fn status_flows(&self, m: &Migration, flows: bool) -> MigrationView {
         let s = &m.stats;
         let closed = s.connections_closed.load(Ordering::Relaxed);
         let mut reason = m.reason.clone();
@@ -482,7 +482,7 @@ impl Control {
             .sum();
         let held = s.connections_held.load(Ordering::Relaxed);
         let queued = s.connections_queued.load(Ordering::Relaxed);
-        MigrationStatus {
+        MigrationView {
             id: m.id.clone(),
             state: m.phase,
             reason,
@@ -524,7 +524,7 @@ impl Control {
     /// translating the held connections' backend flows (origin side), so the
     /// restored sockets, still bound to the old address, keep reaching us.
     /// Call it before the restore; `release --to` calls it too.
-    pub fn target(&self, id: &str, to: Ipv4Addr) -> Result<MigrationStatus, ControlError> {
+    pub fn target(&self, id: &str, to: Ipv4Addr) -> Result<MigrationView, ControlError> {
         let mut migs = lock(&self.migrations);
         let m = migs
             .get_mut(id)

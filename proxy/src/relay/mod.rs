@@ -7,8 +7,9 @@ pub mod slots;
 pub mod splice;
 pub mod workers;
 
-use crate::control::Control;
+use crate::endpoint::EndpointState;
 use crate::transport::orig_dst::OrigDst;
+use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -44,12 +45,21 @@ impl std::fmt::Display for Mechanism {
     }
 }
 
+/// What the accept loop asks of the control plane, which implements it:
+/// the relay sits below the control plane and does not know it.
+pub trait Endpoints: Send + Sync {
+    /// The limits and collaborators every new connection gets.
+    fn relay_context(&self) -> connection::RelayContext;
+    /// The managed endpoint a connection to `dst` belongs to, if any.
+    fn endpoint_for(&self, dst: SocketAddrV4) -> Option<Arc<EndpointState>>;
+}
+
 /// Accepts intercepted connections until the listener fails, counting them
 /// in `accepted`. A connection past the data plane's slots (see [`slots`])
 /// is closed at once, with a FIN.
 pub async fn accept_loop(
     listener: TcpListener,
-    control: Arc<Control>,
+    control: Arc<dyn Endpoints>,
     orig_dst: Arc<dyn OrigDst>,
     accepted: &AtomicU64,
 ) {

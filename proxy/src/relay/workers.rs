@@ -6,8 +6,7 @@
 //! runtime they cost ~5 µs of CPU per new connection here) and no cache
 //! traffic between threads. The control plane only touches connections
 //! through their endpoint's mode channel, which works across runtimes.
-use super::accept_loop;
-use crate::control::Control;
+use super::{accept_loop, Endpoints};
 use crate::transport::orig_dst::OrigDst;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,7 +86,7 @@ impl DataPlane {
     /// counters behind `/metrics` are process-wide).
     pub fn start(
         listeners: Vec<std::net::TcpListener>,
-        control: Arc<Control>,
+        control: Arc<dyn Endpoints>,
         orig_dst: Arc<dyn OrigDst>,
     ) -> io::Result<(Self, Failure)> {
         let n = listeners.len();

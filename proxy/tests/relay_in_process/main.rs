@@ -2,7 +2,7 @@
 //! loopback, with no kernel interception (a recording stand-in replaces the
 //! eBPF maps and a fixed original destination replaces getsockname). The
 //! privileged tests in `tests/` cover the real kernel path.
-use shepherd::api::types::{HoldRequest, MigrationStatus};
+use shepherd::control::model::{HoldSpec, MigrationView};
 use shepherd::control::{Control, ControlConfig, ENDED_FLOW_LINGER, UNSEEN_FLOW_LIMIT};
 use shepherd::endpoint::EndpointAddr;
 use shepherd::intercept::RecordingInterception;
@@ -168,8 +168,8 @@ async fn control_on(
     (control, endpoint, backend_seen, intercept)
 }
 
-fn hold_req(ep: EndpointAddr) -> HoldRequest {
-    HoldRequest {
+fn hold_req(ep: EndpointAddr) -> HoldSpec {
+    HoldSpec {
         endpoints: vec![ep],
         deadline_ms: None,
         quiesce_timeout_ms: None,
@@ -656,7 +656,7 @@ async fn a_hold_and_release_never_seen_keep_the_counters_straight() {
     r.control
         .release("g1", ReleaseMode::Resume, None)
         .expect("release");
-    let no_wait = HoldRequest {
+    let no_wait = HoldSpec {
         quiesce_timeout_ms: Some(0),
         ..hold_req(r.endpoint)
     };
@@ -729,7 +729,7 @@ async fn a_deadline_aborts_when_the_pod_does_not_answer_at_its_target(m: Mechani
 
 impl Rig {
     /// Holds the endpoint under migration `id` and says the pod lands at `to`.
-    async fn hold_to(&self, id: &str, to: std::net::Ipv4Addr) -> MigrationStatus {
+    async fn hold_to(&self, id: &str, to: std::net::Ipv4Addr) -> MigrationView {
         self.control
             .hold(id, &hold_req(self.endpoint))
             .await
@@ -920,7 +920,7 @@ fn addrs_where(
 /// know.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_restored_beside_its_proxy_keeps_the_origin_entries() {
-    use shepherd::api::types::IncomingRequest;
+    use shepherd::control::model::IncomingSpec;
     let r = rig(Mechanism::Copy, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
     let roles = |r: &Rig| -> Vec<u32> {
         let t = r.intercept.translations.lock().expect("lock");
@@ -929,7 +929,7 @@ async fn a_pod_restored_beside_its_proxy_keeps_the_origin_entries() {
     // Whichever comes first: `incoming` with the flows before `target`...
     let (_c, _) = consumed_then_held(&r, "m40").await;
     let st = r.control.status("m40").expect("status");
-    let req = IncomingRequest {
+    let req = IncomingSpec {
         endpoints: vec![r.endpoint],
         to: Some("127.0.0.2".parse().expect("ip")),
         flows: st.backend_flows.clone(),
@@ -961,7 +961,7 @@ async fn a_pod_restored_beside_its_proxy_keeps_the_origin_entries() {
 /// address needs nothing, and a non-unicast address is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incoming_normalises_and_checks_flow_addresses() {
-    use shepherd::api::types::{BackendFlow, IncomingRequest};
+    use shepherd::control::model::{BackendFlow, IncomingSpec};
     let (dest, ep, _, _) =
         control_for(Mechanism::Copy, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
     let flow = |port: u16, pod_addr: Option<&str>| BackendFlow {
@@ -969,7 +969,7 @@ async fn incoming_normalises_and_checks_flow_addresses() {
         pod_port: ep.0.port(),
         pod_addr: pod_addr.map(|a| a.parse().expect("ip")),
     };
-    let req = |flows: Vec<BackendFlow>| IncomingRequest {
+    let req = |flows: Vec<BackendFlow>| IncomingSpec {
         endpoints: vec![ep],
         to: Some("127.0.0.3".parse().expect("ip")),
         flows,
@@ -1006,7 +1006,7 @@ async fn incoming_normalises_and_checks_flow_addresses() {
 /// that record. A second move that succeeds keeps its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_move_on_from_this_node_puts_back_the_earlier_entries() {
-    use shepherd::api::types::{BackendFlow, IncomingRequest};
+    use shepherd::control::model::{BackendFlow, IncomingSpec};
     use std::net::Ipv4Addr;
     let ip = |s: &str| -> Ipv4Addr { s.parse().expect("ip") };
     let (dest, _, _, intercept) =
@@ -1017,7 +1017,7 @@ async fn a_failed_move_on_from_this_node_puts_back_the_earlier_entries() {
         pod_addr: None,
     };
     let to = |id: &str, new: &str| {
-        let req = IncomingRequest {
+        let req = IncomingSpec {
             endpoints: vec!["10.1.0.5:80".parse().expect("ep")],
             to: Some(ip(new)),
             flows: vec![flow],
@@ -1098,7 +1098,7 @@ async fn a_failed_move_on_from_this_node_puts_back_the_earlier_entries() {
     assert!(held_by_here());
 
     // The deadline completed it; the controller's reason still undoes it.
-    let late = IncomingRequest {
+    let late = IncomingSpec {
         endpoints: vec!["10.1.0.5:80".parse().expect("ep")],
         to: Some(ip("10.1.0.9")),
         flows: vec![flow],
@@ -1111,7 +1111,7 @@ async fn a_failed_move_on_from_this_node_puts_back_the_earlier_entries() {
         .expect("reason after the deadline");
     now(&at("10.1.0.6"));
     // A record the controller said failed takes no new flows.
-    let more = IncomingRequest {
+    let more = IncomingSpec {
         flows: vec![BackendFlow {
             node: "10.1.0.1:40002".parse().expect("node"),
             ..flow
@@ -1141,7 +1141,7 @@ async fn a_failed_move_on_from_this_node_puts_back_the_earlier_entries() {
 /// destination shields the second address too. A move back to the
 /// registered address leaves only the second connection translated.
 async fn a_second_move_translates_flows_opened_after_the_first(m: Mechanism) {
-    use shepherd::api::types::IncomingRequest;
+    use shepherd::control::model::IncomingSpec;
     use std::net::Ipv4Addr;
     let ip = |s: &str| -> Ipv4Addr { s.parse().expect("ip") };
     let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
@@ -1197,7 +1197,7 @@ async fn a_second_move_translates_flows_opened_after_the_first(m: Mechanism) {
     // The destination translates and shields both old addresses.
     let (dest, _, _, dest_intercept) =
         control_for(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
-    let req = IncomingRequest {
+    let req = IncomingSpec {
         endpoints: vec![r.endpoint],
         to: Some(ip("127.0.0.3")),
         flows: Vec::new(),
@@ -1214,7 +1214,7 @@ async fn a_second_move_translates_flows_opened_after_the_first(m: Mechanism) {
             .is_some_and(|f| f & shepherd_common::EP_SHIELD != 0)
     };
     assert!(!shielded("127.0.0.2"), "no flow uses it yet");
-    let with_flows = IncomingRequest {
+    let with_flows = IncomingSpec {
         flows: st.backend_flows.clone(),
         ..req.clone()
     };
@@ -1250,7 +1250,7 @@ async fn a_second_move_translates_flows_opened_after_the_first(m: Mechanism) {
 }
 
 async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mechanism) {
-    use shepherd::api::types::IncomingRequest;
+    use shepherd::control::model::IncomingSpec;
     let r = rig(m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
     let mut c = TcpStream::connect(r.proxy).await.expect("connect");
     c.write_all(b"x").await.expect("write");
@@ -1277,13 +1277,13 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
     c.write_all(b"y").await.expect("write");
     assert_eq!(read_exact_timeout(&mut c, 1).await, b"y");
 
-    let req = IncomingRequest {
+    let req = IncomingSpec {
         endpoints: vec!["10.1.0.5:80".parse().expect("ep")],
         to: Some("10.1.0.6".parse().expect("ip")),
         flows: st
             .backend_flows
             .iter()
-            .map(|f| shepherd::api::types::BackendFlow {
+            .map(|f| shepherd::control::model::BackendFlow {
                 node: f.node,
                 pod_port: 80,
                 // An older controller's flow: the endpoint's address.
@@ -1361,16 +1361,16 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
     // once. One that only its deadline ended keeps a flow that no pod-side
     // segment ever crossed (the pod was never restored here) for
     // UNSEEN_FLOW_LIMIT. A successful one's flows are taken to have arrived.
-    let flow_on = |port: u16| shepherd::api::types::BackendFlow {
+    let flow_on = |port: u16| shepherd::control::model::BackendFlow {
         node: std::net::SocketAddrV4::new("10.1.0.1".parse().expect("ip"), port),
         pod_port: 80,
         pod_addr: None,
     };
-    let on = |port: u16| IncomingRequest {
+    let on = |port: u16| IncomingSpec {
         flows: vec![flow_on(port)],
         ..req.clone()
     };
-    let by_deadline = |port: u16| IncomingRequest {
+    let by_deadline = |port: u16| IncomingSpec {
         deadline_ms: Some(30),
         ..on(port)
     };
@@ -1437,7 +1437,7 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
     );
     // The incoming deadline firing after a successful `complete` leaves it
     // a success (its flows keep their translations).
-    let with_deadline = IncomingRequest {
+    let with_deadline = IncomingSpec {
         flows: vec![flow_on(40005)],
         deadline_ms: Some(30),
         ..req.clone()
@@ -1451,7 +1451,7 @@ async fn target_translates_held_flows_and_incoming_shields_and_translates(m: Mec
         "the deadline must not turn a success into a failure"
     );
     // A new address with endpoints at two addresses is two pods: refused.
-    let two_pods = IncomingRequest {
+    let two_pods = IncomingSpec {
         endpoints: vec![
             "10.1.0.5:80".parse().expect("ep"),
             "10.1.0.9:81".parse().expect("ep"),
