@@ -99,7 +99,41 @@ enum BackendEnd {
     /// A FIN: the pod (or its stopped original) closed the connection.
     Fin,
     /// A reset or an error, with what failed.
-    Failed(String),
+    Failed(ConnError),
+}
+
+/// Why a relayed connection ended before both of its directions were done:
+/// the step that failed, with its cause. Its message goes to the log and,
+/// when a hold is involved, to the migration's status (`reason`).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("backend {backend} unreachable: {source}")]
+    Unreachable {
+        backend: SocketAddrV4,
+        source: io::Error,
+    },
+    /// `op` is "read from" or "write to".
+    #[error("{op} backend {backend} failed: {source}")]
+    Backend {
+        op: &'static str,
+        backend: SocketAddrV4,
+        source: io::Error,
+    },
+    #[error(
+        "the pod closed the connection during the hold and the release did not reconnect: \
+         the client got a FIN after every byte the pod sent"
+    )]
+    ClosedDuringHold,
+    #[error("{0} (during the hold; the release did not reconnect)")]
+    FailedDuringHold(#[source] Box<ConnError>),
+    #[error("client read failed: {0}")]
+    ClientRead(#[source] io::Error),
+    #[error("client write failed: {0}")]
+    ClientWrite(#[source] io::Error),
+    #[error("taking spliced bytes back: {0}")]
+    TakeBack(#[source] io::Error),
+    #[error("endpoint removed")]
+    EndpointRemoved,
 }
 
 /// One direction of a connection: the bytes read and not yet written
@@ -292,12 +326,15 @@ impl Conn {
         self.mode.hold().cloned()
     }
 
-    async fn run(&mut self) -> Result<(), String> {
+    async fn run(&mut self) -> Result<(), ConnError> {
         loop {
             let hold = self.holding();
             if hold.is_none() && self.backend.is_none() && !self.down.eof {
                 if let Err(e) = self.connect_backend().await {
-                    let reason = format!("backend {} unreachable: {e}", self.endpoint.backend());
+                    let reason = ConnError::Unreachable {
+                        backend: self.endpoint.backend(),
+                        source: e,
+                    };
                     self.fail_backend(&reason).await;
                     return Err(reason);
                 }
@@ -393,7 +430,7 @@ impl Conn {
             // other while both stay busy.
             let mode_changed = match self.mode_rx.has_changed() {
                 Ok(c) => c,
-                Err(_) => return Err("endpoint removed".into()),
+                Err(_) => return Err(ConnError::EndpointRemoved),
             };
             let event = if mode_changed {
                 Event::ModeChanged
@@ -402,7 +439,7 @@ impl Conn {
                 r = self.mode_rx.changed() => match r {
                     Ok(()) => Event::ModeChanged,
                     // The endpoint state is gone (agent shutting down).
-                    Err(_) => return Err("endpoint removed".into()),
+                    Err(_) => return Err(ConnError::EndpointRemoved),
                 },
                 e = to_backend(backend_w, &self.batch, up_lane_busy && hold.is_none()) => e,
                 e = to_client(&mut self.client_w, &self.down.buf), if write_client => e,
@@ -416,7 +453,7 @@ impl Conn {
         }
     }
 
-    async fn handle(&mut self, event: Event) -> Result<(), String> {
+    async fn handle(&mut self, event: Event) -> Result<(), ConnError> {
         match event {
             Event::Tick => {}
             Event::ModeChanged => {
@@ -439,7 +476,7 @@ impl Conn {
                                     self.up.buf.push(Bytes::from(b));
                                     self.info.queued.store(self.up.buf.len(), Ordering::Relaxed);
                                 }
-                                Err(e) => return Err(format!("taking spliced bytes back: {e}")),
+                                Err(e) => return Err(ConnError::TakeBack(e)),
                             }
                         }
                         // Everything queued is held now, the forwarding
@@ -483,7 +520,7 @@ impl Conn {
                     }
                 }
             }
-            Event::ClientReadable(Err(e), _) => return Err(format!("client read failed: {e}")),
+            Event::ClientReadable(Err(e), _) => return Err(ConnError::ClientRead(e)),
             Event::ClientReadable(Ok(()), false) => self.copy_from_client()?,
             Event::ClientReadable(Ok(()), true) => {
                 // Spliced only while forwarding: the endpoint's room.
@@ -509,7 +546,7 @@ impl Conn {
                     // No pipe to be had, or urgent data that only a plain
                     // read gets past: copy this read instead.
                     Ok(Filled::NoPipe | Filled::Stuck) => self.copy_from_client()?,
-                    Err(e) => return Err(format!("client read failed: {e}")),
+                    Err(e) => return Err(ConnError::ClientRead(e)),
                 }
             }
             Event::BackendWritable(r) => {
@@ -556,7 +593,7 @@ impl Conn {
                             .bytes_spliced
                             .fetch_add(n as u64, Ordering::Relaxed);
                     }
-                    Err(e) => return Err(format!("client write failed: {e}")),
+                    Err(e) => return Err(ConnError::ClientWrite(e)),
                 }
             }
             Event::BackendWrote(Ok(n)) => {
@@ -571,7 +608,7 @@ impl Conn {
             }
             Event::BackendWrote(Err(e)) => return self.backend_failed("write to", e).await,
             Event::ClientWrote(Ok(n)) => self.down.buf.advance(n),
-            Event::ClientWrote(Err(e)) => return Err(format!("client write failed: {e}")),
+            Event::ClientWrote(Err(e)) => return Err(ConnError::ClientWrite(e)),
         }
         Ok(())
     }
@@ -596,7 +633,7 @@ impl Conn {
     }
 
     /// A buffered read from the backend finished.
-    async fn backend_read(&mut self, r: io::Result<usize>) -> Result<(), String> {
+    async fn backend_read(&mut self, r: io::Result<usize>) -> Result<(), ConnError> {
         match r {
             Ok(0) => self.backend_ended(),
             Ok(n) => {
@@ -639,9 +676,14 @@ impl Conn {
     /// is recorded and the connection waits for the release (nothing more
     /// is read from that socket); otherwise the client is closed cleanly
     /// (see [`Conn::fail_backend`]) and the reason returned.
-    async fn backend_failed(&mut self, op: &str, e: io::Error) -> Result<(), String> {
-        let reason = format!("{op} backend {} failed: {e}", self.info.orig_dst);
-        if self.end_in_hold(BackendEnd::Failed(reason.clone())) {
+    async fn backend_failed(&mut self, op: &'static str, e: io::Error) -> Result<(), ConnError> {
+        let reason = ConnError::Backend {
+            op,
+            backend: self.info.orig_dst,
+            source: e,
+        };
+        if self.mode.hold().is_some() {
+            self.end_in_hold(BackendEnd::Failed(reason));
             self.down.eof = true;
             return Ok(());
         }
@@ -655,16 +697,10 @@ impl Conn {
     /// one whose checkpoint was restored elsewhere without it). The client
     /// gets every byte the pod sent, then a clean FIN; its held bytes are
     /// not written into the dead socket; the status says why.
-    async fn settle_end_in_hold(&mut self, end: BackendEnd) -> Result<(), String> {
+    async fn settle_end_in_hold(&mut self, end: BackendEnd) -> Result<(), ConnError> {
         let reason = match end {
-            BackendEnd::Fin => {
-                "the pod closed the connection during the hold and the release did not \
-                 reconnect: the client got a FIN after every byte the pod sent"
-                    .to_string()
-            }
-            BackendEnd::Failed(reason) => {
-                format!("{reason} (during the hold; the release did not reconnect)")
-            }
+            BackendEnd::Fin => ConnError::ClosedDuringHold,
+            BackendEnd::Failed(reason) => ConnError::FailedDuringHold(Box::new(reason)),
         };
         self.fail_backend(&reason).await;
         Err(reason)
@@ -672,7 +708,7 @@ impl Conn {
 
     /// Reads what the client sent into the hold buffer (as much as `room`
     /// allows); nothing if it turns out there was nothing.
-    fn copy_from_client(&mut self) -> Result<(), String> {
+    fn copy_from_client(&mut self) -> Result<(), ConnError> {
         // The room, taken before the read: other connections read at once.
         let room = self
             .charge
@@ -692,7 +728,7 @@ impl Conn {
     }
 
     /// Reads what the pod sent into `down`.
-    async fn copy_from_backend(&mut self) -> Result<(), String> {
+    async fn copy_from_backend(&mut self) -> Result<(), ConnError> {
         // Taken when there is something to read, not before: an idle
         // connection holds no read buffer.
         if self.down_spare.capacity() < 4096 {
@@ -709,7 +745,7 @@ impl Conn {
     }
 
     /// A buffered read from the client finished.
-    fn client_read(&mut self, r: io::Result<usize>) -> Result<(), String> {
+    fn client_read(&mut self, r: io::Result<usize>) -> Result<(), ConnError> {
         match r {
             Ok(0) => self.up.eof = true,
             Ok(_) => {
@@ -723,7 +759,7 @@ impl Conn {
                 }
             }
             // The client reset or vanished: nobody is left to deliver to.
-            Err(e) => return Err(format!("client read failed: {e}")),
+            Err(e) => return Err(ConnError::ClientRead(e)),
         }
         Ok(())
     }
@@ -821,7 +857,7 @@ impl Conn {
 
     /// The backend is gone: deliver what the pod already sent, then close the
     /// client with a FIN (never a RST), and record why.
-    async fn fail_backend(&mut self, reason: &str) {
+    async fn fail_backend(&mut self, reason: &ConnError) {
         tracing::warn!(client = %self.info.client, %reason, "closing client connection cleanly");
         // Attribute the close to the hold in progress, or the one that just ended.
         let hold = match &self.mode {
@@ -829,7 +865,7 @@ impl Conn {
             Mode::Forwarding { after, .. } => after.as_ref(),
         };
         if let Some(h) = hold {
-            h.record_close(reason);
+            h.record_close(&reason.to_string());
         }
         // The socket is gone: its translation goes now, not after the
         // client's linger (a new flow could take the port meanwhile).
@@ -919,6 +955,32 @@ mod tests {
 
     fn replayed(h: &HoldStats) -> u64 {
         h.bytes_replayed.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_connections_end_names_its_step_and_keeps_its_cause() {
+        let backend: SocketAddrV4 = "10.0.0.1:80".parse().expect("addr");
+        let reset = || io::Error::from(io::ErrorKind::ConnectionReset);
+        let e = ConnError::FailedDuringHold(Box::new(ConnError::Backend {
+            op: "read from",
+            backend,
+            source: reset(),
+        }));
+        let text = e.to_string();
+        assert!(
+            text.starts_with("read from backend 10.0.0.1:80 failed")
+                && text.ends_with("(during the hold; the release did not reconnect)"),
+            "{text}"
+        );
+        // The chain down to the socket's error.
+        let inner = std::error::Error::source(&e).expect("the backend's error");
+        let io = inner.source().expect("the socket's error");
+        assert_eq!(io.to_string(), reset().to_string());
+        let e = ConnError::Unreachable {
+            backend,
+            source: io::Error::from(io::ErrorKind::ConnectionRefused),
+        };
+        assert!(e.to_string().contains("unreachable"), "{e}");
     }
 
     #[test]
