@@ -151,6 +151,15 @@ impl World {
         }
     }
 
+    /// `n` counter streams to the pod's first port, flowing for 300 ms.
+    fn streams(&self, n: usize) -> Vec<CounterStream> {
+        let streams = (0..n)
+            .map(|_| CounterStream::start(&self.t.client, self.t.pod_addr(PORT), TICK))
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        streams
+    }
+
     fn plan(&self, id: &str, ports: &[u16]) -> Plan {
         Plan::new(id, ports.iter().map(|p| self.t.pod_addr(*p)).collect())
     }
@@ -710,10 +719,7 @@ fn destination_agent_down_before_incoming_changes_nothing() {
 fn a_two_second_cut_between_restore_and_release_loses_nothing() {
     privileged!();
     let mut w = World::new("mgk", true, &[PORT]);
-    let streams: Vec<CounterStream> = (0..3)
-        .map(|_| CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK))
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    let streams = w.streams(3);
     let fabric = w.t.fabric.name().to_string();
     let set_link = |state: &str| {
         let ok = std::process::Command::new("ip")
@@ -768,10 +774,7 @@ fn a_restore_that_fails_on_b_is_restored_on_a() {
     let mut w = World::new("mgb", true, &[PORT]);
     w.t.pod_b
         .ip(&["addr", "del", &format!("{}/32", w.t.pod_ip), "dev", "lo"]);
-    let streams: Vec<CounterStream> = (0..3)
-        .map(|_| CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK))
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    let streams = w.streams(3);
     let plan = w.plan("mig-back-home", &[PORT]);
     let mut pod = w.pod.take().expect("pod");
     let pid = pod.pid();
@@ -824,10 +827,7 @@ fn a_restore_that_fails_on_b_is_restored_on_a() {
 fn loss_and_delay_on_the_fabric_during_the_replay_lose_nothing() {
     privileged!();
     let mut w = World::new("mgl", true, &[PORT]);
-    let streams: Vec<CounterStream> = (0..3)
-        .map(|_| CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK))
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    let streams = w.streams(3);
     let fabric = w.t.fabric.name().to_string();
     let netem: RefCell<Option<Netem>> = RefCell::new(None);
     let impair = |line: &str| {
@@ -895,10 +895,7 @@ fn loss_and_delay_on_the_fabric_during_the_replay_lose_nothing() {
 fn a_controller_that_vanishes_after_the_restore_is_rolled_forward() {
     privileged!();
     let mut w = World::new("mgv", true, &[PORT]);
-    let streams: Vec<CounterStream> = (0..3)
-        .map(|_| CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK))
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    let streams = w.streams(3);
     let mut plan = w.plan("mig-vanish", &[PORT]);
     let deadline = Duration::from_secs(4);
     plan.hold_deadline = Some(deadline);
@@ -957,10 +954,7 @@ fn a_controller_that_vanishes_after_the_restore_is_rolled_forward() {
 fn destination_agent_dead_at_complete_ends_clients_cleanly() {
     privileged!();
     let mut w = World::new("mgc", true, &[PORT]);
-    let streams: Vec<CounterStream> = (0..2)
-        .map(|_| CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK))
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    let streams = w.streams(2);
     let plan = w.plan("mig-dead-dest", &[PORT]);
     let dest_pid = w.dest.pid();
     let kill_at_complete = |line: &str| {

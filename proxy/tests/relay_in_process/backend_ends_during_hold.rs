@@ -7,27 +7,38 @@ use tokio::sync::watch;
 
 /// How the stand-in pod ends its connections when told to.
 #[derive(Clone, Copy, Debug)]
-enum Stop {
+pub(super) enum Stop {
     /// Writes `farewell`, then closes (FIN): a stopped process.
     Fin { farewell: &'static [u8] },
     /// Closes with SO_LINGER 0 (RST): a process killed with unread bytes.
     Reset,
 }
 
+/// What each backend connection of a stand-in pod received, in accept
+/// order.
+pub(super) type Received = Arc<std::sync::Mutex<Vec<Arc<std::sync::Mutex<Vec<u8>>>>>>;
+
 /// An echo pod whose open connections all end as `Stop` says when the
 /// returned sender is given one. Connections accepted afterwards are served
-/// normally: the restored pod.
-async fn stoppable_echo_backend() -> (
+/// normally: the restored pod. Also returns what each connection received.
+pub(super) async fn stoppable_echo_backend() -> (
     (SocketAddrV4, Arc<AtomicUsize>),
     watch::Sender<Option<Stop>>,
+    Received,
 ) {
     let (l, addr) = backend_listener().await;
     let seen = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop_rx) = watch::channel(None);
     let counted = seen.clone();
+    let received = Received::default();
+    let log = received.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             let seen = counted.clone();
+            let mine = Arc::new(std::sync::Mutex::new(Vec::new()));
+            if let Ok(mut all) = log.lock() {
+                all.push(mine.clone());
+            }
             let mut stop = stop_rx.clone();
             stop.mark_unchanged();
             tokio::spawn(async move {
@@ -38,6 +49,9 @@ async fn stoppable_echo_backend() -> (
                             Ok(0) | Err(_) => break,
                             Ok(n) => {
                                 seen.fetch_add(n, Ordering::SeqCst);
+                                if let Ok(mut m) = mine.lock() {
+                                    m.extend_from_slice(&buf[..n]);
+                                }
                                 if s.write_all(&buf[..n]).await.is_err() {
                                     break;
                                 }
@@ -65,7 +79,7 @@ async fn stoppable_echo_backend() -> (
             });
         }
     });
-    ((addr, seen), stop_tx)
+    ((addr, seen), stop_tx, received)
 }
 
 /// Holds migration `id` over a connection the pod has served once, stops
@@ -113,7 +127,7 @@ async fn a_pod_stopped_during_a_hold_is_reconnected(m: Mechanism) {
         .into_iter()
         .enumerate()
     {
-        let (backend, stop) = stoppable_echo_backend().await;
+        let (backend, stop, _) = stoppable_echo_backend().await;
         let r = rig_on(backend, m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
         let id = format!("k{i}");
         let mut c = stopped_during_hold(&r, &stop, how, &id, b"held-1;held-2;").await;
@@ -147,7 +161,7 @@ async fn a_pod_stopped_during_a_hold_is_reconnected(m: Mechanism) {
 /// closed during the hold: the client gets a clean FIN after every byte the
 /// pod sent, and the status says why.
 async fn resume_after_the_pod_closed_ends_the_client_cleanly(m: Mechanism) {
-    let (backend, stop) = stoppable_echo_backend().await;
+    let (backend, stop, _) = stoppable_echo_backend().await;
     let r = rig_on(backend, m, 1 << 20, 8 << 20, Duration::from_secs(30)).await;
     let how = Stop::Fin { farewell: b"last;" };
     let mut c = stopped_during_hold(&r, &stop, how, "r1", b"held;").await;
@@ -174,7 +188,7 @@ async fn resume_after_the_pod_closed_ends_the_client_cleanly(m: Mechanism) {
 /// An abort (or the deadline) with the backend reset during the hold: the
 /// client is closed cleanly, as when a backend fails while forwarding.
 async fn abort_after_the_pod_reset_ends_the_client_cleanly(m: Mechanism) {
-    let (backend, stop) = stoppable_echo_backend().await;
+    let (backend, stop, _) = stoppable_echo_backend().await;
     let r = rig_on(backend, m, 1 << 20, 8 << 20, Duration::from_millis(1500)).await;
     let mut c = stopped_during_hold(&r, &stop, Stop::Reset, "a1", b"held;").await;
     // No release: the deadline aborts.

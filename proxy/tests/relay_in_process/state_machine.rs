@@ -9,10 +9,10 @@
 //!   consumed, as reconnect mode defines it (its pod took it, and with
 //!   the pod's connection gone, so is its answer), never lost in the proxy;
 //! - a client is only ended by a crash, and then cleanly (EOF, no error).
+use super::backend_ends_during_hold::{stoppable_echo_backend, Stop};
 use super::*;
 use proptest::prelude::*;
 use std::sync::Mutex;
-use tokio::sync::watch;
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -89,65 +89,6 @@ fn positions(conn: usize, len: usize, got: &[u8]) -> Option<Vec<usize>> {
     Some(at)
 }
 
-/// What the stand-in pod received, per backend connection, and a way to
-/// crash it.
-/// What one backend connection received.
-type Received = Arc<Mutex<Vec<u8>>>;
-
-#[derive(Clone)]
-struct Pod {
-    received: Arc<Mutex<Vec<Received>>>,
-    crash: watch::Sender<u64>,
-}
-
-async fn crashable_echo_pod() -> ((SocketAddrV4, Arc<AtomicUsize>), Pod) {
-    let (l, addr) = backend_listener().await;
-    let seen = Arc::new(AtomicUsize::new(0));
-    let (crash, crashes) = watch::channel(0u64);
-    let pod = Pod {
-        received: Arc::default(),
-        crash,
-    };
-    let log = pod.received.clone();
-    let counted = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let mine = Arc::new(Mutex::new(Vec::new()));
-            if let Ok(mut all) = log.lock() {
-                all.push(mine.clone());
-            }
-            let seen = counted.clone();
-            let mut crash = crashes.clone();
-            crash.mark_unchanged();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    tokio::select! {
-                        r = s.read(&mut buf) => match r {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                seen.fetch_add(n, Ordering::SeqCst);
-                                if let Ok(mut m) = mine.lock() {
-                                    m.extend_from_slice(&buf[..n]);
-                                }
-                                if s.write_all(&buf[..n]).await.is_err() {
-                                    break;
-                                }
-                            }
-                        },
-                        _ = crash.changed() => {
-                            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-                            return;
-                        }
-                    }
-                }
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    ((addr, seen), pod)
-}
-
 /// One client: what it wrote, and what came back. Writes go through a
 /// task of their own: a held connection's window closes at its cap, and the
 /// write finishes once the hold ends, while the next operations run.
@@ -218,7 +159,7 @@ async fn client(proxy: SocketAddr) -> Client {
 }
 
 async fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let (backend, pod) = crashable_echo_pod().await;
+    let (backend, crash, received) = stoppable_echo_backend().await;
     let r = rig_on(
         backend,
         Mechanism::Copy,
@@ -270,7 +211,7 @@ async fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Crash => {
                 crashed = true;
-                pod.crash.send_modify(|n| *n += 1);
+                let _ = crash.send(Some(Stop::Reset));
             }
             Op::Pause { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
         }
@@ -306,8 +247,7 @@ async fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
         // What was lost stays lost: let the clock make sure.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let received: Vec<Vec<u8>> = pod
-        .received
+    let received: Vec<Vec<u8>> = received
         .lock()
         .map(|all| {
             all.iter()
