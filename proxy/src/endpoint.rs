@@ -5,6 +5,7 @@
 //! The mode is a `watch` channel: the control plane changes it, and every
 //! connection of the endpoint observes the change at its next step. Nothing
 //! here touches sockets.
+pub use crate::flow_translation::FlowTranslation;
 use crate::intercept::Interception;
 use crate::relay::Mechanism;
 use serde::{Deserialize, Serialize};
@@ -158,37 +159,18 @@ pub struct BackendSocket {
     pub peer: SocketAddrV4,
 }
 
-/// Where a connection's backend-flow translation stands. `target` marks it
-/// and the connection removes it when that backend socket is done; both go
-/// through the same mutex, so a connection that closes while `target` runs
-/// cannot leave its entry behind.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub enum FlowTranslation {
-    #[default]
-    None,
-    Installed(FlowKey),
-    /// The backend socket is gone: nothing may be installed for it any more.
-    Done,
-}
-
 impl ConnInfo {
     /// Records a translation `target` installed for this connection's
     /// backend flow. Returns false if the connection's backend socket is
     /// already gone (the caller removes the entry itself).
     pub fn mark_translated(&self, key: FlowKey) -> bool {
-        match self.translated_flow.lock() {
-            // No backend socket any more (see `forget_backend`): nobody
-            // would remove the entry.
-            Ok(t) if self.backend.lock().map_or(true, |b| b.is_none()) => {
-                drop(t);
-                false
-            }
-            Ok(mut t) if *t != FlowTranslation::Done => {
-                *t = FlowTranslation::Installed(key);
-                true
-            }
-            _ => false,
-        }
+        let Ok(mut t) = self.translated_flow.lock() else {
+            return false;
+        };
+        // No backend socket any more (see `forget_backend`): nobody would
+        // remove the entry.
+        let alive = self.backend.lock().is_ok_and(|b| b.is_some());
+        t.install(key, alive)
     }
 
     /// The backend socket is gone (dropped for a reconnect, or failed):
@@ -209,23 +191,6 @@ impl ConnInfo {
     /// translation either (the connection is closing).
     pub fn take_translation(&self, last: bool) -> Option<FlowKey> {
         self.translated_flow.lock().ok()?.take(last)
-    }
-}
-
-impl FlowTranslation {
-    /// The installed entry, if any, leaving none (or done, if `last` or
-    /// already done).
-    fn take(&mut self, last: bool) -> Option<FlowKey> {
-        let key = match *self {
-            FlowTranslation::Installed(k) => Some(k),
-            _ => None,
-        };
-        *self = if last || *self == FlowTranslation::Done {
-            FlowTranslation::Done
-        } else {
-            FlowTranslation::None
-        };
-        key
     }
 }
 

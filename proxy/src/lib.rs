@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod endpoint;
 pub mod error;
+pub mod flow_translation;
 pub mod intercept;
 pub mod memory;
 pub mod migration;
