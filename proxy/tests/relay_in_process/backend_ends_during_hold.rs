@@ -57,7 +57,12 @@ pub(super) async fn stoppable_echo_backend() -> (
                                 }
                             }
                         },
-                        _ = stop.changed() => {
+                        changed = stop.changed() => {
+                            // The test is over (its sender dropped): the
+                            // pod goes with it.
+                            if changed.is_err() {
+                                return;
+                            }
                             let how = *stop.borrow_and_update();
                             match how {
                                 Some(Stop::Fin { farewell }) => {
