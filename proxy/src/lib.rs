@@ -16,6 +16,7 @@ pub mod control;
 pub mod endpoint;
 pub mod error;
 pub mod flow_translation;
+pub mod handover;
 pub mod intercept;
 pub mod memory;
 pub mod migration;
