@@ -685,11 +685,7 @@ async fn a_deadline_after_the_restore_releases_at_the_target(m: Mechanism) {
     let l = TcpListener::bind(at_target).await.expect("bind the target");
     serve_echo(l, r.backend_seen.clone());
     let mut c = held_and_translated(&r, "m30").await;
-    if let Ok(mut t) = r.intercept.translations.lock() {
-        for v in t.values_mut() {
-            v.marks[shepherd_common::MARK_SEEN] = 1;
-        }
-    }
+    r.pod_spoke_from_the_target();
     c.write_all(b"held").await.expect("write during hold");
     assert_eq!(read_exact_timeout(&mut c, 4).await, b"held");
     let st = r.control.status("m30").expect("status");
@@ -712,11 +708,7 @@ async fn a_deadline_after_the_restore_releases_at_the_target(m: Mechanism) {
 async fn a_deadline_aborts_when_the_pod_does_not_answer_at_its_target(m: Mechanism) {
     let r = rig(m, 1 << 20, 8 << 20, Duration::from_millis(300)).await;
     let mut c = held_and_translated(&r, "m31").await;
-    if let Ok(mut t) = r.intercept.translations.lock() {
-        for v in t.values_mut() {
-            v.marks[shepherd_common::MARK_SEEN] = 1;
-        }
-    }
+    r.pod_spoke_from_the_target();
     c.write_all(b"held").await.expect("write during hold");
     // Aborted: forwarding resumes to the pod where it was.
     assert_eq!(read_exact_timeout(&mut c, 4).await, b"held");
@@ -728,6 +720,17 @@ async fn a_deadline_aborts_when_the_pod_does_not_answer_at_its_target(m: Mechani
 }
 
 impl Rig {
+    /// As the translate programs mark it: a segment from the pod's side
+    /// crossed the node on every translated flow (a restored socket's
+    /// window probe).
+    fn pod_spoke_from_the_target(&self) {
+        if let Ok(mut t) = self.intercept.translations.lock() {
+            for v in t.values_mut() {
+                v.marks[shepherd_common::MARK_SEEN] = 1;
+            }
+        }
+    }
+
     /// Holds the endpoint under migration `id` and says the pod lands at `to`.
     async fn hold_to(&self, id: &str, to: std::net::Ipv4Addr) -> MigrationView {
         self.control
