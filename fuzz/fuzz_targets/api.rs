@@ -39,6 +39,7 @@ fn control() -> Arc<Control> {
         next_id: Arc::new(AtomicU64::new(1)),
         slots: Slots::new(16),
         liveness: Liveness::OFF,
+        freezer: shepherd::relay::freeze::Freezer::new(),
     };
     Control::new(
         ControlConfig {

@@ -1,47 +1,67 @@
 //! `shepherd run`: wires the parts together in order — lock, listener, eBPF,
 //! policy route, API — and undoes them in reverse on SIGTERM/SIGINT.
 //!
-//! Client connections are not preserved across an agent restart yet (a later
-//! issue hands them over); the agent removes everything it installed.
+//! An agent started where one already runs takes over from it (a
+//! hand-over: `shepherd::handover`, LIFECYCLE.md): it receives the running
+//! agent's locks, sockets, connections, state and kernel objects, and the
+//! old one exits without undoing anything. Either kind of agent then
+//! serves its own successor the same way.
 use anyhow::Context;
 use shepherd::config::Config;
+use shepherd::control::model::{AgentInfo, TakeoverInfo};
 use shepherd::control::{Control, ControlConfig};
-use shepherd::intercept::ebpf::EbpfInterception;
+use shepherd::handover::{client, server};
+use shepherd::intercept::ebpf::{Adopted, EbpfInterception};
 use shepherd::intercept::routing::Routing;
 use shepherd::relay::connection::RelayContext;
+use shepherd::relay::freeze::{FreezeState, Freezer};
 use shepherd::relay::hold_buffer::Budget;
 use shepherd::relay::slots::{self, Slots};
+use shepherd::relay::Restored;
+use shepherd::single_instance::{self, InstanceError, InstanceLock};
 use shepherd::transport::backend::MarkedConnector;
 use shepherd::transport::orig_dst::LocalAddr;
-use shepherd::{api, relay, single_instance, transport};
+use shepherd::{api, relay, transport};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
+
+/// What an agent starts from: nothing (a fresh start), or what its
+/// predecessor handed over.
+enum Start {
+    Fresh(InstanceLock),
+    Inherited(Box<Inheritance>),
+}
+
+/// A hand-over received and ready to run, before its commit.
+struct Inheritance {
+    received: client::Received,
+    offer_version: String,
+    intercept: Arc<EbpfInterception>,
+    adopted: Adopted,
+    routing: Routing,
+}
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    let started = SystemTime::now();
+    let asked = Instant::now();
     let nofile = raise_fd_limit();
     let max_connections = connection_limit(nofile, config.max_connections)?;
-    let _lock = single_instance::acquire(&config.api_socket)?;
-    let api_listener = api::socket::bind(&config.api_socket)?;
-    let socket_path = config.api_socket.clone();
-    let _socket_cleanup = RemoveOnDrop(socket_path.clone());
-
-    let listeners = transport::listener::transparent_listeners(
-        config.data_threads,
-        config.listen_backlog,
-        &config.liveness,
-    )
-    .context("creating the transparent listeners (needs CAP_NET_ADMIN)")?;
-    let intercept = Arc::new(EbpfInterception::load_with(
-        &config.intercept_ifaces,
-        &config.shield_ifaces,
-        &listeners,
-        map_sizes(&config),
-    )?);
-    let routing = Routing::install().await?;
-
-    let relay = RelayContext {
+    let start = match single_instance::acquire(&config.api_socket) {
+        Ok(lock) => Start::Fresh(lock),
+        Err(InstanceError::AlreadyRunning { pid }) if config.takeover => {
+            tracing::info!(
+                running = %pid,
+                "an agent already runs on this socket; taking over from it"
+            );
+            Start::Inherited(Box::new(receive(&config).await?))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let freezer = Freezer::new();
+    let relay_ctx = RelayContext {
         connector: Arc::new(MarkedConnector {
             timeout: config.connect_timeout,
             mark: true,
@@ -54,30 +74,170 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         next_id: Arc::new(AtomicU64::new(1)),
         slots: Slots::new(max_connections),
         liveness: config.liveness,
+        freezer: freezer.clone(),
     };
-    let relay_slots = relay.slots.clone();
-    let control = Control::new(
-        ControlConfig {
-            default_deadline: config.hold_deadline,
-            quiesce_timeout: config.quiesce_timeout,
-            default_relay: config.relay,
-            max_endpoints: config.max_endpoints as usize,
-            own_listeners: listeners
-                .iter()
-                .filter_map(|l| match l.local_addr() {
-                    Ok(std::net::SocketAddr::V4(a)) => Some(a),
-                    _ => None,
-                })
-                .collect(),
-        },
-        intercept.clone(),
-        relay,
-    );
+    let relay_slots = relay_ctx.slots.clone();
+    let control_config = |own: &[std::net::TcpListener]| ControlConfig {
+        default_deadline: config.hold_deadline,
+        quiesce_timeout: config.quiesce_timeout,
+        default_relay: config.relay,
+        max_endpoints: config.max_endpoints as usize,
+        own_listeners: own
+            .iter()
+            .filter_map(|l| match l.local_addr() {
+                Ok(std::net::SocketAddr::V4(a)) => Some(a),
+                _ => None,
+            })
+            .collect(),
+    };
+    let mut info = AgentInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        started: Some(started),
+        handovers: 0,
+        took_over: None,
+        lost_in_crash: None,
+    };
+    let census_path = census::path(&config.api_socket);
+    if matches!(start, Start::Fresh(_)) {
+        info.lost_in_crash = census::lost(&census_path);
+    }
+
+    let (lock, api_listener, listeners, intercept, control, restored, routing) = match start {
+        Start::Fresh(lock) => {
+            let api_listener = api::socket::bind(&config.api_socket)?;
+            let listeners = transport::listener::transparent_listeners(
+                config.data_threads,
+                config.listen_backlog,
+                &config.liveness,
+            )
+            .context("creating the transparent listeners (needs CAP_NET_ADMIN)")?;
+            let intercept = Arc::new(EbpfInterception::load_with(
+                &config.intercept_ifaces,
+                &config.shield_ifaces,
+                &listeners,
+                map_sizes(&config),
+            )?);
+            let control = Control::new(
+                control_config(&listeners),
+                intercept.clone(),
+                relay_ctx.clone(),
+            );
+            let routing = Routing::install().await?;
+            (
+                lock,
+                api_listener,
+                listeners,
+                intercept,
+                control,
+                Vec::new(),
+                routing,
+            )
+        }
+        Start::Inherited(inh) => {
+            let Inheritance {
+                received,
+                offer_version,
+                intercept,
+                adopted,
+                routing,
+            } = *inh;
+            let (state, fds, pending) = received.into_parts();
+            match adopt(
+                state,
+                fds,
+                &config,
+                relay_ctx.clone(),
+                &intercept,
+                control_config,
+            ) {
+                Ok(adoption) => {
+                    // The commit point (see LIFECYCLE.md).
+                    let commit = Instant::now();
+                    tokio::task::spawn_blocking(move || pending.commit())
+                        .await
+                        .context("the hand-over task")?
+                        .context("committing the hand-over")?;
+                    tracing::info!(took = ?commit.elapsed(), "committed");
+                    // Ours now: swap our programs into the links taken over.
+                    if let Err(e) = intercept.finish_adoption(
+                        adopted,
+                        &config.intercept_ifaces,
+                        &config.shield_ifaces,
+                    ) {
+                        tracing::error!(error = %e, "after the hand-over, this agent's programs could not replace the predecessor's; the predecessor's keep running in the links, with the same maps");
+                    }
+                    info.handovers = adoption.handovers + 1;
+                    info.took_over = Some(TakeoverInfo {
+                        from_version: offer_version,
+                        connections: adoption.restored.len(),
+                        endpoints: adoption.endpoints,
+                        migrations: adoption.control.migration_count(),
+                        took: asked.elapsed(),
+                    });
+                    tracing::info!(
+                        connections = adoption.restored.len(),
+                        endpoints = adoption.endpoints,
+                        took = ?asked.elapsed(),
+                        "took over from the previous agent"
+                    );
+                    (
+                        adoption.lock,
+                        adoption.api,
+                        adoption.listeners,
+                        intercept,
+                        adoption.control,
+                        adoption.restored,
+                        routing,
+                    )
+                }
+                Err(e) => {
+                    pending.fail(&format!("{e:#}"));
+                    return Err(e.context("taking over (the running agent serves on)"));
+                }
+            }
+        }
+    };
+    control.set_agent(info.clone());
+    let socket_path = config.api_socket.clone();
+    let mut socket_cleanup = RemoveOnDrop(Some(socket_path.clone()));
+    let (lock_file, lock_listener) = lock.fds();
+    let fds = server::AgentFds {
+        lock_file,
+        lock_listener,
+        api: api_listener.as_raw_fd(),
+        listeners: listeners.iter().map(AsRawFd::as_raw_fd).collect(),
+    };
+    let loops = listeners.len();
     let (data_plane, mut failure) =
-        relay::workers::DataPlane::start(listeners, control.clone(), Arc::new(LocalAddr))
+        relay::workers::DataPlane::start(listeners, control.clone(), Arc::new(LocalAddr), restored)
             .context("starting the data-plane threads")?;
+    control.rearm();
+    tracing::info!(since_start = ?asked.elapsed(), "data plane running");
     let sweeper = spawn_ended_flow_sweep(&control);
-    let trimmer = spawn_memory_trim(relay_slots);
+    let counter = census::spawn(census_path.clone(), relay_slots.clone());
+    let trimmer = spawn_memory_trim(relay_slots.clone());
+    let (committed_tx, mut committed_rx) = tokio::sync::oneshot::channel();
+    let handover_path = server::socket_path(&config.api_socket);
+    let _handover_cleanup = RemoveOnDrop(Some(handover_path.clone()));
+    let handover_listener = server::bind(&handover_path)
+        .with_context(|| format!("binding the hand-over socket {}", handover_path.display()))?;
+    server::spawn(
+        handover_listener,
+        server::Serving {
+            control: control.clone(),
+            freezer: freezer.clone(),
+            intercept: intercept.clone(),
+            fds,
+            loops,
+            started,
+            handovers: info.handovers,
+            protocol: config.handover_protocol,
+            runtime: tokio::runtime::Handle::current(),
+        },
+        committed_tx,
+    )
+    .context("starting the hand-over thread")?;
     let app = api::router(control.clone());
     tracing::info!(
         socket = %socket_path.display(),
@@ -88,7 +248,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     // Stop on SIGTERM/SIGINT, or when a data-plane thread dies: its
     // connections are gone and its share of new ones would not be proxied,
-    // so exit with an error and let the supervisor restart the agent.
+    // so exit with an error and let the supervisor restart the agent. A
+    // hand-over ends the API too (see `api::serve`).
     let (died_tx, died_rx) = tokio::sync::oneshot::channel::<String>();
     let stop = async move {
         tokio::select! {
@@ -99,10 +260,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     };
-    api::serve::serve(api_listener, app, stop).await;
-    tracing::info!("shutting down");
+    api::serve::serve(api_listener, app, stop, freezer.subscribe()).await;
     sweeper.abort();
+    counter.abort();
     trimmer.abort();
+    let handed_over = if freezer.state() == FreezeState::Committed {
+        // The hand-over thread says what it handed over right after.
+        committed_rx.await.ok()
+    } else {
+        committed_rx.try_recv().ok()
+    };
+    if let Some(done) = handed_over {
+        // Handed over: the successor owns the sockets, the locks, the
+        // routes and the kernel objects. Undo nothing, remove no file;
+        // connections that were only closing finish first.
+        socket_cleanup.0 = None;
+        std::mem::forget(_handover_cleanup);
+        lock.hand_over();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while relay_slots.live() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(data_plane);
+        tracing::info!(
+            connections = done.connections,
+            successor = done.successor_pid,
+            paused = ?done.frozen_for,
+            "handed over to the successor; exiting"
+        );
+        return Ok(());
+    }
+    tracing::info!("shutting down");
+    // A clean stop loses nothing it has to count.
+    let _ = std::fs::remove_file(&census_path);
     drop(data_plane);
     routing.remove().await;
     drop(control);
@@ -111,6 +301,245 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         anyhow::bail!("{why}; restart the agent (connections it relayed were closed)");
     }
     Ok(())
+}
+
+/// Asks the running agent for a hand-over, loads this agent's programs
+/// with its maps, and receives everything (before the commit).
+async fn receive(config: &Config) -> anyhow::Result<Inheritance> {
+    let path = server::socket_path(&config.api_socket);
+    let protocol = config.handover_protocol;
+    let offer = tokio::task::spawn_blocking(move || client::connect(&path, protocol))
+        .await
+        .context("the hand-over task")??;
+    tracing::info!(predecessor = %offer.predecessor_version, "the running agent agreed to hand over");
+    let mut offer = offer;
+    let kernel_fds = std::mem::take(&mut offer.kernel_fds);
+    let spare = config
+        .api_socket
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    // Loading (the verifier) takes a few hundred milliseconds of CPU while
+    // the running agent still relays: on a thread of the lowest priority,
+    // so that it takes only what the running agent leaves.
+    let kernel = offer.kernel.clone();
+    let spare = spare.to_path_buf();
+    let loaded = std::thread::Builder::new()
+        .name("shepherd-load".into())
+        .spawn(move || {
+            background_priority();
+            EbpfInterception::adopt(&kernel, kernel_fds, &spare)
+        })
+        .context("starting the loader thread")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the loader thread panicked"))?;
+    let (intercept, adopted) = match loaded {
+        Ok(x) => x,
+        Err(e) => {
+            offer.fail(&e.to_string());
+            return Err(anyhow::Error::new(e)
+                .context("loading this agent's programs with the running agent's maps"));
+        }
+    };
+    // Idempotent: the running agent installed the same route and rule.
+    let routing = match Routing::install().await {
+        Ok(r) => r,
+        Err(e) => {
+            offer.fail(&e.to_string());
+            return Err(e.into());
+        }
+    };
+    let version = offer.predecessor_version.clone();
+    let ready = Instant::now();
+    let received = tokio::task::spawn_blocking(move || offer.ready())
+        .await
+        .context("the hand-over task")??;
+    tracing::info!(took = ?ready.elapsed(), "state and descriptors received");
+    Ok(Inheritance {
+        received,
+        offer_version: version,
+        intercept: Arc::new(intercept),
+        adopted,
+        routing,
+    })
+}
+
+/// Everything a hand-over gave, rebuilt and ready to run.
+struct Adoption {
+    lock: InstanceLock,
+    api: tokio::net::UnixListener,
+    listeners: Vec<std::net::TcpListener>,
+    control: Arc<Control>,
+    restored: Vec<Restored>,
+    endpoints: usize,
+    handovers: u64,
+}
+
+/// Rebuilds the predecessor's agent from what it handed over. On an error
+/// the hand-over is still undecided: the caller tells the predecessor,
+/// which serves on.
+fn adopt(
+    state: shepherd::handover::wire::State,
+    fds: client::Fds,
+    config: &Config,
+    relay_ctx: RelayContext,
+    intercept: &Arc<EbpfInterception>,
+    control_config: impl Fn(&[std::net::TcpListener]) -> ControlConfig,
+) -> anyhow::Result<Adoption> {
+    let handovers = state.handovers;
+    let draining = state.draining;
+    let control_state = state.control;
+    let state = state.conns;
+    {
+        let lock = InstanceLock::adopt(fds.lock_file, fds.lock_listener)?;
+        let api = std::os::unix::net::UnixListener::from(fds.api);
+        api.set_nonblocking(true)?;
+        let api = tokio::net::UnixListener::from_std(api)?;
+        let listeners: Vec<std::net::TcpListener> = fds
+            .listeners
+            .into_iter()
+            .map(std::net::TcpListener::from)
+            .collect();
+        if listeners.len() != config.data_threads {
+            tracing::info!(
+                listeners = listeners.len(),
+                asked = config.data_threads,
+                "data-plane threads follow the listeners handed over"
+            );
+        }
+        let endpoints = control_state.endpoint_count();
+        let (control, holds) = Control::restore(
+            control_config(&listeners),
+            intercept.clone(),
+            relay_ctx.clone(),
+            control_state,
+        );
+        let mut draining_states = std::collections::HashMap::new();
+        for e in draining {
+            let addr = e.addr;
+            let s = shepherd::endpoint::EndpointState::restore(
+                e,
+                intercept.clone(),
+                relay_ctx.hold_cap_per_endpoint,
+                &mut |epoch| {
+                    holds.get(&epoch).cloned().unwrap_or_else(|| {
+                        Arc::new(shepherd::endpoint::HoldStats {
+                            epoch,
+                            ..Default::default()
+                        })
+                    })
+                },
+            );
+            draining_states.insert(addr, s);
+        }
+        let mut restored = Vec::with_capacity(state.len());
+        for (c, (client, backend)) in state.into_iter().zip(fds.conns) {
+            let dst = c.state.orig_dst;
+            let endpoint = match shepherd::relay::Endpoints::endpoint_for(control.as_ref(), dst)
+                .or_else(|| {
+                    draining_states
+                        .get(&shepherd::endpoint::EndpointAddr(dst))
+                        .cloned()
+                }) {
+                Some(e) => e,
+                None => anyhow::bail!(
+                    "connection {} is to {dst}, which the state does not describe",
+                    c.state.id
+                ),
+            };
+            let replay = c
+                .state
+                .replay
+                .and_then(|(epoch, _)| holds.get(&epoch).cloned());
+            restored.push(Restored {
+                state: c.state,
+                client,
+                backend,
+                endpoint,
+                replay,
+            });
+        }
+        Ok(Adoption {
+            lock,
+            api,
+            listeners,
+            control,
+            restored,
+            endpoints,
+            handovers,
+        })
+    }
+}
+
+/// The connection census: every second the agent writes how many
+/// connections it relays to a small file next to the API socket (its pid
+/// and a count, no payload). An agent that dies without a hand-over leaves
+/// its last census behind, and the next one says how many connections
+/// ended with it (`shepherd_connections_lost_in_crash`, and in its log).
+/// At most a second old: connections opened in the last second before a
+/// crash may be missed.
+mod census {
+    use shepherd::relay::slots::Slots;
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    pub fn path(api_socket: &Path) -> PathBuf {
+        let mut p = api_socket.as_os_str().to_owned();
+        p.push(".census");
+        PathBuf::from(p)
+    }
+
+    /// What a dead predecessor's census says it held.
+    pub fn lost(path: &Path) -> Option<u64> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let mut pid = None;
+        let mut conns = None;
+        for line in text.lines() {
+            match line.split_once(' ') {
+                Some(("pid", v)) => pid = v.trim().parse::<i32>().ok(),
+                Some(("connections", v)) => conns = v.trim().parse::<u64>().ok(),
+                _ => {}
+            }
+        }
+        let (pid, conns) = (pid?, conns?);
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+        if alive || pid == std::process::id() as i32 {
+            return None;
+        }
+        tracing::warn!(
+            previous_pid = pid,
+            connections = conns,
+            "the previous agent died without a hand-over; its connections ended with it"
+        );
+        Some(conns)
+    }
+
+    pub fn spawn(path: PathBuf, slots: Arc<Slots>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let tmp = path.with_extension("census.tmp");
+            loop {
+                tick.tick().await;
+                let text = format!("pid {}\nconnections {}\n", std::process::id(), slots.live());
+                if std::fs::write(&tmp, text).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
+            }
+        })
+    }
+}
+
+/// Puts the calling thread in `SCHED_IDLE` (lowering a priority needs no
+/// privilege); best effort.
+fn background_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: 0 names the calling thread; `param` is a live sched_param.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "SCHED_IDLE not set");
+    }
 }
 
 /// Every 10 s, removes the translations of migrated flows that ended on
@@ -209,11 +638,14 @@ async fn shutdown_signal() {
     }
 }
 
-struct RemoveOnDrop(std::path::PathBuf);
+/// Removes a file on drop, unless emptied first.
+struct RemoveOnDrop(Option<std::path::PathBuf>);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 

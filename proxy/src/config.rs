@@ -20,6 +20,11 @@ pub struct Config {
     /// a quarter of the total, at least the per-connection cap).
     pub hold_buffer_per_endpoint: Option<usize>,
     pub listen_backlog: i32,
+    /// Take over from an agent already running on this API socket (a
+    /// hand-over) instead of refusing to start.
+    pub takeover: bool,
+    /// The hand-over protocol spoken (tests make it another).
+    pub handover_protocol: u32,
     pub relay: Mechanism,
     /// Data-plane threads, each with its own listener and connections.
     pub data_threads: usize,
@@ -124,6 +129,8 @@ mod tests {
             hold_buffer_total: 256 << 20,
             hold_buffer_per_endpoint: None,
             listen_backlog: 4096,
+            takeover: true,
+            handover_protocol: crate::handover::wire::PROTOCOL,
             relay: Mechanism::Splice,
             data_threads: 2,
             max_connections: None,

@@ -194,6 +194,27 @@ impl ConnInfo {
     }
 }
 
+/// An endpoint's state as a hand-over carries it (see
+/// [`EndpointState::snapshot`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointSnapshot {
+    pub addr: EndpointAddr,
+    backend: SocketAddrV4,
+    moved: bool,
+    relay: Mechanism,
+    draining: bool,
+    connections_total: u64,
+    reconnects: u64,
+    mode: ModeSnapshot,
+}
+
+/// A [`Mode`], with holds named by epoch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum ModeSnapshot {
+    Forwarding { after: Option<u64>, reconnect: bool },
+    Holding(u64),
+}
+
 /// Live state of one managed endpoint.
 pub struct EndpointState {
     pub addr: EndpointAddr,
@@ -245,6 +266,55 @@ impl EndpointState {
             reconnects: AtomicU64::new(0),
             hold_budget: crate::relay::hold_buffer::Budget::new(hold_cap),
         })
+    }
+
+    /// What it is, for a hand-over.
+    pub fn snapshot(&self) -> EndpointSnapshot {
+        EndpointSnapshot {
+            addr: self.addr,
+            backend: self.backend(),
+            moved: self.moved(),
+            relay: self.relay(),
+            draining: self.is_draining(),
+            connections_total: self.connections_total.load(Ordering::Relaxed),
+            reconnects: self.reconnects(),
+            mode: match &*self.mode.borrow() {
+                Mode::Forwarding { after, reconnect } => ModeSnapshot::Forwarding {
+                    after: after.as_ref().map(|h| h.epoch),
+                    reconnect: *reconnect,
+                },
+                Mode::Holding(h) => ModeSnapshot::Holding(h.epoch),
+            },
+        }
+    }
+
+    /// The endpoint a hand-over carried, with no connections yet; `hold`
+    /// gives the hold of an epoch.
+    pub fn restore(
+        s: EndpointSnapshot,
+        intercept: Arc<dyn Interception>,
+        hold_cap: usize,
+        hold: &mut dyn FnMut(u64) -> Arc<HoldStats>,
+    ) -> Arc<Self> {
+        let e = Self::new(s.addr, intercept, hold_cap);
+        if let Ok(mut b) = e.backend.lock() {
+            *b = s.backend;
+        }
+        e.moved.store(s.moved, Ordering::Release);
+        e.set_relay(s.relay);
+        e.set_draining(s.draining);
+        e.connections_total
+            .store(s.connections_total, Ordering::Relaxed);
+        e.reconnects.store(s.reconnects, Ordering::Release);
+        // Not `set_mode`: the reconnect it describes was counted already.
+        e.mode.send_replace(match s.mode {
+            ModeSnapshot::Forwarding { after, reconnect } => Mode::Forwarding {
+                after: after.map(&mut *hold),
+                reconnect,
+            },
+            ModeSnapshot::Holding(epoch) => Mode::Holding(hold(epoch)),
+        });
+        e
     }
 
     /// The budget this endpoint's held bytes are charged to.
@@ -344,6 +414,20 @@ impl EndpointState {
         ConnGuard {
             endpoint: self.clone(),
             id: info.id,
+            handed_over: false,
+        }
+    }
+
+    /// Registers a connection handed over by the previous agent (counted
+    /// there already).
+    pub fn adopt(self: &Arc<Self>, info: Arc<ConnInfo>) -> ConnGuard {
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.insert(info.id, info.clone());
+        }
+        ConnGuard {
+            endpoint: self.clone(),
+            id: info.id,
+            handed_over: false,
         }
     }
 
@@ -378,6 +462,15 @@ impl EndpointState {
 pub struct ConnGuard {
     endpoint: Arc<EndpointState>,
     id: u64,
+    handed_over: bool,
+}
+
+impl ConnGuard {
+    /// The connection went to the next agent, with its translation: on
+    /// drop it is deregistered here and nothing in the kernel is undone.
+    pub fn handed_over(&mut self) {
+        self.handed_over = true;
+    }
 }
 
 impl Drop for ConnGuard {
@@ -386,6 +479,9 @@ impl Drop for ConnGuard {
             Ok(mut conns) => conns.remove(&self.id),
             Err(_) => None,
         };
+        if self.handed_over {
+            return;
+        }
         if let Some(info) = info {
             self.endpoint.untranslate(&info, true);
         }

@@ -18,6 +18,9 @@ pub enum ControlError {
     /// A configured limit would be exceeded; nothing was changed.
     #[error("{0}")]
     Limit(String),
+    /// The agent cannot take the call now (a hand-over is in progress).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("kernel interception failed: {0}")]
     Intercept(crate::intercept::InterceptError),
 }

@@ -10,7 +10,7 @@
 use shepherd_common::FlowKey;
 
 /// Where a connection's backend-flow translation stands.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FlowTranslation {
     /// Nothing installed for the current backend socket.
     #[default]

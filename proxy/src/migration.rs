@@ -155,7 +155,7 @@ pub fn decide_repeat_hold(id: &str, current: Phase, same_endpoints: bool) -> Res
 /// incoming records retired), so that a late or repeated call with one is
 /// refused rather than taken for a new migration. Bounded: the oldest go
 /// first, after [`Forgotten::CAPACITY`].
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Forgotten {
     order: std::collections::VecDeque<String>,
     ids: std::collections::HashSet<String>,

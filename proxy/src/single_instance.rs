@@ -93,6 +93,50 @@ pub fn acquire(api_socket: &Path) -> Result<InstanceLock, InstanceError> {
     })
 }
 
+impl InstanceLock {
+    /// The lock file's and the abstract socket's descriptors, for a
+    /// hand-over.
+    pub fn fds(&self) -> (std::os::fd::RawFd, Option<std::os::fd::RawFd>) {
+        use std::os::fd::AsRawFd;
+        (
+            self._file.as_raw_fd(),
+            self._listener.as_ref().map(AsRawFd::as_raw_fd),
+        )
+    }
+
+    /// The locks a predecessor handed over: the same open lock file (so
+    /// the same lock) and abstract socket. Writes this process's pid.
+    pub fn adopt(
+        file: std::os::fd::OwnedFd,
+        listener: Option<std::os::fd::OwnedFd>,
+    ) -> Result<Self, InstanceError> {
+        let io_err = |source| InstanceError::Io {
+            path: "(handed over)".into(),
+            source,
+        };
+        // The lock belongs to the open file, which this descriptor shares
+        // with the predecessor: taking it again succeeds at once.
+        let mut file = nix::fcntl::Flock::lock(
+            File::from(file),
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        )
+        .map_err(|(_, e)| io_err(e.into()))?;
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = write!(file, "{}", std::process::id());
+        Ok(Self {
+            _file: file,
+            _listener: listener.map(UnixListener::from),
+        })
+    }
+
+    /// Lets go of the locks after a hand-over without unlocking: the
+    /// successor holds the same open lock file, and an unlock would be its.
+    pub fn hand_over(self) {
+        std::mem::forget(self);
+    }
+}
+
 /// The lock file of an agent serving `api_socket`.
 pub fn lock_path(api_socket: &Path) -> PathBuf {
     let mut p = api_socket.as_os_str().to_owned();
@@ -153,6 +197,11 @@ fn holder() -> Option<libc::ucred> {
     name.extend_from_slice(LOCK_NAME);
     let addr = socket2::SockAddr::unix(std::ffi::OsStr::from_bytes(&name)).ok()?;
     s.connect(&addr).ok()?;
+    peer_cred(std::os::fd::AsFd::as_fd(&s))
+}
+
+/// The credentials of a connected Unix socket's peer (SO_PEERCRED).
+pub fn peer_cred(s: std::os::fd::BorrowedFd<'_>) -> Option<libc::ucred> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,

@@ -75,8 +75,12 @@ pub struct Agent {
     bin: PathBuf,
     socket: PathBuf,
     log: PathBuf,
-    // Last: removed after the agent is gone.
-    dir: tempfile::TempDir,
+    /// Its namespace and `run` arguments (a successor takes the same).
+    netns: String,
+    args: Vec<std::ffi::OsString>,
+    // Last: removed after the agent is gone (and its successors: they
+    // share it).
+    dir: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl Agent {
@@ -94,39 +98,124 @@ impl Agent {
             .prefix("shepherd-agent-")
             .tempdir()
             .expect("create the agent's temporary directory");
+        let args: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let mut agent = Self::spawn(
+            node.name(),
+            bin,
+            std::sync::Arc::new(dir),
+            args,
+            "agent.log",
+        );
+        agent.wait_healthy();
+        agent
+    }
+
+    /// Starts a successor at `bin` (a copy of the binary elsewhere, or
+    /// another build) with this agent's socket, namespace and arguments
+    /// plus `extra`, and waits until it answers `/healthz` as itself: it
+    /// took over. Its log is `agent-N.log` in the same directory.
+    pub fn successor(&self, bin: &Path, extra: &[&str]) -> Agent {
+        let mut agent = self.spawn_successor(bin, extra);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let pid = agent.pid();
+        loop {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!(
+                    "the successor exited ({status}); its log:\n{}\nthe running agent's log:\n{}",
+                    agent.log(),
+                    self.log()
+                );
+            }
+            if let Ok((200, body)) = agent.try_http("GET", "/healthz", None) {
+                if body.contains(&format!("\"pid\":{pid}")) {
+                    return agent;
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the successor did not take over within {READY_TIMEOUT:?}; its log:\n{}\nthe running agent's log:\n{}",
+                    agent.log(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts a successor (as [`successor`](Self::successor)) without
+    /// waiting for anything.
+    pub fn spawn_successor(&self, bin: &Path, extra: &[&str]) -> Agent {
+        let mut args = self.args.clone();
+        args.extend(extra.iter().map(std::ffi::OsString::from));
+        let n = std::fs::read_dir(self.dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0);
+        Self::spawn(
+            &self.netns,
+            bin.to_path_buf(),
+            self.dir.clone(),
+            args,
+            &format!("agent-{n}.log"),
+        )
+    }
+
+    /// Waits up to `timeout` for the agent to exit; its status, if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn spawn(
+        netns: &str,
+        bin: PathBuf,
+        dir: std::sync::Arc<tempfile::TempDir>,
+        args: Vec<std::ffi::OsString>,
+        log_name: &str,
+    ) -> Agent {
         let socket = dir.path().join("shepherd.sock");
-        let log = dir.path().join("agent.log");
+        let log = dir.path().join(log_name);
         let out = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let err = out.try_clone().expect("dup the agent log fd");
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", node.name()])
+        cmd.args(["netns", "exec", netns])
             .arg(&bin)
             .arg("--api-socket")
             .arg(&socket)
             .arg("run")
-            .args(args)
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
-        let child = cmd.spawn().unwrap_or_else(|e| {
-            panic!(
-                "spawn `ip netns exec {}` for {}: {e}",
-                node.name(),
-                bin.display()
-            )
-        });
-        let mut agent = Agent {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn `ip netns exec {netns}` for {}: {e}", bin.display()));
+        Agent {
             child,
             bin,
             socket,
             log,
+            netns: netns.to_string(),
+            args,
             dir,
-        };
-        agent.wait_healthy();
-        agent
+        }
+    }
+
+    /// Waits (≤ 15 s) until the agent answers `/healthz`; panics with its
+    /// log if it exits or does not.
+    pub fn wait_until_healthy(&mut self) {
+        self.wait_healthy();
     }
 
     fn wait_healthy(&mut self) {

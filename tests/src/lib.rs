@@ -56,6 +56,7 @@ pub mod resp;
 pub mod runtime;
 pub mod single;
 pub mod stream;
+pub mod ticker;
 pub mod topology;
 
 /// Path of this crate's `shepherd-echo` binary, as a `PathBuf`.

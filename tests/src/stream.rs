@@ -476,6 +476,18 @@ pub fn pattern_fill(seed: u64, offset: u64, buf: &mut [u8]) {
 /// while this thread verifies every echoed byte and reads to EOF. Panics if
 /// the connection can't be made; everything after is in the report.
 pub fn bulk_echo(ns: &Netns, dst: SocketAddrV4, total_bytes: u64, seed: u64) -> BulkReport {
+    bulk_echo_paced(ns, dst, total_bytes, seed, None)
+}
+
+/// [`bulk_echo`], writing at most `per_s` bytes a second (`None`: as fast
+/// as the connection takes them), in 64 KiB writes.
+pub fn bulk_echo_paced(
+    ns: &Netns,
+    dst: SocketAddrV4,
+    total_bytes: u64,
+    seed: u64,
+    per_s: Option<u64>,
+) -> BulkReport {
     let (mut s, _) = connect_in(ns, dst)
         .unwrap_or_else(|e| panic!("bulk echo: connect to {dst} from {}: {e}", ns.name()));
     let t0 = Instant::now();
@@ -489,7 +501,14 @@ pub fn bulk_echo(ns: &Netns, dst: SocketAddrV4, total_bytes: u64, seed: u64) -> 
             let mut errors = Vec::new();
             let mut buf = vec![0u8; 64 * 1024];
             let mut sent = 0u64;
+            let start = Instant::now();
             while sent < total_bytes {
+                if let Some(rate) = per_s.filter(|r| *r > 0) {
+                    let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
                 let n = (total_bytes - sent).min(buf.len() as u64) as usize;
                 pattern_fill(seed, sent, &mut buf[..n]);
                 if let Err(e) = w.write_all(&buf[..n]) {

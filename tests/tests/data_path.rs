@@ -507,7 +507,9 @@ fn bad_input_is_rejected_clearly() {
         "the huge request must not have created a migration"
     );
 
-    // A second agent in the same node (same socket, or another one) refuses to start.
+    // A second agent in the same node (same socket, or another one) refuses
+    // to start when told not to take over (by default, one on the same
+    // socket takes over: tests/tests/handover.rs).
     for sock in [
         w.agent.socket().to_path_buf(),
         w.dir.path().join("other.sock"),
@@ -517,7 +519,12 @@ fn bad_input_is_rejected_clearly() {
             .arg(shepherd_tests::agent::shepherd_bin())
             .arg("--api-socket")
             .arg(&sock)
-            .args(["run", "--intercept-iface", w.t.node_client_if()])
+            .args([
+                "run",
+                "--no-takeover",
+                "--intercept-iface",
+                w.t.node_client_if(),
+            ])
             .stdin(Stdio::null())
             .output()
             .expect("start a second agent");

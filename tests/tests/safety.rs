@@ -508,7 +508,12 @@ fn an_unprivileged_squatter_cannot_stop_the_agent() {
         .arg(shepherd_tests::agent::shepherd_bin())
         .arg("--api-socket")
         .arg(agent.socket())
-        .args(["run", "--intercept-iface", t.node_client_if()])
+        .args([
+            "run",
+            "--no-takeover",
+            "--intercept-iface",
+            t.node_client_if(),
+        ])
         .stdin(std::process::Stdio::null())
         .output()
         .expect("start a second agent");

@@ -79,6 +79,7 @@ pub const EP_SHIELD: u32 = 1 << 1;
 /// exactly as they appear in the packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct EndpointKey {
     /// IPv4 address, network byte order (the packet's bytes read as a native u32).
     pub addr: u32,
@@ -154,6 +155,7 @@ pub struct EndpointStats {
 /// the other depending on which side of the rewrite it is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct FlowKey {
     pub node_addr: u32,
     pub pod_addr: u32,
@@ -182,6 +184,7 @@ impl FlowKey {
 /// its client-facing interfaces, the destination on its pod-facing ones.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct Translation {
     pub old_addr: u32,
     pub new_addr: u32,

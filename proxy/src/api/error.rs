@@ -32,6 +32,7 @@ impl From<ControlError> for ApiError {
             ControlError::Unsupported(_) => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
             ControlError::Limit(_) => (StatusCode::CONFLICT, "limit_reached"),
             ControlError::Intercept(_) => (StatusCode::INTERNAL_SERVER_ERROR, "kernel"),
+            ControlError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         Self::new(status, error, e.to_string())
     }

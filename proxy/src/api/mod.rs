@@ -43,10 +43,7 @@ pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10)
 
 pub fn router(control: Arc<Control>) -> Router {
     Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-        )
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/endpoints", get(list_endpoints).post(add_endpoints))
         .route("/v1/endpoints/{addr}", delete(remove_endpoint))
@@ -166,6 +163,32 @@ async fn json_body<T: DeserializeOwned>(body: Body, empty_ok: bool) -> Result<T,
             format!("invalid JSON body: {e}"),
         )
     })
+}
+
+/// Liveness, and who the agent is: version, pid, start time, and what it
+/// received in the hand-over it started with.
+async fn healthz(State(c): Ctl) -> Json<serde_json::Value> {
+    let a = c.agent();
+    let ms = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    };
+    Json(serde_json::json!({
+        "status": "ok",
+        "version": a.version,
+        "pid": a.pid,
+        "started_unix_ms": a.started.map(ms),
+        "handovers": a.handovers,
+        "lost_in_crash": a.lost_in_crash,
+        "took_over": a.took_over.map(|t| serde_json::json!({
+            "from_version": t.from_version,
+            "connections": t.connections,
+            "endpoints": t.endpoints,
+            "migrations": t.migrations,
+            "took_ms": t.took.as_millis() as u64,
+        })),
+    }))
 }
 
 async fn metrics(State(c): Ctl) -> impl IntoResponse {

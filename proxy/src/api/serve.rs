@@ -8,6 +8,7 @@
 //! [`MAX_REFUSING`] of those at a time; past that they are just closed). Their descriptors come from the reserve the data plane
 //! leaves (`relay::slots`), so a flood of connections to pods cannot lock
 //! the operator out, and a flood of API callers cannot starve the pods.
+use crate::relay::freeze::FreezeState;
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -33,16 +34,38 @@ pub const MAX_REFUSING: usize = 32;
 const DRAIN: Duration = Duration::from_secs(5);
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets the
-/// requests in progress finish (for at most a few seconds).
-pub async fn serve(listener: UnixListener, app: Router, shutdown: impl Future<Output = ()>) {
+/// requests in progress finish (for at most a few seconds). While the
+/// agent is frozen for a hand-over (`freeze`) it accepts nothing: callers
+/// wait in the socket's queue for whoever serves next, this agent again or
+/// its successor, which takes the socket over. Once handed over it stops
+/// as on `shutdown`.
+pub async fn serve(
+    listener: UnixListener,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+    mut freeze: watch::Receiver<FreezeState>,
+) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        let state = *freeze.borrow_and_update();
+        match state {
+            FreezeState::Committed => break,
+            FreezeState::Frozen => {
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    r = freeze.changed() => if r.is_err() { break },
+                }
+                continue;
+            }
+            FreezeState::Running => {}
+        }
         let stream = tokio::select! {
             () = &mut shutdown => break,
+            r = freeze.changed() => { if r.is_err() { break } continue }
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {

@@ -9,6 +9,14 @@ use std::time::Duration;
 
 #[derive(Args)]
 pub struct RunArgs {
+    /// Refuse to start while another agent runs on this API socket,
+    /// instead of taking over from it (the default hands every connection
+    /// over; see LIFECYCLE.md).
+    #[arg(long)]
+    no_takeover: bool,
+    /// The hand-over protocol to speak (for tests of a refused hand-over).
+    #[arg(long, hide = true, default_value_t = shepherd::handover::wire::PROTOCOL)]
+    handover_protocol: u32,
     /// Client-facing interface where SYNs to managed endpoints are intercepted (repeatable).
     #[arg(long = "intercept-iface", value_name = "IF")]
     intercept_ifaces: Vec<String>,
@@ -109,6 +117,8 @@ pub fn run(args: RunArgs, api_socket: PathBuf) -> anyhow::Result<ExitCode> {
         hold_buffer_total: args.hold_buffer_total,
         hold_buffer_per_endpoint: args.hold_buffer_per_endpoint,
         listen_backlog: 4096,
+        takeover: !args.no_takeover,
+        handover_protocol: args.handover_protocol,
         relay: args.relay,
         data_threads: args.data_threads.unwrap_or_else(default_data_threads),
         max_connections: args.max_connections,

@@ -41,12 +41,14 @@ pub const ENDED_FLOW_LINGER: Duration = Duration::from_secs(65);
 pub const UNSEEN_FLOW_LIMIT: Duration = Duration::from_secs(600);
 
 /// What the sweep knows of one translated flow.
-#[derive(Default)]
+#[derive(Default, Clone, serde::Serialize, serde::Deserialize)]
 struct FlowWatch {
     /// When the sweep first saw the flow ended.
+    #[serde(with = "super::snapshot::instant::option")]
     ended: Option<Instant>,
 }
 
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Incoming {
     id: String,
     endpoints: Vec<EndpointAddr>,
@@ -61,6 +63,7 @@ pub(super) struct Incoming {
     final_rsts: u64,
     final_translated: u64,
     /// When `complete` (or the deadline) lifted the shield.
+    #[serde(with = "super::snapshot::instant::option")]
     completed_at: Option<Instant>,
     /// What the sweep knows of each translated flow (see
     /// [`Control::sweep_ended_flows`]).
@@ -75,6 +78,9 @@ pub(super) struct Incoming {
     /// Completed by its deadline, not by the controller: a reason the
     /// controller gives later still counts as its word.
     by_deadline: bool,
+    /// When its deadline completes it, if it has one.
+    #[serde(with = "super::snapshot::instant::option")]
+    deadline_at: Option<Instant>,
 }
 
 /// What [`Control::install`] did: the entries it made, those it overwrote
@@ -86,7 +92,7 @@ struct Installed {
 }
 
 /// An earlier record's entry that `incoming` overwrote.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Overwritten {
     prev: Translation,
     owner: String,
@@ -94,6 +100,15 @@ struct Overwritten {
 }
 
 impl Incoming {
+    pub(super) fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// When its deadline is due, if it has one and nothing completed it.
+    pub(super) fn deadline_pending(&self) -> Option<Instant> {
+        self.deadline_at.filter(|_| !self.completed)
+    }
+
     /// Keeps the translated flows for which `keep` says so, handing it each
     /// one's key and the record's watch and swept sets. Flows with nothing
     /// to translate (and every flow of a record without a new address) stay.
@@ -131,6 +146,7 @@ impl Control {
         id: &str,
         req: &IncomingSpec,
     ) -> Result<IncomingView, ControlError> {
+        let _op = self.op()?;
         migration::validate_id(id).map_err(ControlError::Invalid)?;
         if lock(&self.forgotten_incoming).contains(id) {
             return Err(ControlError::Conflict(format!(
@@ -294,24 +310,35 @@ impl Control {
             swept: HashSet::new(),
             overwritten: overwritten(given, &prev),
             by_deadline: false,
+            deadline_at: None,
         };
         tracing::info!(migration = id, endpoints = ?rec.endpoints, to = ?rec.to, flows = rec.flows.len(), "incoming: shielding and translating");
         let status = self.incoming_status_of(&rec);
         incoming.insert(id.to_string(), rec);
         drop(incoming);
         if let Some(ms) = req.deadline_ms.filter(|ms| *ms > 0) {
-            let control = Arc::downgrade(self);
-            let id = id.to_string();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                if let Some(control) = control.upgrade() {
-                    // Only if nobody completed it: a migration completed as
-                    // a success must not turn into a failure now.
-                    let _ = control.complete(&id, Some("deadline".into()), false);
-                }
-            });
+            let after = Duration::from_millis(ms);
+            if let Some(rec) = lock(&self.incoming).get_mut(id) {
+                rec.deadline_at = Some(Instant::now() + after);
+            }
+            self.spawn_incoming_deadline(id.to_string(), after);
         }
         Ok(status)
+    }
+
+    /// Completes incoming `id` as failed ("deadline") after `after`, unless
+    /// it was completed by then.
+    pub(super) fn spawn_incoming_deadline(self: &Arc<Self>, id: String, after: Duration) {
+        let control = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Some(control) = control.upgrade() {
+                let _op = control.op_when_open().await;
+                // Only if nobody completed it: a migration completed as
+                // a success must not turn into a failure now.
+                let _ = control.complete(&id, Some("deadline".into()), false);
+            }
+        });
     }
 
     /// Lifts the shield of an incoming migration (idempotent). A `reason`
@@ -323,6 +350,7 @@ impl Control {
         id: &str,
         reason: Option<String>,
     ) -> Result<IncomingView, ControlError> {
+        let _op = self.op()?;
         self.complete(id, reason, true)
     }
 
@@ -332,6 +360,7 @@ impl Control {
     /// never see, and the record is forgotten. Entries a later record has
     /// taken over stay theirs. Only a completed record can be retired.
     pub fn retire_incoming(&self, id: &str) -> Result<(), ControlError> {
+        let _op = self.op()?;
         let mut incoming = lock(&self.incoming);
         let rec = incoming
             .get_mut(id)
@@ -542,6 +571,8 @@ impl Control {
     /// crosses this node (the pod migrated on, or its netns was deleted
     /// under it) keeps its entries. Returns how many flows' entries went.
     pub fn sweep_ended_flows(&self, now: Instant) -> usize {
+        // Not during a hand-over: the next sweep (or the next agent's) does it.
+        let Ok(_op) = self.op() else { return 0 };
         let mut removed = 0;
         let mut incoming = lock(&self.incoming);
         for rec in incoming.values_mut() {

@@ -43,6 +43,28 @@ impl Control {
             "Relayed connections accepted.",
             per_ep(&|e| e.connections_total as f64),
         );
+        let agent = self.agent();
+        metric(
+            "shepherd_handovers",
+            "gauge",
+            "Hand-overs in this agent's line: 0 for an agent started afresh, one more for each successor.",
+            vec![(String::new(), agent.handovers as f64)],
+        );
+        metric(
+            "shepherd_handover_connections",
+            "gauge",
+            "Connections this agent received in the hand-over it started with.",
+            vec![(
+                String::new(),
+                agent.took_over.as_ref().map_or(0, |t| t.connections) as f64,
+            )],
+        );
+        metric(
+            "shepherd_connections_lost_in_crash",
+            "gauge",
+            "Relayed connections the previous agent held when it died without a hand-over (SIGKILL, OOM, panic), as its last census said; they ended when it did.",
+            vec![(String::new(), agent.lost_in_crash.unwrap_or(0) as f64)],
+        );
         metric(
             "shepherd_connection_limit",
             "gauge",

@@ -14,6 +14,7 @@ pub use destination::{ENDED_FLOW_LINGER, UNSEEN_FLOW_LIMIT};
 mod metrics;
 pub mod model;
 mod origin;
+pub mod snapshot;
 
 use crate::endpoint::{EndpointAddr, EndpointState, HoldStats, Mode};
 use crate::error::ControlError;
@@ -42,15 +43,19 @@ pub struct ControlConfig {
     pub own_listeners: Vec<SocketAddrV4>,
 }
 
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Migration {
     id: String,
     endpoints: Vec<EndpointAddr>,
     phase: Phase,
     reason: Option<String>,
     mode: Option<ReleaseMode>,
+    #[serde(with = "snapshot::hold")]
     stats: Arc<HoldStats>,
+    #[serde(with = "snapshot::instant")]
     started: Instant,
     started_wall: SystemTime,
+    #[serde(with = "snapshot::instant::option")]
     ended: Option<Instant>,
     deadline: Duration,
     quiesce: Option<Result<Duration, Duration>>,
@@ -65,6 +70,7 @@ struct Migration {
     /// ends (see `target`): (the entry's key, its flow's key).
     lingering: Vec<(shepherd_common::FlowKey, shepherd_common::FlowKey)>,
     /// The held endpoints' live state (so status never needs the endpoints lock).
+    #[serde(skip)]
     states: Vec<Arc<EndpointState>>,
 }
 
@@ -82,6 +88,97 @@ pub struct Control {
     forgotten_incoming: Mutex<crate::migration::Forgotten>,
     pub aborts_total: AtomicU64,
     hold_seconds_total: Mutex<f64>,
+    /// Closed while a hand-over freezes the control plane.
+    gate: Gate,
+    agent: Mutex<model::AgentInfo>,
+}
+
+/// Lets calls that change state through, or not while a hand-over has
+/// frozen the control plane. A call counts itself in first and then looks
+/// (both sequentially consistent), and a freeze closes first and then
+/// waits for the count to drain: a call either sees the gate closed, or is
+/// counted before the freeze looks and is waited for.
+#[derive(Default)]
+struct Gate {
+    closed: std::sync::atomic::AtomicBool,
+    in_flight: std::sync::atomic::AtomicUsize,
+    opened: tokio::sync::Notify,
+}
+
+/// A call that changes state, counted until it returns.
+pub(crate) struct Op<'a>(&'a Gate);
+
+impl Drop for Op<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Control {
+    /// Lets a call that changes state in, or refuses it while a hand-over
+    /// is in progress.
+    pub(crate) fn op(&self) -> Result<Op<'_>, ControlError> {
+        let g = &self.gate;
+        g.in_flight.fetch_add(1, Ordering::SeqCst);
+        let op = Op(g);
+        if g.closed.load(Ordering::SeqCst) {
+            return Err(ControlError::Unavailable(
+                "the agent is handing over to its successor; retry in a moment".into(),
+            ));
+        }
+        Ok(op)
+    }
+
+    /// [`op`](Self::op), waiting for the gate to open (the agent's own
+    /// timers, which must not be lost).
+    pub(crate) async fn op_when_open(&self) -> Op<'_> {
+        loop {
+            let opened = self.gate.opened.notified();
+            if let Ok(op) = self.op() {
+                return op;
+            }
+            opened.await;
+        }
+    }
+
+    /// Stops every call that changes state, waiting (up to `timeout`) for
+    /// those in progress; a hold waiting for quiescence counts. On a
+    /// timeout the gate opens again.
+    pub async fn freeze(&self, timeout: Duration) -> Result<(), ControlError> {
+        let g = &self.gate;
+        g.closed.store(true, Ordering::SeqCst);
+        let start = Instant::now();
+        while g.in_flight.load(Ordering::SeqCst) > 0 {
+            if start.elapsed() > timeout {
+                self.thaw();
+                return Err(ControlError::Unavailable(format!(
+                    "calls still in progress after {timeout:?} (a hold waiting for its pod to                      quiesce?); try the hand-over again"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    pub fn set_agent(&self, info: model::AgentInfo) {
+        *lock(&self.agent) = info;
+    }
+
+    /// Who this agent is.
+    pub fn agent(&self) -> model::AgentInfo {
+        lock(&self.agent).clone()
+    }
+
+    /// Migrations it knows (finished ones included).
+    pub fn migration_count(&self) -> usize {
+        lock(&self.migrations).len()
+    }
+
+    /// Opens the gate again (a hand-over that failed before its commit).
+    pub fn thaw(&self) {
+        self.gate.closed.store(false, Ordering::SeqCst);
+        self.gate.opened.notify_waiters();
+    }
 }
 
 impl crate::relay::Endpoints for Control {
@@ -125,6 +222,8 @@ impl Control {
             forgotten_incoming: Mutex::default(),
             aborts_total: AtomicU64::new(0),
             hold_seconds_total: Mutex::new(0.0),
+            gate: Gate::default(),
+            agent: Mutex::default(),
         })
     }
 
@@ -143,6 +242,7 @@ impl Control {
         relay: Option<Mechanism>,
         allow_local: bool,
     ) -> Result<Vec<EndpointView>, ControlError> {
+        let _op = self.op()?;
         if addrs.is_empty() {
             return Err(ControlError::Invalid("no endpoints given".into()));
         }
@@ -249,6 +349,7 @@ impl Control {
     /// kernel entry stays, marked draining, until the last one closes); new
     /// connections go to the pod directly.
     pub fn remove_endpoint(&self, addr: &EndpointAddr) -> Result<(), ControlError> {
+        let _op = self.op()?;
         let mut eps = lock(&self.endpoints);
         let Some(state) = eps.get(addr).cloned() else {
             return Err(ControlError::UnknownEndpoint(*addr));

@@ -12,12 +12,40 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 /// the flow's sockets use when it is not the endpoint's (a connection
 /// opened after an earlier move). Ordered by node address and port, pod
 /// port, then pod address (the order of the lists).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct BackendFlow {
     pub node: SocketAddrV4,
     pub pod_port: u16,
     /// `None`: the endpoint's address.
     pub pod_addr: Option<Ipv4Addr>,
+}
+
+/// Who the agent is, for `/healthz` and `shepherd status`.
+#[derive(Debug, Clone, Default)]
+pub struct AgentInfo {
+    pub version: String,
+    pub pid: u32,
+    pub started: Option<std::time::SystemTime>,
+    /// Hand-overs in this agent's line (each successor counts one more).
+    pub handovers: u64,
+    /// What this agent took over when it started, if it did.
+    pub took_over: Option<TakeoverInfo>,
+    /// Connections its predecessor held when it died without a hand-over
+    /// (see `agent::census`), if one did.
+    pub lost_in_crash: Option<u64>,
+}
+
+/// What a successor received in its hand-over.
+#[derive(Debug, Clone)]
+pub struct TakeoverInfo {
+    pub from_version: String,
+    pub connections: usize,
+    pub endpoints: usize,
+    pub migrations: usize,
+    /// From asking to serving.
+    pub took: std::time::Duration,
 }
 
 /// A hold, as asked for.

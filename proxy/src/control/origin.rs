@@ -24,6 +24,7 @@ impl Control {
         id: &str,
         req: &HoldSpec,
     ) -> Result<MigrationView, ControlError> {
+        let _op = self.op()?;
         migration::validate_id(id).map_err(ControlError::Invalid)?;
         if req.endpoints.is_empty() {
             return Err(ControlError::Invalid(
@@ -198,13 +199,16 @@ impl Control {
         Ok(self.status_of(m))
     }
 
-    fn spawn_deadline(self: &Arc<Self>, id: String, epoch: u64, deadline: Duration) {
+    pub(super) fn spawn_deadline(self: &Arc<Self>, id: String, epoch: u64, deadline: Duration) {
         let control = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep(deadline).await;
             let Some(control) = control.upgrade() else {
                 return;
             };
+            // Not while a hand-over is in progress: the hold is the next
+            // agent's if it commits, this one's again if not.
+            let _op = control.op_when_open().await;
             let due = lock(&control.migrations)
                 .get(&id)
                 .is_some_and(|m| m.phase == Phase::Holding && m.stats.epoch == epoch);
@@ -311,6 +315,7 @@ impl Control {
         mode: ReleaseMode,
         to: Option<&str>,
     ) -> Result<MigrationView, ControlError> {
+        let _op = self.op()?;
         let to: Option<Ipv4Addr> = to
             .map(|t| {
                 t.parse().map_err(|_| {
@@ -322,7 +327,7 @@ impl Control {
             .transpose()?;
         if let (Some(ip), ReleaseMode::Resume) = (to, mode) {
             // The restored sockets keep their old address: translate.
-            self.target(id, ip)?;
+            self.set_target(id, ip)?;
         }
         // Without `to`, new connections go where `target` said the pod is:
         // its old address may no longer reach it.
@@ -331,6 +336,7 @@ impl Control {
     }
 
     pub fn abort(&self, id: &str, reason: Option<String>) -> Result<MigrationView, ControlError> {
+        let _op = self.op()?;
         self.finish(
             id,
             Request::Abort,
@@ -525,6 +531,11 @@ impl Control {
     /// restored sockets, still bound to the old address, keep reaching us.
     /// Call it before the restore; `release --to` calls it too.
     pub fn target(&self, id: &str, to: Ipv4Addr) -> Result<MigrationView, ControlError> {
+        let _op = self.op()?;
+        self.set_target(id, to)
+    }
+
+    fn set_target(&self, id: &str, to: Ipv4Addr) -> Result<MigrationView, ControlError> {
         let mut migs = lock(&self.migrations);
         let m = migs
             .get_mut(id)

@@ -3,8 +3,8 @@
 //!
 //! Linux carries at most 253 descriptors in one message (`SCM_MAX_FD`), and
 //! a sender may not have more descriptors in flight than its
-//! `RLIMIT_NOFILE`, so a batch waits for the receiver's acknowledgement
-//! before the next goes. Each message carries a small header (the batch's
+//! `RLIMIT_NOFILE`, so every [`ACK_EVERY`] batches (and after the last)
+//! the sender waits for the receiver's acknowledgement. Each message carries a small header (the batch's
 //! descriptor count), so a receiver can tell a truncated batch (its own
 //! descriptor limit reached: the kernel closes what does not fit and says
 //! so) from a whole one, and refuse it. A passed descriptor is the same
@@ -21,6 +21,11 @@ pub const MAX_PER_MESSAGE: usize = 253;
 
 /// The acknowledgement of a batch.
 const ACK: u8 = 0x06;
+
+/// Batches between acknowledgements (and the last one is acknowledged):
+/// 2,024 descriptors in flight at most, far below any `RLIMIT_NOFILE` an
+/// agent runs with, and a round trip per 2,024 instead of per 253.
+pub const ACK_EVERY: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScmError {
@@ -43,7 +48,8 @@ pub enum ScmError {
 /// the receiver's acknowledgement. `chan` is one end of a `SOCK_SEQPACKET`
 /// socket.
 pub fn send_fds(chan: BorrowedFd<'_>, fds: &[BorrowedFd<'_>]) -> Result<(), ScmError> {
-    for batch in fds.chunks(MAX_PER_MESSAGE) {
+    let batches = fds.len().div_ceil(MAX_PER_MESSAGE);
+    for (i, batch) in fds.chunks(MAX_PER_MESSAGE).enumerate() {
         let raw: Vec<RawFd> = batch.iter().map(AsRawFd::as_raw_fd).collect();
         let header = (raw.len() as u32).to_le_bytes();
         let iov = [IoSlice::new(&header)];
@@ -54,6 +60,9 @@ pub fn send_fds(chan: BorrowedFd<'_>, fds: &[BorrowedFd<'_>]) -> Result<(), ScmE
                 source,
             },
         )?;
+        if !(i + 1).is_multiple_of(ACK_EVERY) && i + 1 != batches {
+            continue;
+        }
         let mut ack = [0u8; 1];
         match nix::unistd::read(chan, &mut ack) {
             Ok(1) if ack[0] == ACK => {}
@@ -70,6 +79,7 @@ pub fn send_fds(chan: BorrowedFd<'_>, fds: &[BorrowedFd<'_>]) -> Result<(), ScmE
 /// a batch that turns out malformed.
 pub fn recv_fds(chan: BorrowedFd<'_>, expected: usize) -> Result<Vec<OwnedFd>, ScmError> {
     let mut out = Vec::with_capacity(expected);
+    let mut batches: usize = 0;
     while out.len() < expected {
         let mut header = [0u8; 4];
         let mut cmsg = nix::cmsg_space!([RawFd; MAX_PER_MESSAGE]);
@@ -128,7 +138,11 @@ pub fn recv_fds(chan: BorrowedFd<'_>, expected: usize) -> Result<Vec<OwnedFd>, S
             )));
         }
         out.extend(received);
-        nix::unistd::write(chan, &[ACK]).map_err(|source| ScmError::Send { count: 0, source })?;
+        batches += 1;
+        if batches.is_multiple_of(ACK_EVERY) || out.len() == expected {
+            nix::unistd::write(chan, &[ACK])
+                .map_err(|source| ScmError::Send { count: 0, source })?;
+        }
     }
     Ok(out)
 }

@@ -3,8 +3,20 @@
 //!
 //! Must never leave state behind: programs are attached as tcx links owned by
 //! this value and go away with it (or with the agent process).
+//!
+//! A hand-over passes the maps and links to the successor unchanged, as
+//! descriptors ([`EbpfInterception::handover_fds`]); the successor loads
+//! its programs with those maps ([`EbpfInterception::adopt`]: every entry,
+//! counter and LRU slot stays as it is), and once the hand-over is
+//! committed swaps its programs into the links (`bpf_link_update`, atomic
+//! per link: [`EbpfInterception::finish_adoption`]). A packet meets either the old program or the
+//! new one, never neither and never both. Both attached side by side
+//! instead would run both on every packet (the programs pass packets on
+//! with `TC_ACT_UNSPEC`), translating a migrated flow twice.
 use super::{InterceptError, Interception};
-use aya::maps::{Array, HashMap, MapData, PerCpuHashMap, SockHash};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap, SockHash};
+use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::Ebpf;
 use shepherd_common::{
@@ -13,7 +25,8 @@ use shepherd_common::{
     PROG_RST_SHIELD, PROG_TRANSLATE_DEST_IN, PROG_TRANSLATE_DEST_OUT, PROG_TRANSLATE_ORIGIN_IN,
     PROG_TRANSLATE_ORIGIN_OUT,
 };
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
 use std::sync::Mutex;
 
 /// `SHEPHERD_TRANSLATE` and its entry count in `SHEPHERD_TRANSLATING`, kept
@@ -118,13 +131,81 @@ pub fn kernel_endpoint_entries(max_endpoints: u32) -> u32 {
 /// The object built by `cargo xtask build-ebpf` (empty if it was not built).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shepherd.bpf.o"));
 
+/// The maps a hand-over passes on, by name (each program's `static`s).
+const MAPS: [&str; 7] = [
+    MAP_ENDPOINTS,
+    MAP_STATS,
+    MAP_LISTENER,
+    MAP_LISTENER_COUNT,
+    MAP_TRANSLATE,
+    MAP_TRANSLATING,
+    MAP_PROXIED,
+];
+
+/// Which program goes where: (program, on the intercept interfaces (else
+/// the shield ones), ingress).
+const PLACES: [(&str, bool, bool); 6] = [
+    (PROG_INTERCEPT, true, true),
+    (PROG_TRANSLATE_ORIGIN_IN, true, true),
+    (PROG_TRANSLATE_ORIGIN_OUT, true, false),
+    (PROG_RST_SHIELD, false, true),
+    (PROG_TRANSLATE_DEST_IN, false, true),
+    (PROG_TRANSLATE_DEST_OUT, false, false),
+];
+
+/// One program attached to one interface, as a tcx link.
+struct Attached {
+    program: &'static str,
+    iface: String,
+    ingress: bool,
+    link: FdLink,
+}
+
 pub struct EbpfInterception {
     endpoints: Mutex<HashMap<MapData, EndpointKey, EndpointConfig>>,
     stats: Mutex<PerCpuHashMap<MapData, EndpointKey, EndpointStats>>,
     translate: Mutex<Translations>,
     _listener: SockHash<MapData, u32>,
-    /// Keeps programs and their links alive.
-    _ebpf: Ebpf,
+    /// Second descriptors of the maps in [`MAPS`], to pin them by.
+    pinnable: Vec<(&'static str, MapData)>,
+    /// Its links; dropping them detaches the programs (unless a successor
+    /// holds them too).
+    links: Mutex<Vec<Attached>>,
+    sizes: MapSizes,
+    /// Keeps the programs loaded.
+    ebpf: Mutex<Ebpf>,
+}
+
+/// A second descriptor for a map, to pin it by.
+fn dup_map(name: &'static str, m: &Map) -> Result<MapData, InterceptError> {
+    let data = match m {
+        Map::HashMap(d)
+        | Map::PerCpuHashMap(d)
+        | Map::Array(d)
+        | Map::SockHash(d)
+        | Map::LruHashMap(d) => d,
+        _ => {
+            return Err(InterceptError::Map {
+                map: name,
+                detail: "unexpected map type".into(),
+            })
+        }
+    };
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| InterceptError::Map {
+            map: name,
+            detail: e.to_string(),
+        })?;
+    MapData::from_fd(fd).map_err(map_err(name))
+}
+
+/// What [`EbpfInterception::adopt`] took over and the commit has yet to
+/// finish: the predecessor's links, opened, with the programs to swap in.
+pub struct Adopted {
+    links: Vec<(super::super::handover::wire::LinkPin, FdLink)>,
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> InterceptError {
@@ -184,31 +265,60 @@ impl EbpfInterception {
                 return Err(InterceptError::NoSuchInterface(iface.clone()));
             }
         }
-        let mut ebpf = aya::EbpfLoader::new()
+        let mut ebpf = Self::loader(sizes, None)
+            .load(OBJECT)
+            .map_err(|e| InterceptError::Load(e.to_string()))?;
+        let mut links = Vec::new();
+        for (program, on_intercept, ingress) in PLACES {
+            let ifaces = if on_intercept {
+                intercept_ifaces
+            } else {
+                shield_ifaces
+            };
+            let prog = load_program(&mut ebpf, program)?;
+            for iface in ifaces {
+                links.push(attach(prog, program, iface, ingress)?);
+            }
+        }
+        let raw: Vec<std::os::fd::RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+        Self::from_loaded(ebpf, links, Some(&raw), sizes)
+    }
+
+    /// The loader for `sizes`, taking the maps pinned in `pinned` (a
+    /// hand-over's directory) instead of creating them.
+    fn loader(sizes: MapSizes, pinned: Option<&Path>) -> aya::EbpfLoader<'static> {
+        let mut loader = aya::EbpfLoader::new();
+        loader
             .map_max_entries(MAP_ENDPOINTS, kernel_endpoint_entries(sizes.endpoints))
             .map_max_entries(MAP_STATS, kernel_endpoint_entries(sizes.endpoints))
             .map_max_entries(MAP_TRANSLATE, sizes.translations)
-            .map_max_entries(MAP_PROXIED, sizes.proxied_flows)
-            .load(OBJECT)
-            .map_err(|e| InterceptError::Load(e.to_string()))?;
-        use TcAttachType::{Egress, Ingress};
-        attach(&mut ebpf, PROG_INTERCEPT, intercept_ifaces, Ingress)?;
-        attach(
-            &mut ebpf,
-            PROG_TRANSLATE_ORIGIN_IN,
-            intercept_ifaces,
-            Ingress,
-        )?;
-        attach(
-            &mut ebpf,
-            PROG_TRANSLATE_ORIGIN_OUT,
-            intercept_ifaces,
-            Egress,
-        )?;
-        attach(&mut ebpf, PROG_RST_SHIELD, shield_ifaces, Ingress)?;
-        attach(&mut ebpf, PROG_TRANSLATE_DEST_IN, shield_ifaces, Ingress)?;
-        attach(&mut ebpf, PROG_TRANSLATE_DEST_OUT, shield_ifaces, Egress)?;
+            .map_max_entries(MAP_PROXIED, sizes.proxied_flows);
+        if let Some(dir) = pinned {
+            for name in MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        loader
+    }
 
+    /// Takes the maps out of a loaded object, registers `listeners` and
+    /// keeps what must stay alive.
+    /// `listeners`: `None` when the listener maps came over with a
+    /// hand-over (they hold the same sockets already).
+    fn from_loaded(
+        mut ebpf: Ebpf,
+        links: Vec<Attached>,
+        listeners: Option<&[std::os::fd::RawFd]>,
+        sizes: MapSizes,
+    ) -> Result<Self, InterceptError> {
+        let mut pinnable = Vec::new();
+        for name in MAPS {
+            let m = ebpf.map(name).ok_or(InterceptError::Map {
+                map: name,
+                detail: "missing from the object".into(),
+            })?;
+            pinnable.push((name, dup_map(name, m)?));
+        }
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(InterceptError::Map {
                 map: name,
@@ -219,33 +329,222 @@ impl EbpfInterception {
             HashMap::try_from(take(&mut ebpf, MAP_ENDPOINTS)?).map_err(map_err(MAP_ENDPOINTS))?;
         let stats =
             PerCpuHashMap::try_from(take(&mut ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?;
-        let translate = Translations {
+        let mut translate = Translations {
             flows: HashMap::try_from(take(&mut ebpf, MAP_TRANSLATE)?)
                 .map_err(map_err(MAP_TRANSLATE))?,
             count: Array::try_from(take(&mut ebpf, MAP_TRANSLATING)?)
                 .map_err(map_err(MAP_TRANSLATING))?,
             installed: 0,
         };
+        // Taken over with its entries: the count goes on from theirs.
+        translate.installed = translate.count.get(&0, 0).unwrap_or(0);
         let mut sockhash: SockHash<MapData, u32> =
             SockHash::try_from(take(&mut ebpf, MAP_LISTENER)?).map_err(map_err(MAP_LISTENER))?;
-        for (key, l) in (0u32..).zip(listeners) {
-            sockhash
-                .insert(key, l.as_raw_fd(), 0)
-                .map_err(map_err(MAP_LISTENER))?;
+        if let Some(listeners) = listeners {
+            for (key, l) in (0u32..).zip(listeners) {
+                sockhash.insert(key, *l, 0).map_err(map_err(MAP_LISTENER))?;
+            }
+            let mut count: Array<MapData, u32> =
+                Array::try_from(take(&mut ebpf, MAP_LISTENER_COUNT)?)
+                    .map_err(map_err(MAP_LISTENER_COUNT))?;
+            // The count goes in last: until then every SYN goes to listener 0.
+            count
+                .set(0, listeners.len() as u32, 0)
+                .map_err(map_err(MAP_LISTENER_COUNT))?;
         }
-        let mut count: Array<MapData, u32> = Array::try_from(take(&mut ebpf, MAP_LISTENER_COUNT)?)
-            .map_err(map_err(MAP_LISTENER_COUNT))?;
-        // The count goes in last: until then every SYN goes to listener 0.
-        count
-            .set(0, listeners.len() as u32, 0)
-            .map_err(map_err(MAP_LISTENER_COUNT))?;
         Ok(Self {
             endpoints: Mutex::new(endpoints),
             stats: Mutex::new(stats),
             translate: Mutex::new(translate),
             _listener: sockhash,
-            _ebpf: ebpf,
+            pinnable,
+            links: Mutex::new(links),
+            sizes,
+            ebpf: Mutex::new(ebpf),
         })
+    }
+
+    /// The maps' sizes.
+    pub fn sizes(&self) -> MapSizes {
+        self.sizes
+    }
+
+    /// Descriptors of the maps and links for a successor, and what they
+    /// are (in that order: maps, then links).
+    pub fn handover_fds(
+        &self,
+    ) -> Result<(crate::handover::wire::Kernel, Vec<std::os::fd::OwnedFd>), InterceptError> {
+        use crate::handover::wire::{Kernel, LinkPin};
+        let fail = |what: String, e: &dyn std::fmt::Display| {
+            InterceptError::Load(format!("{what} for the hand-over: {e}"))
+        };
+        let mut fds = Vec::new();
+        let mut maps = Vec::new();
+        for (name, m) in &self.pinnable {
+            let fd = m
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| fail(format!("map {name}"), &e))?;
+            fds.push(fd);
+            maps.push(name.to_string());
+        }
+        let mut links = Vec::new();
+        let attached = self
+            .links
+            .lock()
+            .map_err(|_| fail("links".into(), &"lock poisoned"))?;
+        for a in attached.iter() {
+            let what = || format!("the link of {} on {}", a.program, a.iface);
+            let id = a.link.info().map_err(|e| fail(what(), &e))?.id();
+            fds.push(super::pin::link_fd(id).map_err(|e| fail(what(), &e))?);
+            links.push(LinkPin {
+                program: a.program.to_string(),
+                iface: a.iface.clone(),
+                ingress: a.ingress,
+            });
+        }
+        Ok((
+            Kernel {
+                maps,
+                links,
+                max_endpoints: self.sizes.endpoints,
+                max_translations: self.sizes.translations,
+                max_proxied_flows: self.sizes.proxied_flows,
+            },
+            fds,
+        ))
+    }
+
+    /// Loads the programs with the maps a predecessor handed over (`fds`,
+    /// as `kernel` lists them) and takes its links. aya opens maps and
+    /// links only from bpffs, so they are pinned in a [`BpfDir`] under
+    /// `spare` for the load and unpinned right after: from then on only
+    /// descriptors hold them. Nothing changes in the kernel until
+    /// [`finish_adoption`](Self::finish_adoption).
+    pub fn adopt(
+        kernel: &crate::handover::wire::Kernel,
+        fds: Vec<std::os::fd::OwnedFd>,
+        spare: &Path,
+    ) -> Result<(Self, Adopted), InterceptError> {
+        if OBJECT.is_empty() {
+            return Err(InterceptError::NoObject);
+        }
+        let names: Vec<&str> = kernel.maps.iter().map(String::as_str).collect();
+        if MAPS.iter().any(|m| !names.contains(m)) {
+            return Err(InterceptError::Load(format!(
+                "the predecessor handed over the maps {names:?}; this agent needs {MAPS:?}"
+            )));
+        }
+        if fds.len() != kernel.maps.len() + kernel.links.len() {
+            return Err(InterceptError::Load(format!(
+                "{} kernel descriptors for {} maps and {} links",
+                fds.len(),
+                kernel.maps.len(),
+                kernel.links.len()
+            )));
+        }
+        let sizes = MapSizes {
+            endpoints: kernel.max_endpoints,
+            translations: kernel.max_translations,
+            proxied_flows: kernel.max_proxied_flows,
+        };
+        let dir = super::pin::BpfDir::new(spare)
+            .map_err(|e| InterceptError::Load(format!("a bpffs directory to load from: {e}")))?;
+        let pin_err = |what: &str, e: &dyn std::fmt::Display| {
+            InterceptError::Load(format!("pinning {what} in {}: {e}", dir.path().display()))
+        };
+        let mut fds = fds.into_iter();
+        for name in &kernel.maps {
+            let fd = fds.next().ok_or_else(|| pin_err(name, &"no descriptor"))?;
+            super::pin::pin(&fd, &dir.path().join(name)).map_err(|e| pin_err(name, &e))?;
+        }
+        let mut opened = Vec::new();
+        for (i, l) in kernel.links.iter().enumerate() {
+            let fd = fds
+                .next()
+                .ok_or_else(|| pin_err(&l.program, &"no descriptor"))?;
+            let path = dir.path().join(format!("link-{i}"));
+            super::pin::pin(&fd, &path).map_err(|e| pin_err(&l.program, &e))?;
+            let pinned = PinnedLink::from_pin(&path).map_err(|e| pin_err(&l.program, &e))?;
+            let link = pinned.unpin().map_err(|e| pin_err(&l.program, &e))?;
+            opened.push((l.clone(), link));
+        }
+        let mut ebpf = Self::loader(sizes, Some(dir.path()))
+            .load(OBJECT)
+            .map_err(|e| InterceptError::Load(e.to_string()))?;
+        drop(dir);
+        for (program, _, _) in PLACES {
+            load_program(&mut ebpf, program)?;
+        }
+        let me = Self::from_loaded(ebpf, Vec::new(), None, sizes)?;
+        Ok((me, Adopted { links: opened }))
+    }
+
+    /// After the commit point: swaps this agent's programs into the links
+    /// taken over (atomically, link by link), attaches them where the
+    /// predecessor had no link (interfaces this agent's flags add), and
+    /// drops links to interfaces it no longer names.
+    pub fn finish_adoption(
+        &self,
+        adopted: Adopted,
+        intercept_ifaces: &[String],
+        shield_ifaces: &[String],
+    ) -> Result<(), InterceptError> {
+        let poisoned = || InterceptError::Load("eBPF state lock poisoned".into());
+        let mut ebpf = self.ebpf.lock().map_err(|_| poisoned())?;
+        let mut links = self.links.lock().map_err(|_| poisoned())?;
+        for (pin, link) in adopted.links {
+            let Some(&(program, on_intercept, ingress)) = PLACES
+                .iter()
+                .find(|(p, _, i)| *p == pin.program && *i == pin.ingress)
+            else {
+                continue;
+            };
+            let wanted = if on_intercept {
+                intercept_ifaces
+            } else {
+                shield_ifaces
+            };
+            if !wanted.contains(&pin.iface) {
+                tracing::info!(program, iface = %pin.iface, "interface no longer configured; its link goes with the predecessor");
+                continue;
+            }
+            let prog = program_mut(&mut ebpf, program)?;
+            let fail = |detail: String| InterceptError::Attach {
+                program,
+                iface: pin.iface.clone(),
+                detail,
+            };
+            let link = SchedClassifierLink::try_from(link).map_err(|e| fail(e.to_string()))?;
+            let id = prog.attach_to_link(link).map_err(|e| fail(e.to_string()))?;
+            let link = prog.take_link(id).map_err(|e| fail(e.to_string()))?;
+            let link = FdLink::try_from(link).map_err(|e| fail(e.to_string()))?;
+            links.push(Attached {
+                program,
+                iface: pin.iface,
+                ingress,
+                link,
+            });
+        }
+        for (program, on_intercept, ingress) in PLACES {
+            let ifaces = if on_intercept {
+                intercept_ifaces
+            } else {
+                shield_ifaces
+            };
+            for iface in ifaces {
+                let have = links
+                    .iter()
+                    .any(|a| a.program == program && &a.iface == iface);
+                if !have {
+                    let prog = program_mut(&mut ebpf, program)?;
+                    let a = attach(prog, program, iface, ingress)?;
+                    links.push(a);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -290,8 +589,8 @@ impl EbpfInterception {
         use std::os::fd::{AsFd, AsRawFd};
         let fail =
             |detail: String| InterceptError::Load(format!("test run of {program}: {detail}"));
-        let prog = self
-            ._ebpf
+        let ebpf = self.ebpf.lock().map_err(|_| fail("lock poisoned".into()))?;
+        let prog = ebpf
             .program(program)
             .ok_or_else(|| fail("no such program".into()))?;
         let fd = prog.fd().map_err(|e| fail(e.to_string()))?;
@@ -362,29 +661,68 @@ impl EbpfInterception {
     }
 }
 
-fn attach(
-    ebpf: &mut Ebpf,
+fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
     name: &'static str,
-    ifaces: &[String],
-    direction: TcAttachType,
-) -> Result<(), InterceptError> {
-    let fail = |iface: &str, detail: String| InterceptError::Attach {
+) -> Result<&'a mut SchedClassifier, InterceptError> {
+    let fail = |detail: String| InterceptError::Attach {
+        program: name,
+        iface: "-".into(),
+        detail,
+    };
+    ebpf.program_mut(name)
+        .ok_or_else(|| fail("missing from the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| fail(e.to_string()))
+}
+
+fn load_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, InterceptError> {
+    let prog = program_mut(ebpf, name)?;
+    prog.load().map_err(|e| InterceptError::Attach {
+        program: name,
+        iface: "-".into(),
+        detail: format!("{e:?}"),
+    })?;
+    Ok(prog)
+}
+
+/// Attaches a loaded program to `iface` as a tcx link (kernel 6.6+) that
+/// this agent owns.
+fn attach(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    iface: &str,
+    ingress: bool,
+) -> Result<Attached, InterceptError> {
+    let fail = |detail: String| InterceptError::Attach {
         program: name,
         iface: iface.to_string(),
         detail,
     };
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(name)
-        .ok_or_else(|| fail("-", "missing from the object".into()))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| fail("-", e.to_string()))?;
-    prog.load().map_err(|e| fail("-", format!("{e:?}")))?;
-    for iface in ifaces {
-        prog.attach(iface, direction)
-            .map_err(|e| fail(iface, e.to_string()))?;
-        tracing::info!(program = name, iface = %iface, ?direction, "attached (tcx)");
-    }
-    Ok(())
+    let direction = if ingress {
+        TcAttachType::Ingress
+    } else {
+        TcAttachType::Egress
+    };
+    let id = prog
+        .attach_with_options(
+            iface,
+            direction,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|e| fail(format!("{e} (tcx needs Linux 6.6 or later)")))?;
+    let link = prog.take_link(id).map_err(|e| fail(e.to_string()))?;
+    let link = FdLink::try_from(link).map_err(|e| fail(e.to_string()))?;
+    tracing::info!(program = name, iface = %iface, ?direction, "attached (tcx)");
+    Ok(Attached {
+        program: name,
+        iface: iface.to_string(),
+        ingress,
+        link,
+    })
 }
 
 /// The interface's index, if it exists in this network namespace.

@@ -9,6 +9,7 @@
 //! interfaces, destination side on the pod-facing ones); they act only on the
 //! flows a migration lists.
 pub mod ebpf;
+pub mod pin;
 pub mod routing;
 
 use shepherd_common::{EndpointKey, EndpointStats, FlowKey, Translation};

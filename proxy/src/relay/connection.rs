@@ -20,7 +20,9 @@
 //! `reconnect` release opens a new backend connection and replays what it
 //! defines; `resume` and abort (or the deadline) find the backend gone and
 //! close the client cleanly, after every byte the pod sent.
+use super::freeze::{Active, FreezeState, Freezer};
 use super::hold_buffer::{wait_freed, Budget, Charge, HoldBuffer, READ_CHUNK};
+use super::snapshot::{ConnSnapshot, ConnState, DirectionState, EndedInHold};
 use super::splice::{Filled, Lane, PIPE_SIZE};
 use super::Mechanism;
 use crate::endpoint::{BackendSocket, ConnInfo, EndpointState, HoldStats, Mode};
@@ -31,6 +33,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::future::pending;
 use std::io::{self, IoSlice};
 use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -55,6 +58,8 @@ pub struct RelayContext {
     pub slots: Arc<super::slots::Slots>,
     /// Backend sockets' timers, taken off during a hold and put back after.
     pub liveness: Liveness,
+    /// Stops every connection still for a hand-over (see [`super::freeze`]).
+    pub freezer: Arc<Freezer>,
 }
 
 /// How far a forwarding connection reads ahead of a slow backend.
@@ -65,6 +70,9 @@ const WRITE_BATCH_CHUNKS: usize = 64;
 /// Reads at least this big switch a direction to splice (splice mode);
 /// smaller ones switch it back to copy.
 const SPLICE_MIN: usize = 16 * 1024;
+/// Events a connection handles before it lets the thread's other
+/// connections run.
+const YIELD_EVERY: u32 = 16;
 /// How often a held connection re-checks its backend's unacknowledged bytes.
 const QUIESCE_POLL: Duration = Duration::from_millis(2);
 
@@ -85,6 +93,17 @@ enum Event {
     BackendWritable(io::Result<()>),
     ClientWritable(io::Result<()>),
     Tick,
+    /// The data plane is being frozen for a hand-over.
+    Freeze,
+}
+
+/// How a connection's relay loop ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// Both directions are done.
+    Done,
+    /// Handed over to the next agent, which owns the sockets now.
+    HandedOver,
 }
 
 struct Backend {
@@ -134,6 +153,9 @@ pub enum ConnError {
     TakeBack(#[source] io::Error),
     #[error("endpoint removed")]
     EndpointRemoved,
+    /// Ended in the previous agent, which handed the connection over.
+    #[error("{0} (in the previous agent)")]
+    Inherited(String),
 }
 
 /// One direction of a connection: the bytes read and not yet written
@@ -197,6 +219,14 @@ impl Replay {
         }
     }
 
+    /// The hold being replayed (its epoch) and its bytes still queued.
+    fn pending(&self) -> Option<(u64, usize)> {
+        self.stats
+            .as_ref()
+            .filter(|_| self.left > 0)
+            .map(|h| (h.epoch, self.left))
+    }
+
     /// A new hold begins: what is left is no longer this replay's.
     fn hand_on(&mut self) {
         if let Some(h) = self.stats.take() {
@@ -208,12 +238,14 @@ impl Replay {
 }
 
 /// Relays one accepted client connection until both directions are done.
+/// `active` counts it for a freeze from its accept on.
 pub async fn relay(
     client: TcpStream,
     peer: SocketAddr,
     orig_dst: SocketAddrV4,
     endpoint: Arc<EndpointState>,
     ctx: RelayContext,
+    active: Active,
 ) {
     let info = Arc::new(ConnInfo {
         id: ctx.next_id.fetch_add(1, Ordering::Relaxed),
@@ -228,14 +260,93 @@ pub async fn relay(
         quiesced_epoch: AtomicU64::new(0),
         translated_flow: Default::default(),
     });
-    let _guard = endpoint.register(info.clone());
-    let mut conn = Conn::new(client, info, endpoint, ctx);
-    let outcome = conn.run().await;
-    if outcome.is_ok() {
-        conn.linger_if_translated().await;
+    let guard = endpoint.register(info.clone());
+    let conn = Conn::new(client, info, endpoint, ctx);
+    if let Mode::Holding(h) = &conn.mode {
+        // Accepted during a hold: queued; it connects after release and has
+        // nothing in flight towards the pod, so it is quiescent already.
+        h.connections_queued.fetch_add(1, Ordering::Relaxed);
+        conn.info.quiesced_epoch.store(h.epoch, Ordering::Release);
     }
+    drive(conn, guard, active).await;
+}
+
+/// Rebuilds a connection the previous agent handed over, from its state
+/// and its two sockets, and relays it on from where it stopped. `replay`:
+/// the hold its state's replay counts for, if that hold is known.
+/// Must run inside the data-plane thread's runtime.
+pub async fn resume(
+    state: ConnState,
+    client: std::net::TcpStream,
+    backend: Option<std::net::TcpStream>,
+    endpoint: Arc<EndpointState>,
+    ctx: RelayContext,
+    replay: Option<Arc<HoldStats>>,
+    active: Active,
+) {
+    let peer = state.client;
+    let register = |s: std::net::TcpStream| {
+        s.set_nonblocking(true)?;
+        TcpStream::from_std(s)
+    };
+    let client = match register(client) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "a handed-over client socket could not be registered; closing it");
+            return;
+        }
+    };
+    let backend = match backend.map(register).transpose() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "a handed-over backend socket could not be registered; closing the connection");
+            return;
+        }
+    };
+    let info = Arc::new(ConnInfo {
+        id: state.id,
+        client: state.client,
+        orig_dst: state.orig_dst,
+        opened: state.opened,
+        backend: std::sync::Mutex::new(
+            state
+                .backend
+                .map(|(local, peer)| BackendSocket { local, peer }),
+        ),
+        bytes_up: AtomicU64::new(state.bytes_up),
+        bytes_down: AtomicU64::new(state.bytes_down),
+        bytes_spliced: AtomicU64::new(state.bytes_spliced),
+        queued: std::sync::atomic::AtomicUsize::new(state.up.bytes.len()),
+        quiesced_epoch: AtomicU64::new(state.quiesced_epoch),
+        translated_flow: std::sync::Mutex::new(state.translation),
+    });
+    let guard = endpoint.adopt(info.clone());
+    let mut conn = Conn::new(client, info, endpoint, ctx);
+    conn.restore(state, backend, replay);
+    tracing::debug!(%peer, "resumed");
+    drive(conn, guard, active).await;
+}
+
+/// Runs a connection to its end, then lets it go.
+async fn drive(mut conn: Conn, mut guard: crate::endpoint::ConnGuard, active: Active) {
+    let (peer, orig_dst) = (conn.info.client, conn.info.orig_dst);
+    let outcome = conn.run().await;
+    // Not relaying any more: a freeze no longer waits for it.
+    drop(active);
     match &outcome {
-        Ok(()) => tracing::debug!(%peer, %orig_dst, "connection finished"),
+        Ok(Ended::HandedOver) => {
+            // The next agent owns the sockets and the translation: close
+            // our descriptors only (no FIN: it holds its own), undo nothing.
+            guard.handed_over();
+            tracing::debug!(%peer, %orig_dst, "connection handed over");
+            conn.release_budget();
+            conn.let_go();
+            return;
+        }
+        Ok(Ended::Done) => {
+            conn.linger_if_translated().await;
+            tracing::debug!(%peer, %orig_dst, "connection finished");
+        }
         Err(reason) => tracing::info!(%peer, %orig_dst, %reason, "connection ended"),
     }
     conn.release_budget();
@@ -274,6 +385,9 @@ struct Conn {
     /// The backend ended during a hold; the release decides what the
     /// client sees (see the module doc).
     ended_in_hold: Option<BackendEnd>,
+    freeze_rx: tokio::sync::watch::Receiver<FreezeState>,
+    /// Events handled (see [`YIELD_EVERY`]).
+    turns: u32,
 }
 
 impl Conn {
@@ -292,15 +406,12 @@ impl Conn {
         // count that moved in between would make it drop the backend it is
         // about to open, at the next hold.)
         let reconnects_seen = endpoint.reconnects();
-        if let Mode::Holding(h) = &mode {
-            // Accepted during a hold: queued; it connects after release and has
-            // nothing in flight towards the pod, so it is quiescent already.
-            h.connections_queued.fetch_add(1, Ordering::Relaxed);
-            info.quiesced_epoch.store(h.epoch, Ordering::Release);
-        }
         let splice = endpoint.relay() == Mechanism::Splice;
         let charge = Charge::new(ctx.budget.clone(), endpoint.hold_budget());
+        let freeze_rx = ctx.freezer.subscribe();
         Self {
+            turns: 0,
+            freeze_rx,
             charge,
             info,
             endpoint,
@@ -326,17 +437,149 @@ impl Conn {
         self.mode.hold().cloned()
     }
 
-    async fn run(&mut self) -> Result<(), ConnError> {
+    /// Sets up what a handed-over connection's state says (see [`resume`]).
+    fn restore(
+        &mut self,
+        state: ConnState,
+        backend: Option<TcpStream>,
+        replay: Option<Arc<HoldStats>>,
+    ) {
+        self.backend = backend.map(|b| {
+            let (r, w) = b.into_split();
+            Backend { r, w }
+        });
+        let up_len = state.up.bytes.len();
+        let held = state.held.min(up_len);
+        self.up.buf.push(Bytes::from(state.up.bytes));
+        (self.up.eof, self.up.shut, self.up.bulk) = (state.up.eof, state.up.shut, state.up.bulk);
+        self.down.buf = Bytes::from(state.down.bytes);
+        (self.down.eof, self.down.shut, self.down.bulk) =
+            (state.down.eof, state.down.shut, state.down.bulk);
+        // Charged as the previous agent had it: the held front to both
+        // budgets, the rest to the endpoint's.
+        self.charge.take(held, true);
+        self.charge.take(up_len - held, false);
+        self.splice = state.splice;
+        self.replay = match (state.replay, replay) {
+            (Some((_, left)), Some(stats)) => Replay::begin(left.min(up_len), stats),
+            _ => Replay::default(),
+        };
+        self.reconnects_seen = state.reconnects_seen;
+        self.ended_in_hold = state.ended_in_hold.map(|e| match e {
+            EndedInHold::Fin => BackendEnd::Fin,
+            EndedInHold::Failed(why) => BackendEnd::Failed(ConnError::Inherited(why)),
+        });
+        // The sockets' options (keepalive, user timeout, marks) are the
+        // sockets' own: they came over with them.
+    }
+
+    /// What this connection is, with its sockets' descriptors, once its
+    /// splice pipes are emptied back into its buffers.
+    fn snapshot(&mut self) -> Result<ConnSnapshot, ConnError> {
+        if !self.up.lane.is_empty() {
+            // The up lane is used only when the queue is empty.
+            let b = self.up.lane.drain().map_err(ConnError::TakeBack)?;
+            self.up.buf.push(Bytes::from(b));
+            self.info.queued.store(self.up.buf.len(), Ordering::Relaxed);
+        }
+        if !self.down.lane.is_empty() {
+            let b = self.down.lane.drain().map_err(ConnError::TakeBack)?;
+            self.down.buf = Bytes::from(b);
+        }
+        let info = &self.info;
+        let state = ConnState {
+            id: info.id,
+            client: info.client,
+            orig_dst: info.orig_dst,
+            opened: info.opened,
+            backend: info
+                .backend
+                .lock()
+                .ok()
+                .and_then(|b| *b)
+                .filter(|_| self.backend.is_some())
+                .map(|b| (b.local, b.peer)),
+            bytes_up: info.bytes_up.load(Ordering::Relaxed),
+            bytes_down: info.bytes_down.load(Ordering::Relaxed),
+            bytes_spliced: info.bytes_spliced.load(Ordering::Relaxed),
+            quiesced_epoch: info.quiesced_epoch.load(Ordering::Acquire),
+            translation: info.translated_flow.lock().map(|t| *t).unwrap_or_default(),
+            up: DirectionState {
+                bytes: self.up.buf.to_vec(),
+                eof: self.up.eof,
+                shut: self.up.shut,
+                bulk: self.up.bulk,
+            },
+            down: DirectionState {
+                bytes: self.down.buf.to_vec(),
+                eof: self.down.eof,
+                shut: self.down.shut,
+                bulk: self.down.bulk,
+            },
+            held: self.charge.held(),
+            replay: self.replay.pending(),
+            reconnects_seen: self.reconnects_seen,
+            ended_in_hold: self.ended_in_hold.as_ref().map(|e| match e {
+                BackendEnd::Fin => EndedInHold::Fin,
+                BackendEnd::Failed(why) => EndedInHold::Failed(why.to_string()),
+            }),
+            splice: self.splice,
+        };
+        Ok(ConnSnapshot {
+            state,
+            endpoint: self.endpoint.clone(),
+            client: self.client_r.as_ref().as_raw_fd(),
+            backend: self.backend.as_ref().map(|b| b.r.as_ref().as_raw_fd()),
+        })
+    }
+
+    /// The data plane is frozen: reports this connection and waits for the
+    /// hand-over's verdict, touching neither socket meanwhile.
+    async fn freeze(&mut self) -> Result<FreezeState, ConnError> {
+        let snapshot = self.snapshot()?;
+        self.ctx.freezer.report(snapshot);
+        let verdict = self
+            .freeze_rx
+            .wait_for(|s| *s != FreezeState::Frozen)
+            .await
+            .map(|s| *s)
+            .unwrap_or(FreezeState::Committed);
+        Ok(verdict)
+    }
+
+    async fn run(&mut self) -> Result<Ended, ConnError> {
         loop {
+            // Frozen for a hand-over (after any mode change, which the
+            // control plane made before it froze).
+            let mode_pending = self.mode_rx.has_changed().unwrap_or(false);
+            if !mode_pending && *self.freeze_rx.borrow_and_update() != FreezeState::Running {
+                match self.freeze().await? {
+                    FreezeState::Committed => return Ok(Ended::HandedOver),
+                    _ => continue,
+                }
+            }
             let hold = self.holding();
             if hold.is_none() && self.backend.is_none() && !self.down.eof {
-                if let Err(e) = self.connect_backend().await {
-                    let reason = ConnError::Unreachable {
-                        backend: self.endpoint.backend(),
-                        source: e,
-                    };
-                    self.fail_backend(&reason).await;
-                    return Err(reason);
+                // A freeze gives up the connect (a half-open socket is
+                // nothing to hand over): the next agent connects afresh.
+                let connector = self.ctx.connector.clone();
+                let peer = self.endpoint.backend();
+                let moved = self.endpoint.moved();
+                let mut frx = self.freeze_rx.clone();
+                let connected = tokio::select! {
+                    r = connector.connect(peer, moved) => r,
+                    _ = frx.wait_for(|s| *s != FreezeState::Running) => continue,
+                };
+                match connected {
+                    Ok(stream) => self.adopt_backend(stream, peer),
+                    Err(e) => {
+                        let reason = ConnError::Unreachable {
+                            backend: peer,
+                            source: e,
+                        };
+                        self.fail_backend(&reason).await;
+                        return Err(reason);
+                    }
                 }
             }
             if hold.is_none()
@@ -365,7 +608,7 @@ impl Conn {
                 self.down.shut = true;
             }
             if self.up.eof && self.up.shut && self.down.eof && self.down.shut {
-                return Ok(());
+                return Ok(Ended::Done);
             }
             let mut tick = false;
             if let Some(h) = &hold {
@@ -441,6 +684,7 @@ impl Conn {
                     // The endpoint state is gone (agent shutting down).
                     Err(_) => return Err(ConnError::EndpointRemoved),
                 },
+                _ = self.freeze_rx.changed() => Event::Freeze,
                 e = to_backend(backend_w, &self.batch, up_lane_busy && hold.is_none()) => e,
                 e = to_client(&mut self.client_w, &self.down.buf), if write_client => e,
                 e = from_backend(backend_r, splice_down), if read_backend => e,
@@ -450,12 +694,19 @@ impl Conn {
                 }
             };
             self.handle(event).await?;
+            self.turns = self.turns.wrapping_add(1);
+            if self.turns.is_multiple_of(YIELD_EVERY) {
+                // A busy connection's events are all ready at once, and
+                // tokio lets a task run 128 of them (32 MiB spliced)
+                // before others get the thread: give it up now and then.
+                tokio::task::yield_now().await;
+            }
         }
     }
 
     async fn handle(&mut self, event: Event) -> Result<(), ConnError> {
         match event {
-            Event::Tick => {}
+            Event::Tick | Event::Freeze => {}
             Event::ModeChanged => {
                 let new = self.mode_rx.borrow_and_update().clone();
                 // A reconnect release counts even if a later mode hid it.
@@ -837,13 +1088,8 @@ impl Conn {
         }
     }
 
-    async fn connect_backend(&mut self) -> io::Result<()> {
-        let peer = self.endpoint.backend();
-        let stream = self
-            .ctx
-            .connector
-            .connect(peer, self.endpoint.moved())
-            .await?;
+    /// A new backend connection to `peer` is this connection's.
+    fn adopt_backend(&mut self, stream: TcpStream, peer: SocketAddrV4) {
         if let Ok(mut b) = self.info.backend.lock() {
             *b = stream
                 .local_addr()
@@ -852,7 +1098,6 @@ impl Conn {
         }
         let (r, w) = stream.into_split();
         self.backend = Some(Backend { r, w });
-        Ok(())
     }
 
     /// The backend is gone: deliver what the pod already sent, then close the
@@ -904,6 +1149,19 @@ impl Conn {
             }
         })
         .await;
+    }
+
+    /// Closes this process's descriptors of a handed-over connection and
+    /// nothing else: a write half dropped the usual way shuts its socket
+    /// down for writing, which would send a FIN on the successor's socket.
+    fn let_go(self) {
+        let Conn {
+            client_w, backend, ..
+        } = self;
+        client_w.forget();
+        if let Some(b) = backend {
+            b.w.forget();
+        }
     }
 
     fn release_budget(&mut self) {

@@ -101,6 +101,15 @@ impl HoldBuffer {
         }
     }
 
+    /// Every queued byte, in order, in one buffer (for a hand-over).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len);
+        for c in &self.chunks {
+            out.extend_from_slice(c);
+        }
+        out
+    }
+
     /// Removes `n` bytes from the front: they have been written.
     pub fn consume(&mut self, mut n: usize) {
         debug_assert!(n <= self.len);

@@ -2,8 +2,10 @@
 //! connection to [`connection::relay`], which moves bytes both ways and obeys
 //! its endpoint's hold/forward mode.
 pub mod connection;
+pub mod freeze;
 pub mod hold_buffer;
 pub mod slots;
+pub mod snapshot;
 pub mod splice;
 pub mod workers;
 
@@ -54,18 +56,72 @@ pub trait Endpoints: Send + Sync {
     fn endpoint_for(&self, dst: SocketAddrV4) -> Option<Arc<EndpointState>>;
 }
 
+/// A connection the previous agent handed over, to be relayed on
+/// ([`connection::resume`]).
+pub struct Restored {
+    pub state: snapshot::ConnState,
+    pub client: std::os::fd::OwnedFd,
+    pub backend: Option<std::os::fd::OwnedFd>,
+    pub endpoint: Arc<EndpointState>,
+    /// The hold whose replay the connection was in, if any.
+    pub replay: Option<Arc<crate::endpoint::HoldStats>>,
+}
+
+/// Relays a handed-over connection on, on the current data-plane thread.
+pub fn spawn_restored(r: Restored, control: &dyn Endpoints) {
+    let ctx = control.relay_context();
+    let slot = ctx.slots.take_anyway();
+    let active = ctx.freezer.enter();
+    tokio::spawn(async move {
+        let _slot = slot;
+        connection::resume(
+            r.state,
+            std::net::TcpStream::from(r.client),
+            r.backend.map(std::net::TcpStream::from),
+            r.endpoint,
+            ctx,
+            r.replay,
+            active,
+        )
+        .await;
+    });
+}
+
 /// Accepts intercepted connections until the listener fails, counting them
 /// in `accepted`. A connection past the data plane's slots (see [`slots`])
-/// is closed at once, with a FIN.
+/// is closed at once, with a FIN. While the data plane is frozen (see
+/// [`freeze`]) it accepts nothing; once it is handed over, never again.
 pub async fn accept_loop(
     listener: TcpListener,
     control: Arc<dyn Endpoints>,
     orig_dst: Arc<dyn OrigDst>,
     accepted: &AtomicU64,
 ) {
+    use freeze::FreezeState;
     let mut last_refusal_log: Option<std::time::Instant> = None;
+    let freezer = control.relay_context().freezer;
+    let mut state = freezer.subscribe();
     loop {
-        let (client, peer) = match listener.accept().await {
+        let next = tokio::select! {
+            biased;
+            _ = state.wait_for(|s| *s != FreezeState::Running) => None,
+            r = listener.accept() => Some(r),
+        };
+        let Some(next) = next else {
+            // Accepted connections all count as active by now.
+            freezer.loop_paused(true);
+            let verdict = state
+                .wait_for(|s| *s != FreezeState::Frozen)
+                .await
+                .map(|s| *s);
+            freezer.loop_paused(false);
+            if matches!(verdict, Ok(FreezeState::Running)) {
+                continue;
+            }
+            // Handed over: the listener is the next agent's now.
+            return std::future::pending().await;
+        };
+        let (client, peer) = match next {
             Ok(c) => c,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -106,9 +162,10 @@ pub async fn accept_loop(
             continue;
         };
         // TCP_NODELAY comes from the listener (see transport::listener).
+        let active = ctx.freezer.enter();
         tokio::spawn(async move {
             let _slot = slot;
-            connection::relay(client, peer, dst, endpoint, ctx).await;
+            connection::relay(client, peer, dst, endpoint, ctx, active).await;
         });
     }
 }

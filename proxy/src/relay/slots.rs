@@ -65,6 +65,13 @@ impl Slots {
         }
     }
 
+    /// Takes a slot even past the maximum: a connection handed over by the
+    /// previous agent exists already, and refusing it would close it.
+    pub fn take_anyway(self: &Arc<Self>) -> Slot {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        Slot(self.clone())
+    }
+
     pub fn max(&self) -> usize {
         self.max
     }

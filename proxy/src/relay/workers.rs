@@ -83,11 +83,13 @@ impl Drop for Epitaph {
 
 impl DataPlane {
     /// One thread per listener. One data plane per process (the per-thread
-    /// counters behind `/metrics` are process-wide).
+    /// counters behind `/metrics` are process-wide). `restored`: connections
+    /// handed over by the previous agent, spread over the threads.
     pub fn start(
         listeners: Vec<std::net::TcpListener>,
         control: Arc<dyn Endpoints>,
         orig_dst: Arc<dyn OrigDst>,
+        restored: Vec<super::Restored>,
     ) -> io::Result<(Self, Failure)> {
         let n = listeners.len();
         let counters = ACCEPTED.get_or_init(|| (0..n).map(|_| AtomicU64::new(0)).collect());
@@ -102,7 +104,16 @@ impl DataPlane {
             stop,
             threads: Vec::new(),
         };
-        for ((i, listener), accepted) in listeners.into_iter().enumerate().zip(counters.iter()) {
+        let mut shares: Vec<Vec<super::Restored>> = (0..n).map(|_| Vec::new()).collect();
+        for (i, r) in restored.into_iter().enumerate() {
+            shares[i % n].push(r);
+        }
+        for (((i, listener), accepted), share) in listeners
+            .into_iter()
+            .enumerate()
+            .zip(counters.iter())
+            .zip(shares)
+        {
             let (control, orig_dst) = (control.clone(), orig_dst.clone());
             let epitaph = Epitaph {
                 thread: i,
@@ -136,6 +147,9 @@ impl DataPlane {
                     };
                     let mut stop = epitaph.stop.clone();
                     let ended = rt.block_on(async {
+                        for r in share {
+                            super::spawn_restored(r, control.as_ref());
+                        }
                         let listener = match tokio::net::TcpListener::from_std(listener) {
                             Ok(l) => l,
                             Err(e) => return Some(format!("could not register its listener: {e}")),

@@ -148,6 +148,7 @@ async fn control_on(
         next_id: Arc::new(AtomicU64::new(1)),
         slots: shepherd::relay::slots::Slots::new(10_000),
         liveness: shepherd::transport::liveness::Liveness::default(),
+        freezer: shepherd::relay::freeze::Freezer::new(),
     };
     let intercept = Arc::new(RecordingInterception::default());
     let control = Control::new(
@@ -1486,8 +1487,13 @@ async fn data_plane_threads_hold_replay_and_stop() {
         .iter()
         .map(|l| l.local_addr().expect("addr"))
         .collect();
-    let (plane, mut failure) =
-        DataPlane::start(listeners, control.clone(), Arc::new(Fixed(endpoint.0))).expect("start");
+    let (plane, mut failure) = DataPlane::start(
+        listeners,
+        control.clone(),
+        Arc::new(Fixed(endpoint.0)),
+        Vec::new(),
+    )
+    .expect("start");
     let mut clients = Vec::new();
     for a in &addrs {
         let mut c = TcpStream::connect(a).await.expect("connect");
