@@ -41,6 +41,8 @@ struct Inheritance {
     intercept: Arc<EbpfInterception>,
     adopted: Adopted,
     routing: Routing,
+    /// When it asked the running agent to freeze.
+    ready_at: Instant,
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -51,7 +53,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let max_connections = connection_limit(nofile, config.max_connections)?;
     let start = match single_instance::acquire(&config.api_socket) {
         Ok(lock) => Start::Fresh(lock),
-        Err(InstanceError::AlreadyRunning { pid }) if config.takeover => {
+        Err(InstanceError::AlreadyRunning { pid })
+            if config.takeover && server::socket_path(&config.api_socket).exists() =>
+        {
             tracing::info!(
                 running = %pid,
                 "an agent already runs on this socket; taking over from it"
@@ -92,6 +96,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let mut info = AgentInfo {
         version: env!("CARGO_PKG_VERSION").into(),
+        instance: instance_id(),
         pid: std::process::id(),
         started: Some(started),
         handovers: 0,
@@ -105,6 +110,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let (lock, api_listener, listeners, intercept, control, restored, routing) = match start {
         Start::Fresh(lock) => {
+            shepherd::intercept::pin::sweep_stale();
             let api_listener = api::socket::bind(&config.api_socket)?;
             let listeners = transport::listener::transparent_listeners(
                 config.data_threads,
@@ -141,6 +147,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 intercept,
                 adopted,
                 routing,
+                ready_at,
             } = *inh;
             let (state, fds, pending) = received.into_parts();
             match adopt(
@@ -159,6 +166,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         .context("the hand-over task")?
                         .context("committing the hand-over")?;
                     tracing::info!(took = ?commit.elapsed(), "committed");
+                    let (lock_file, lock_listener) = adoption.lock;
+                    let lock = InstanceLock::adopt(lock_file, lock_listener)
+                        .context("taking over the agent lock")?;
                     // Ours now: swap our programs into the links taken over.
                     if let Err(e) = intercept.finish_adoption(
                         adopted,
@@ -174,6 +184,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         endpoints: adoption.endpoints,
                         migrations: adoption.control.migration_count(),
                         took: asked.elapsed(),
+                        paused: ready_at.elapsed(),
                     });
                     tracing::info!(
                         connections = adoption.restored.len(),
@@ -182,7 +193,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         "took over from the previous agent"
                     );
                     (
-                        adoption.lock,
+                        lock,
                         adoption.api,
                         adoption.listeners,
                         intercept,
@@ -199,6 +210,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     control.set_agent(info.clone());
+    let _ready = config
+        .ready_file
+        .as_ref()
+        .map(|p| ReadyFile::write(p, &info.instance));
     let socket_path = config.api_socket.clone();
     let mut socket_cleanup = RemoveOnDrop(Some(socket_path.clone()));
     let (lock_file, lock_listener) = lock.fds();
@@ -213,7 +228,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         relay::workers::DataPlane::start(listeners, control.clone(), Arc::new(LocalAddr), restored)
             .context("starting the data-plane threads")?;
     control.rearm();
-    tracing::info!(since_start = ?asked.elapsed(), "data plane running");
+    tracing::debug!(since_start = ?asked.elapsed(), "data plane running");
     let sweeper = spawn_ended_flow_sweep(&control);
     let counter = census::spawn(census_path.clone(), relay_slots.clone());
     let trimmer = spawn_memory_trim(relay_slots.clone());
@@ -261,6 +276,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     api::serve::serve(api_listener, app, stop, freezer.subscribe()).await;
+    if freezer.state() == FreezeState::Frozen {
+        // Stopped in the middle of a hand-over: its outcome decides what
+        // stopping means (every step is bounded). Stopping now would shut
+        // down sockets the successor may already own.
+        tracing::info!("a hand-over is in progress; waiting for its outcome before stopping");
+        let mut rx = freezer.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(60),
+            rx.wait_for(|s| *s != FreezeState::Frozen),
+        )
+        .await;
+    }
     sweeper.abort();
     counter.abort();
     trimmer.abort();
@@ -286,8 +313,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             connections = done.connections,
             successor = done.successor_pid,
             paused = ?done.frozen_for,
-            "handed over to the successor; exiting"
+            "handed over to the successor"
         );
+        if config.after_handover_wait {
+            // Under a supervisor that restarts what exits (a DaemonSet's
+            // container): holding nothing, wait to be stopped.
+            tracing::info!("holding nothing; waiting for SIGTERM (--after-handover wait)");
+            shutdown_signal().await;
+        }
         return Ok(());
     }
     tracing::info!("shutting down");
@@ -361,12 +394,16 @@ async fn receive(config: &Config) -> anyhow::Result<Inheritance> {
         intercept: Arc::new(intercept),
         adopted,
         routing,
+        ready_at: ready,
     })
 }
 
 /// Everything a hand-over gave, rebuilt and ready to run.
 struct Adoption {
-    lock: InstanceLock,
+    /// The lock's descriptors, taken (and its pid written) only after the
+    /// commit: before it the lock is the running agent's, and a `Flock`
+    /// dropped on a failure would unlock it for both.
+    lock: (std::os::fd::OwnedFd, Option<std::os::fd::OwnedFd>),
     api: tokio::net::UnixListener,
     listeners: Vec<std::net::TcpListener>,
     control: Arc<Control>,
@@ -391,7 +428,6 @@ fn adopt(
     let control_state = state.control;
     let state = state.conns;
     {
-        let lock = InstanceLock::adopt(fds.lock_file, fds.lock_listener)?;
         let api = std::os::unix::net::UnixListener::from(fds.api);
         api.set_nonblocking(true)?;
         let api = tokio::net::UnixListener::from_std(api)?;
@@ -460,7 +496,7 @@ fn adopt(
             });
         }
         Ok(Adoption {
-            lock,
+            lock: (fds.lock_file, fds.lock_listener),
             api,
             listeners,
             control,
@@ -490,26 +526,17 @@ mod census {
         PathBuf::from(p)
     }
 
-    /// What a dead predecessor's census says it held.
+    /// What a dead predecessor's census says it held. Called on a fresh
+    /// start only: the agent lock was free, so no agent runs, and one that
+    /// stopped cleanly removed its census; one left behind is a crash's.
     pub fn lost(path: &Path) -> Option<u64> {
         let text = std::fs::read_to_string(path).ok()?;
-        let mut pid = None;
-        let mut conns = None;
-        for line in text.lines() {
-            match line.split_once(' ') {
-                Some(("pid", v)) => pid = v.trim().parse::<i32>().ok(),
-                Some(("connections", v)) => conns = v.trim().parse::<u64>().ok(),
-                _ => {}
-            }
-        }
-        let (pid, conns) = (pid?, conns?);
-        // SAFETY: signal 0 only checks that the process exists.
-        let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
-        if alive || pid == std::process::id() as i32 {
-            return None;
-        }
+        let conns = text.lines().find_map(|line| match line.split_once(' ') {
+            Some(("connections", v)) => v.trim().parse::<u64>().ok(),
+            _ => None,
+        })?;
+        let _ = std::fs::remove_file(path);
         tracing::warn!(
-            previous_pid = pid,
             connections = conns,
             "the previous agent died without a hand-over; its connections ended with it"
         );
@@ -529,6 +556,22 @@ mod census {
             }
         })
     }
+}
+
+/// A random id for this agent process (128 bits from the kernel).
+fn instance_id() -> String {
+    let mut b = [0u8; 16];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // No entropy to be had: the pid and the clock are unique enough here.
+        let t = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        return format!("{:x}-{t:x}", std::process::id());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Puts the calling thread in `SCHED_IDLE` (lowering a priority needs no
@@ -635,6 +678,29 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
+    }
+}
+
+/// This agent's instance id in `--ready-file`, for `shepherd health
+/// --ready-file` (a readiness probe) to tell this agent from another one
+/// serving the same socket; removed when the agent stops.
+struct ReadyFile(std::path::PathBuf);
+
+impl ReadyFile {
+    fn write(path: &std::path::Path, instance: &str) -> Option<Self> {
+        match std::fs::write(path, instance) {
+            Ok(()) => Some(Self(path.to_path_buf())),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the ready file");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for ReadyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

@@ -25,6 +25,11 @@ pub struct Config {
     pub takeover: bool,
     /// The hand-over protocol spoken (tests make it another).
     pub handover_protocol: u32,
+    /// After handing over, wait for SIGTERM instead of exiting (a
+    /// DaemonSet would restart a container that exits).
+    pub after_handover_wait: bool,
+    /// Where to write this agent's instance id once it serves.
+    pub ready_file: Option<PathBuf>,
     pub relay: Mechanism,
     /// Data-plane threads, each with its own listener and connections.
     pub data_threads: usize,
@@ -131,6 +136,8 @@ mod tests {
             listen_backlog: 4096,
             takeover: true,
             handover_protocol: crate::handover::wire::PROTOCOL,
+            after_handover_wait: false,
+            ready_file: None,
             relay: Mechanism::Splice,
             data_threads: 2,
             max_connections: None,

@@ -390,3 +390,161 @@ fn sigkill_ends_connections_promptly_and_a_restart_serves_at_once() {
         drop(s.stop());
     }
 }
+
+/// A raw client of the hand-over socket (`SOCK_SEQPACKET`), playing a
+/// successor that misbehaves.
+struct RawSuccessor(std::os::fd::OwnedFd);
+
+impl RawSuccessor {
+    fn connect(agent: &Agent) -> RawSuccessor {
+        use std::os::fd::FromRawFd;
+        let mut path = agent.socket().as_os_str().to_owned();
+        path.push(".handover");
+        let path = std::ffi::CString::new(path.as_encoded_bytes()).expect("path");
+        // SAFETY: plain socket(2); the result is checked.
+        let fd =
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: we own the new descriptor.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: a zeroed sockaddr_un is valid; the path fits (checked).
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let bytes = path.as_bytes_with_nul();
+        assert!(bytes.len() <= addr.sun_path.len(), "socket path too long");
+        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: a valid sockaddr_un of the size given.
+        let r = unsafe {
+            libc::connect(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                (&addr as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "connect: {}", std::io::Error::last_os_error());
+        let tv = libc::timeval {
+            tv_sec: 10,
+            tv_usec: 0,
+        };
+        // SAFETY: a live timeval of the size given.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        RawSuccessor(fd)
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        // SAFETY: a live buffer of the length given.
+        unsafe {
+            libc::send(
+                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+    }
+
+    /// The next packet (its descriptors, if any, are closed by the kernel
+    /// since no room is given for them); empty on EOF or timeout.
+    fn recv(&self) -> Vec<u8> {
+        let mut buf = vec![0u8; 65536];
+        // SAFETY: a live buffer of the length given.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+            )
+        };
+        buf.truncate(n.max(0) as usize);
+        buf
+    }
+}
+
+fn hello(protocol: u32) -> Vec<u8> {
+    format!(r#"{{"msg":"hello","protocol":{protocol},"version":"test","pid":1}}"#).into_bytes()
+}
+
+/// 6. Malformed, truncated and abandoned hand-overs: garbage, an empty
+///    message, an oversized one, a wrong message after the welcome, and a
+///    successor that asks for the freeze and then dies while the state is
+///    on its way. The running agent refuses each, thaws if it froze, and
+///    serves on: no byte lost, no RST, new connections served.
+#[test]
+fn malformed_or_abandoned_handovers_leave_the_agent_serving() {
+    privileged!();
+    let mut w = world("hom", &[]);
+    w.register();
+    let streams: Vec<CounterStream> = (0..10)
+        .map(|_| CounterStream::start(&w.t.client, w.ep(), TICK))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let protocol = shepherd::handover::wire::PROTOCOL;
+    // Garbage, nothing, too big, truncated JSON.
+    for bytes in [
+        b"\x00\xff garbage".to_vec(),
+        Vec::new(),
+        vec![b'{'; 100_000],
+        hello(protocol)[..20].to_vec(),
+    ] {
+        let s = RawSuccessor::connect(&w.agent);
+        if !bytes.is_empty() {
+            s.send(&bytes);
+        }
+        drop(s);
+    }
+    // A welcome answered with something else than Ready.
+    let s = RawSuccessor::connect(&w.agent);
+    s.send(&hello(protocol));
+    let welcome = s.recv();
+    assert!(
+        String::from_utf8_lossy(&welcome).contains("welcome"),
+        "{}",
+        String::from_utf8_lossy(&welcome)
+    );
+    s.send(br#"{"msg":"commit"}"#);
+    drop(s);
+    // Ready, then death while the state is on its way: the agent had frozen
+    // and must thaw.
+    let s = RawSuccessor::connect(&w.agent);
+    s.send(&hello(protocol));
+    let _welcome = s.recv();
+    // The kernel's descriptors arrive in one batch, acknowledged.
+    let _kernel = s.recv();
+    s.send(&[0x06]);
+    s.send(br#"{"msg":"ready"}"#);
+    let state = s.recv();
+    assert!(
+        String::from_utf8_lossy(&state).contains("state"),
+        "{}",
+        String::from_utf8_lossy(&state)
+    );
+    drop(s);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(w.agent.is_alive(), "the agent died:\n{}", w.agent.log());
+    let log = w.agent.log();
+    assert!(
+        log.matches("serves on").count() >= 6,
+        "every bad successor is logged and refused:\n{log}"
+    );
+    w.one_echo(b'm').expect("still serving new connections");
+    // A real successor still takes over afterwards.
+    let new = w.agent.successor(&shepherd_bin(), &[]);
+    let mut old = std::mem::replace(&mut w.agent, new);
+    assert_exited_cleanly(&mut old);
+    std::thread::sleep(Duration::from_millis(300));
+    for s in streams {
+        s.stop().assert_ok();
+    }
+    w.assert_no_rst();
+}

@@ -389,6 +389,33 @@ fn new_ip_migration_translates_the_migrated_flows() {
     w.assert_no_rst();
 }
 
+/// A hand-over first (the origin's agent is upgraded: a copy of the
+/// binary takes over), then a full new-IP CRIU migration driven through the
+/// new agent, carrying a connection opened before the hand-over: every
+/// value once and in order, the held bytes replayed, no RST.
+#[test]
+fn handover_then_new_ip_migration_keeps_every_byte() {
+    privileged!();
+    let mut w = World::new("mho", true, &[PORT]);
+    let s = CounterStream::start(&w.t.client, w.t.pod_addr(PORT), TICK);
+    std::thread::sleep(Duration::from_millis(300));
+    let bin = copy_bin(&shepherd_tests::agent::shepherd_bin(), w._dir.path());
+    let new = w.origin.successor(&bin, &[]);
+    let mut old = std::mem::replace(&mut w.origin, new);
+    let status = old
+        .wait_exit(Duration::from_secs(10))
+        .expect("the old agent exits after the hand-over");
+    assert!(status.success(), "{status}\n{}", old.log());
+    std::thread::sleep(Duration::from_millis(300));
+    let report = w.migrate(&w.plan("mig-ho", &[PORT]));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_stream(&s.stop(), &report);
+    assert_replayed(&w, &report);
+    request_response(&w.t.client, w.t.pod_addr(PORT), b"after")
+        .expect("new connection after the migration");
+    w.assert_no_rst();
+}
+
 /// Moves the pod twice (ids `{tag}-1`, `{tag}-2`) while two clients
 /// stream: one connected before the first move, one opened between the
 /// moves. `after` runs right after the second move (what it returns is

@@ -8,7 +8,7 @@ use crate::util::{clean_cargo, run, workspace_root};
 use anyhow::{bail, Result};
 
 /// Every target (`fuzz/Cargo.toml`).
-pub const TARGETS: &[&str] = &["api", "values", "flows_file"];
+pub const TARGETS: &[&str] = &["api", "values", "flows_file", "handover"];
 
 #[derive(clap::Args)]
 pub struct Options {

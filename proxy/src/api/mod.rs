@@ -177,6 +177,7 @@ async fn healthz(State(c): Ctl) -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "status": "ok",
         "version": a.version,
+        "instance": a.instance,
         "pid": a.pid,
         "started_unix_ms": a.started.map(ms),
         "handovers": a.handovers,
@@ -187,6 +188,7 @@ async fn healthz(State(c): Ctl) -> Json<serde_json::Value> {
             "endpoints": t.endpoints,
             "migrations": t.migrations,
             "took_ms": t.took.as_millis() as u64,
+            "paused_ms": t.paused.as_secs_f64() * 1e3,
         })),
     }))
 }

@@ -3,6 +3,7 @@
 mod client;
 mod conn;
 mod endpoint;
+mod health;
 mod migrate;
 mod output;
 mod run;
@@ -41,6 +42,9 @@ enum Command {
     /// List relayed connections.
     #[command(subcommand)]
     Conn(conn::ConnCmd),
+    /// Who serves the API socket; exit 0 if it answers (and, with
+    /// --ready-file, if it is this pod's agent).
+    Health(health::HealthArgs),
 }
 
 /// Exit codes: 0 success, 1 failure (the message says why), 2 usage,
@@ -53,6 +57,7 @@ pub fn main() -> ExitCode {
         Command::Endpoint(cmd) => endpoint::run(cmd, &api, cli.json),
         Command::Migrate(cmd) => migrate::run(cmd, &api, cli.json),
         Command::Conn(cmd) => conn::run(cmd, &api, cli.json),
+        Command::Health(args) => health::run(args, &api, cli.json),
     };
     match result {
         Ok(code) => code,

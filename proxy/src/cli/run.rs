@@ -7,6 +7,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum AfterHandover {
+    Exit,
+    Wait,
+}
+
 #[derive(Args)]
 pub struct RunArgs {
     /// Refuse to start while another agent runs on this API socket,
@@ -14,6 +20,17 @@ pub struct RunArgs {
     /// over; see LIFECYCLE.md).
     #[arg(long)]
     no_takeover: bool,
+    /// What to do once handed over to a successor: exit, or wait for
+    /// SIGTERM holding nothing (under a supervisor that restarts what
+    /// exits, such as a DaemonSet's container).
+    #[arg(long, value_enum, default_value_t = AfterHandover::Exit)]
+    after_handover: AfterHandover,
+    /// Write this agent's instance id here once it serves (removed when it
+    /// stops); `shepherd health --ready-file` compares it with the agent
+    /// that answers the socket. For a readiness probe in a pod-local
+    /// directory.
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
     /// The hand-over protocol to speak (for tests of a refused hand-over).
     #[arg(long, hide = true, default_value_t = shepherd::handover::wire::PROTOCOL)]
     handover_protocol: u32,
@@ -119,6 +136,8 @@ pub fn run(args: RunArgs, api_socket: PathBuf) -> anyhow::Result<ExitCode> {
         listen_backlog: 4096,
         takeover: !args.no_takeover,
         handover_protocol: args.handover_protocol,
+        after_handover_wait: args.after_handover == AfterHandover::Wait,
+        ready_file: args.ready_file,
         relay: args.relay,
         data_threads: args.data_threads.unwrap_or_else(default_data_threads),
         max_connections: args.max_connections,

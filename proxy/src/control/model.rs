@@ -26,6 +26,9 @@ pub struct BackendFlow {
 #[derive(Debug, Clone, Default)]
 pub struct AgentInfo {
     pub version: String,
+    /// Random, per process: tells this agent from another serving the
+    /// same socket (see `shepherd health --ready-file`).
+    pub instance: String,
     pub pid: u32,
     pub started: Option<std::time::SystemTime>,
     /// Hand-overs in this agent's line (each successor counts one more).
@@ -46,6 +49,9 @@ pub struct TakeoverInfo {
     pub migrations: usize,
     /// From asking to serving.
     pub took: std::time::Duration,
+    /// From asking the running agent to freeze to serving: the data plane
+    /// stood still for about this long.
+    pub paused: std::time::Duration,
 }
 
 /// A hold, as asked for.

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Everything the control plane knows.
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 pub struct ControlState {
     endpoints: Vec<EndpointSnapshot>,
     migrations: Vec<Migration>,

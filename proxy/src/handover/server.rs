@@ -31,6 +31,10 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the freeze may take: calls in progress (a hold waiting for its
 /// pod to quiesce) and every connection reaching a stop.
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a successor may take at each step once the data plane is
+/// frozen: every client waits meanwhile, so a successor that hangs there
+/// is given up on sooner.
+pub const FROZEN_STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The hand-over socket of an agent serving `api_socket`.
 pub fn socket_path(api_socket: &Path) -> PathBuf {
@@ -126,8 +130,8 @@ pub struct HandedOver {
     pub frozen_for: Duration,
 }
 
-fn timeouts(chan: BorrowedFd<'_>) {
-    let t = nix::sys::time::TimeVal::new(STEP_TIMEOUT.as_secs() as i64, 0);
+fn timeouts(chan: BorrowedFd<'_>, step: Duration) {
+    let t = nix::sys::time::TimeVal::new(step.as_secs() as i64, 0);
     let _ = socket::setsockopt(&chan, socket::sockopt::ReceiveTimeout, &t);
     let _ = socket::setsockopt(&chan, socket::sockopt::SendTimeout, &t);
 }
@@ -141,13 +145,13 @@ fn serve_one(chan: BorrowedFd<'_>, s: &Serving) -> Result<HandedOver, String> {
         Some(c) if c.uid == 0 || c.uid == me => {}
         c => {
             return Err(format!(
-                "a process of uid {:?} (pid {:?}) asked for a hand-over; only root may",
+                "a process of uid {:?} (pid {:?}) asked for a hand-over; only root or the agent's own user may",
                 c.map(|c| c.uid),
                 c.map(|c| c.pid)
             ))
         }
     }
-    timeouts(chan);
+    timeouts(chan, STEP_TIMEOUT);
     let (protocol, version, pid) = match wire::recv(chan) {
         Ok(Msg::Hello {
             protocol,
@@ -207,6 +211,7 @@ fn hand_over(chan: BorrowedFd<'_>, s: &Serving, successor_pid: u32) -> Result<Ha
 
     // The pause starts here.
     let frozen = Instant::now();
+    timeouts(chan, FROZEN_STEP_TIMEOUT);
     let mut steps = Steps::new(frozen);
     s.runtime
         .block_on(s.control.freeze(FREEZE_TIMEOUT))
@@ -268,7 +273,11 @@ fn hand_over(chan: BorrowedFd<'_>, s: &Serving, successor_pid: u32) -> Result<Ha
     steps.mark("descriptors sent");
     expect(chan, "Commit", |m| matches!(m, Msg::Commit))?;
     steps.mark("commit received");
-    // The commit point: the successor owns everything now.
+    // The commit point: the successor owns everything now, the kernel's
+    // maps included: nothing this agent still does may change them (a
+    // connection that was only closing here must not remove a draining
+    // endpoint's entry the successor relays through).
+    s.intercept.detach();
     s.freezer.commit();
     let _ = wire::send(chan, &Msg::Done);
     let frozen_for = frozen.elapsed();

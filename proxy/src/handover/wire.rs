@@ -24,7 +24,7 @@ pub const PROTOCOL: u32 = 1;
 pub const MAX_MESSAGE: usize = 64 * 1024;
 
 /// What starts a state encoding.
-const MAGIC: &[u8; 8] = b"SHPHRDHO";
+pub const MAGIC: &[u8; 8] = b"SHPHRDHO";
 
 /// A control message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,4 +228,129 @@ pub fn decode_state(bytes: &[u8]) -> Result<State, WireError> {
         )));
     }
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::snapshot::DirectionState;
+
+    fn state(conns: usize) -> State {
+        State {
+            version: "0.0.0".into(),
+            started: SystemTime::UNIX_EPOCH,
+            handovers: 2,
+            control: ControlState::default(),
+            draining: Vec::new(),
+            conns: (0..conns)
+                .map(|i| Conn {
+                    backend_fd: i % 2 == 0,
+                    state: ConnState {
+                        id: i as u64,
+                        client: "10.0.0.1:40000".parse().expect("addr"),
+                        orig_dst: "10.0.0.2:80".parse().expect("addr"),
+                        opened: SystemTime::UNIX_EPOCH,
+                        backend: None,
+                        bytes_up: 5,
+                        bytes_down: 3,
+                        bytes_spliced: 0,
+                        quiesced_epoch: 1,
+                        translation: Default::default(),
+                        up: DirectionState {
+                            bytes: vec![i as u8; 5],
+                            ..Default::default()
+                        },
+                        down: DirectionState {
+                            bytes: b"abc".to_vec(),
+                            eof: true,
+                            ..Default::default()
+                        },
+                        held: 5,
+                        replay: Some((1, 5)),
+                        reconnects_seen: 0,
+                        ended_in_hold: None,
+                        splice: true,
+                    },
+                })
+                .collect(),
+            listeners: 2,
+            lock_listener: true,
+        }
+    }
+
+    #[test]
+    fn a_state_round_trips_and_counts_its_descriptors() {
+        let s = state(3);
+        assert_eq!(s.descriptors(), 2 + 1 + 2 + 3 + 2);
+        let bytes = encode_state(&s).expect("encode");
+        let back = decode_state(&bytes).expect("decode");
+        assert_eq!(back.conns, s.conns);
+        assert_eq!(back.handovers, 2);
+    }
+
+    #[test]
+    fn malformed_states_are_refused() {
+        let bytes = encode_state(&state(2)).expect("encode");
+        // Truncated anywhere, padded, another protocol, not a state.
+        for cut in [0, 4, 8, 12, bytes.len() / 2, bytes.len() - 1] {
+            assert!(decode_state(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut padded = bytes.clone();
+        padded.push(0);
+        assert!(decode_state(&padded).is_err());
+        let mut other = bytes.clone();
+        other[8] = other[8].wrapping_add(1);
+        let e = decode_state(&other).err().expect("refused").to_string();
+        assert!(e.contains("protocol"), "{e}");
+        // More bytes held than queued.
+        let mut s = state(1);
+        s.conns[0].state.held = 99;
+        let bad = encode_state(&s).expect("encode");
+        assert!(decode_state(&bad).is_err());
+    }
+
+    #[test]
+    fn messages_decode_or_are_refused() {
+        let m = Msg::Hello {
+            protocol: PROTOCOL,
+            version: "1".into(),
+            pid: 7,
+        };
+        let j = serde_json::to_vec(&m).expect("json");
+        assert_eq!(decode_msg(&j).expect("decode"), m);
+        for bad in [&b""[..], b"{", b"{\"msg\":\"hello\"}", b"\xff\xfe", b"[]"] {
+            assert!(decode_msg(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// Writes the fuzz target's seeds (`cargo test -p shepherd --lib
+    /// write_fuzz_seeds -- --ignored`).
+    #[test]
+    #[ignore]
+    fn write_fuzz_seeds() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/handover");
+        std::fs::create_dir_all(dir).expect("corpus dir");
+        let bytes = encode_state(&state(3)).expect("encode");
+        std::fs::write(format!("{dir}/state-3-conns"), &bytes[12..]).expect("write");
+        for (name, m) in [
+            (
+                "hello",
+                Msg::Hello {
+                    protocol: PROTOCOL,
+                    version: "0.1.0".into(),
+                    pid: 1,
+                },
+            ),
+            ("ready", Msg::Ready),
+            ("commit", Msg::Commit),
+            ("state", Msg::State { descriptors: 12 }),
+            ("failed", Msg::Failed { reason: "x".into() }),
+        ] {
+            std::fs::write(
+                format!("{dir}/msg-{name}"),
+                serde_json::to_vec(&m).expect("json"),
+            )
+            .expect("write");
+        }
+    }
 }

@@ -15,9 +15,7 @@
 //! with `TC_ACT_UNSPEC`), translating a migrated flow twice.
 use super::{InterceptError, Interception};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap, SockHash};
-use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
-use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::SchedClassifier;
 use aya::Ebpf;
 use shepherd_common::{
     EndpointConfig, EndpointKey, EndpointStats, FlowKey, Translation, MAP_ENDPOINTS, MAP_LISTENER,
@@ -158,7 +156,7 @@ struct Attached {
     program: &'static str,
     iface: String,
     ingress: bool,
-    link: FdLink,
+    link: std::os::fd::OwnedFd,
 }
 
 pub struct EbpfInterception {
@@ -174,6 +172,9 @@ pub struct EbpfInterception {
     sizes: MapSizes,
     /// Keeps the programs loaded.
     ebpf: Mutex<Ebpf>,
+    /// Handed over: the maps are the successor's, and changes to them from
+    /// here are dropped (see [`detach`](Self::detach)).
+    detached: std::sync::atomic::AtomicBool,
 }
 
 /// A second descriptor for a map, to pin it by.
@@ -205,7 +206,7 @@ fn dup_map(name: &'static str, m: &Map) -> Result<MapData, InterceptError> {
 /// What [`EbpfInterception::adopt`] took over and the commit has yet to
 /// finish: the predecessor's links, opened, with the programs to swap in.
 pub struct Adopted {
-    links: Vec<(super::super::handover::wire::LinkPin, FdLink)>,
+    links: Vec<(super::super::handover::wire::LinkPin, std::os::fd::OwnedFd)>,
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> InterceptError {
@@ -361,7 +362,19 @@ impl EbpfInterception {
             links: Mutex::new(links),
             sizes,
             ebpf: Mutex::new(ebpf),
+            detached: Default::default(),
         })
+    }
+
+    /// After a hand-over: every later change to the maps is dropped (they
+    /// are the successor's), reads still work.
+    pub fn detach(&self) {
+        self.detached
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn is_detached(&self) -> bool {
+        self.detached.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The maps' sizes.
@@ -396,8 +409,7 @@ impl EbpfInterception {
             .map_err(|_| fail("links".into(), &"lock poisoned"))?;
         for a in attached.iter() {
             let what = || format!("the link of {} on {}", a.program, a.iface);
-            let id = a.link.info().map_err(|e| fail(what(), &e))?.id();
-            fds.push(super::pin::link_fd(id).map_err(|e| fail(what(), &e))?);
+            fds.push(a.link.try_clone().map_err(|e| fail(what(), &e))?);
             links.push(LinkPin {
                 program: a.program.to_string(),
                 iface: a.iface.clone(),
@@ -431,7 +443,8 @@ impl EbpfInterception {
             return Err(InterceptError::NoObject);
         }
         let names: Vec<&str> = kernel.maps.iter().map(String::as_str).collect();
-        if MAPS.iter().any(|m| !names.contains(m)) {
+        // Exactly ours (the names become file names in the pin directory).
+        if names.len() != MAPS.len() || MAPS.iter().any(|m| !names.contains(m)) {
             return Err(InterceptError::Load(format!(
                 "the predecessor handed over the maps {names:?}; this agent needs {MAPS:?}"
             )));
@@ -459,17 +472,7 @@ impl EbpfInterception {
             let fd = fds.next().ok_or_else(|| pin_err(name, &"no descriptor"))?;
             super::pin::pin(&fd, &dir.path().join(name)).map_err(|e| pin_err(name, &e))?;
         }
-        let mut opened = Vec::new();
-        for (i, l) in kernel.links.iter().enumerate() {
-            let fd = fds
-                .next()
-                .ok_or_else(|| pin_err(&l.program, &"no descriptor"))?;
-            let path = dir.path().join(format!("link-{i}"));
-            super::pin::pin(&fd, &path).map_err(|e| pin_err(&l.program, &e))?;
-            let pinned = PinnedLink::from_pin(&path).map_err(|e| pin_err(&l.program, &e))?;
-            let link = pinned.unpin().map_err(|e| pin_err(&l.program, &e))?;
-            opened.push((l.clone(), link));
-        }
+        let opened: Vec<_> = kernel.links.iter().cloned().zip(fds).collect();
         let mut ebpf = Self::loader(sizes, Some(dir.path()))
             .load(OBJECT)
             .map_err(|e| InterceptError::Load(e.to_string()))?;
@@ -484,7 +487,9 @@ impl EbpfInterception {
     /// After the commit point: swaps this agent's programs into the links
     /// taken over (atomically, link by link), attaches them where the
     /// predecessor had no link (interfaces this agent's flags add), and
-    /// drops links to interfaces it no longer names.
+    /// drops links to interfaces it no longer names. A link whose swap
+    /// fails is kept as it is, running the predecessor's program with the
+    /// same maps; the error names it.
     pub fn finish_adoption(
         &self,
         adopted: Adopted,
@@ -494,6 +499,7 @@ impl EbpfInterception {
         let poisoned = || InterceptError::Load("eBPF state lock poisoned".into());
         let mut ebpf = self.ebpf.lock().map_err(|_| poisoned())?;
         let mut links = self.links.lock().map_err(|_| poisoned())?;
+        let mut failed = None;
         for (pin, link) in adopted.links {
             let Some(&(program, on_intercept, ingress)) = PLACES
                 .iter()
@@ -510,16 +516,25 @@ impl EbpfInterception {
                 tracing::info!(program, iface = %pin.iface, "interface no longer configured; its link goes with the predecessor");
                 continue;
             }
-            let prog = program_mut(&mut ebpf, program)?;
-            let fail = |detail: String| InterceptError::Attach {
-                program,
-                iface: pin.iface.clone(),
-                detail,
-            };
-            let link = SchedClassifierLink::try_from(link).map_err(|e| fail(e.to_string()))?;
-            let id = prog.attach_to_link(link).map_err(|e| fail(e.to_string()))?;
-            let link = prog.take_link(id).map_err(|e| fail(e.to_string()))?;
-            let link = FdLink::try_from(link).map_err(|e| fail(e.to_string()))?;
+            let swapped = program_mut(&mut ebpf, program).and_then(|prog| {
+                let fd = prog.fd().map_err(|e| InterceptError::Attach {
+                    program,
+                    iface: pin.iface.clone(),
+                    detail: e.to_string(),
+                })?;
+                super::pin::link_update(link.as_fd(), fd.as_fd()).map_err(|e| {
+                    InterceptError::Attach {
+                        program,
+                        iface: pin.iface.clone(),
+                        detail: format!("swapping it into the predecessor's link: {e}"),
+                    }
+                })
+            });
+            if let Err(e) = swapped {
+                tracing::error!(error = %e, "the predecessor's program keeps running in this link (same maps)");
+                failed.get_or_insert(e);
+            }
+            // Ours either way: dropping it would detach it.
             links.push(Attached {
                 program,
                 iface: pin.iface,
@@ -544,7 +559,7 @@ impl EbpfInterception {
                 }
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 }
 
@@ -690,7 +705,7 @@ fn load_program<'a>(
 }
 
 /// Attaches a loaded program to `iface` as a tcx link (kernel 6.6+) that
-/// this agent owns.
+/// this agent owns as a descriptor.
 fn attach(
     prog: &mut SchedClassifier,
     name: &'static str,
@@ -702,21 +717,13 @@ fn attach(
         iface: iface.to_string(),
         detail,
     };
-    let direction = if ingress {
-        TcAttachType::Ingress
-    } else {
-        TcAttachType::Egress
-    };
-    let id = prog
-        .attach_with_options(
-            iface,
-            direction,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
+    let ifindex =
+        nix_if_index(iface).ok_or_else(|| InterceptError::NoSuchInterface(iface.into()))?;
+    let fd = prog.fd().map_err(|e| fail(e.to_string()))?;
+    let link = super::pin::tcx_link(fd.as_fd(), ifindex, ingress)
         .map_err(|e| fail(format!("{e} (tcx needs Linux 6.6 or later)")))?;
-    let link = prog.take_link(id).map_err(|e| fail(e.to_string()))?;
-    let link = FdLink::try_from(link).map_err(|e| fail(e.to_string()))?;
-    tracing::info!(program = name, iface = %iface, ?direction, "attached (tcx)");
+    let direction = if ingress { "ingress" } else { "egress" };
+    tracing::info!(program = name, iface = %iface, direction, "attached (tcx)");
     Ok(Attached {
         program: name,
         iface: iface.to_string(),
@@ -735,6 +742,9 @@ pub fn nix_if_index(iface: &str) -> Option<u32> {
 
 impl Interception for EbpfInterception {
     fn set_endpoint(&self, key: EndpointKey, flags: u32) -> Result<(), InterceptError> {
+        if self.is_detached() {
+            return Ok(());
+        }
         let mut eps = self.endpoints.lock().map_err(|_| InterceptError::Map {
             map: MAP_ENDPOINTS,
             detail: "lock poisoned".into(),
@@ -758,6 +768,9 @@ impl Interception for EbpfInterception {
     }
 
     fn remove_endpoint(&self, key: EndpointKey) -> Result<(), InterceptError> {
+        if self.is_detached() {
+            return Ok(());
+        }
         if let Ok(mut eps) = self.endpoints.lock() {
             match eps.remove(&key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
@@ -790,6 +803,9 @@ impl Interception for EbpfInterception {
     }
 
     fn set_translation(&self, flow: FlowKey, t: Translation) -> Result<(), InterceptError> {
+        if self.is_detached() {
+            return Ok(());
+        }
         let mut m = self.translations()?;
         // Under the old pod address (what node→pod packets carry at the
         // origin) and the new one (what pod→node packets carry there); the
@@ -814,6 +830,9 @@ impl Interception for EbpfInterception {
     }
 
     fn remove_translation(&self, flow: FlowKey) -> Result<(), InterceptError> {
+        if self.is_detached() {
+            return Ok(());
+        }
         let mut m = self.translations()?;
         // `flow` is keyed by the old pod address; its entry names the new
         // one. The old-address entry goes last, so a failure in between
@@ -838,6 +857,9 @@ impl Interception for EbpfInterception {
     }
 
     fn keep_entry(&self, key: FlowKey, t: Translation) -> Result<(), InterceptError> {
+        if self.is_detached() {
+            return Ok(());
+        }
         self.translations()?.insert_counted(key, t)
     }
 

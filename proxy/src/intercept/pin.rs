@@ -1,16 +1,20 @@
-//! Pinning a tcx link that a program still owns, by id: aya pins a link
-//! only by consuming it, and the agent must keep its own while the
-//! successor opens the pin (and keep serving with it if the hand-over
-//! fails). Two `bpf(2)` commands: `BPF_LINK_GET_FD_BY_ID` opens a second
-//! descriptor for the link, `BPF_OBJ_PIN` pins that. And [`BpfDir`], where
-//! a successor pins what a hand-over passed it, to open it with aya.
+//! The `bpf(2)` commands the hand-over needs that aya does not offer on a
+//! plain descriptor: creating a tcx link this agent owns as a descriptor
+//! (so that it can hand a duplicate to a successor without
+//! `BPF_LINK_GET_FD_BY_ID`, which needs CAP_SYS_ADMIN), swapping a link's
+//! program (`BPF_LINK_UPDATE`), and pinning an object (a successor pins
+//! the maps it received, for aya's loader to reuse them). And [`BpfDir`],
+//! where a successor pins them for the load.
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, fully initialised `bpf_attr` prefix of the
@@ -22,22 +26,54 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     Ok(r)
 }
 
-/// Opens a new descriptor for link `id`.
-pub fn link_fd(id: u32) -> io::Result<OwnedFd> {
+/// Attaches the loaded program `prog` to interface `ifindex` (ingress or
+/// egress) as a tcx link, last in the interface's chain; the link lives as
+/// long as a descriptor of it does.
+pub fn tcx_link(prog: BorrowedFd<'_>, ifindex: u32, ingress: bool) -> io::Result<OwnedFd> {
     #[repr(C)]
-    struct GetFdById {
-        id: u32,
-        next_id: u32,
-        open_flags: u32,
+    struct LinkCreate {
+        prog_fd: u32,
+        target_ifindex: u32,
+        attach_type: u32,
+        flags: u32,
+        relative_fd: u32,
+        _pad: u32,
+        expected_revision: u64,
     }
-    let mut attr = GetFdById {
-        id,
-        next_id: 0,
-        open_flags: 0,
+    let mut attr = LinkCreate {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type: if ingress {
+            BPF_TCX_INGRESS
+        } else {
+            BPF_TCX_EGRESS
+        },
+        flags: 0,
+        relative_fd: 0,
+        _pad: 0,
+        expected_revision: 0,
     };
-    let fd = bpf(BPF_LINK_GET_FD_BY_ID, &mut attr)?;
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
     // SAFETY: the kernel just returned this descriptor to us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Makes `link` run `prog` instead of its program, atomically.
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let mut attr = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
 /// Pins the BPF object `fd` refers to at `path` (on bpffs).
@@ -157,4 +193,27 @@ fn is_bpffs(p: &Path) -> bool {
     // SAFETY: a NUL-terminated path and a live out-parameter.
     let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
     r == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Removes the pin directories successors left in `/sys/fs/bpf` (one that
+/// died while loading). Call only when no agent runs (a fresh start holds
+/// the agent lock): a successor loading right now would lose its pins.
+pub fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with("shepherd-takeover-") {
+            continue;
+        }
+        if let Ok(pins) = std::fs::read_dir(e.path()) {
+            for p in pins.flatten() {
+                let _ = std::fs::remove_file(p.path());
+            }
+        }
+        if std::fs::remove_dir(e.path()).is_ok() {
+            tracing::info!(dir = %e.path().display(), "removed a dead successor's pins");
+        }
+    }
 }

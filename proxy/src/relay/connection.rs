@@ -261,14 +261,15 @@ pub async fn relay(
         translated_flow: Default::default(),
     });
     let guard = endpoint.register(info.clone());
-    let conn = Conn::new(client, info, endpoint, ctx);
+    let mut conn = Conn::new(client, info, endpoint, ctx);
+    conn.active = Some(active);
     if let Mode::Holding(h) = &conn.mode {
         // Accepted during a hold: queued; it connects after release and has
         // nothing in flight towards the pod, so it is quiescent already.
         h.connections_queued.fetch_add(1, Ordering::Relaxed);
         conn.info.quiesced_epoch.store(h.epoch, Ordering::Release);
     }
-    drive(conn, guard, active).await;
+    drive(conn, guard).await;
 }
 
 /// Rebuilds a connection the previous agent handed over, from its state
@@ -322,17 +323,18 @@ pub async fn resume(
     });
     let guard = endpoint.adopt(info.clone());
     let mut conn = Conn::new(client, info, endpoint, ctx);
+    conn.active = Some(active);
     conn.restore(state, backend, replay);
     tracing::debug!(%peer, "resumed");
-    drive(conn, guard, active).await;
+    drive(conn, guard).await;
 }
 
 /// Runs a connection to its end, then lets it go.
-async fn drive(mut conn: Conn, mut guard: crate::endpoint::ConnGuard, active: Active) {
+async fn drive(mut conn: Conn, mut guard: crate::endpoint::ConnGuard) {
     let (peer, orig_dst) = (conn.info.client, conn.info.orig_dst);
     let outcome = conn.run().await;
     // Not relaying any more: a freeze no longer waits for it.
-    drop(active);
+    conn.active = None;
     match &outcome {
         Ok(Ended::HandedOver) => {
             // The next agent owns the sockets and the translation: close
@@ -388,6 +390,8 @@ struct Conn {
     freeze_rx: tokio::sync::watch::Receiver<FreezeState>,
     /// Events handled (see [`YIELD_EVERY`]).
     turns: u32,
+    /// Counts it as relaying for a freeze; dropped once it only closes.
+    active: Option<Active>,
 }
 
 impl Conn {
@@ -411,6 +415,7 @@ impl Conn {
         let freeze_rx = ctx.freezer.subscribe();
         Self {
             turns: 0,
+            active: None,
             freeze_rx,
             charge,
             info,
@@ -1103,6 +1108,9 @@ impl Conn {
     /// The backend is gone: deliver what the pod already sent, then close the
     /// client with a FIN (never a RST), and record why.
     async fn fail_backend(&mut self, reason: &ConnError) {
+        // Only closing from here (up to the linger): a freeze need not wait
+        // for it; it finishes in this agent.
+        self.active = None;
         tracing::warn!(client = %self.info.client, %reason, "closing client connection cleanly");
         // Attribute the close to the hold in progress, or the one that just ended.
         let hold = match &self.mode {

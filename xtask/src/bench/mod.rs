@@ -5,6 +5,7 @@
 //! figure is repeated and reported as min/median/max, with the ratio to its
 //! baseline. Benchmarks assert nothing about absolute times; `--quick` runs a
 //! small version of each section so CI keeps the harness from rotting.
+pub mod handover;
 pub mod haproxy;
 pub mod migration;
 pub mod pressure;
@@ -25,7 +26,7 @@ pub struct Options {
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
-    /// Only these sections (migration, steady, scale, pressure); default all.
+    /// Only these sections (migration, steady, scale, pressure, handover); default all.
     /// `steady:bulk`, `steady:rr` and `steady:conn` pick parts of steady.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
@@ -61,6 +62,9 @@ pub fn run(o: &Options) -> Result<()> {
     }
     if want("scale") {
         sections.push(scale::run(o.quick, &target)?);
+    }
+    if want("handover") {
+        sections.push(handover::run(o.quick, &target)?);
     }
     if want("pressure") {
         sections.push(pressure::run(o.quick, &target)?);
