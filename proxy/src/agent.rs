@@ -357,11 +357,12 @@ async fn receive(config: &Config) -> anyhow::Result<Inheritance> {
     // so that it takes only what the running agent leaves.
     let kernel = offer.kernel.clone();
     let spare = spare.to_path_buf();
+    let reload = config.handover_reload;
     let loaded = std::thread::Builder::new()
         .name("shepherd-load".into())
         .spawn(move || {
             background_priority();
-            EbpfInterception::adopt(&kernel, kernel_fds, &spare)
+            EbpfInterception::adopt(&kernel, kernel_fds, &spare, reload)
         })
         .context("starting the loader thread")?
         .join()

@@ -30,6 +30,9 @@ pub struct Config {
     pub after_handover_wait: bool,
     /// Where to write this agent's instance id once it serves.
     pub ready_file: Option<PathBuf>,
+    /// Load and swap the eBPF programs in a hand-over even when the
+    /// predecessor runs the same object (tests).
+    pub handover_reload: bool,
     pub relay: Mechanism,
     /// Data-plane threads, each with its own listener and connections.
     pub data_threads: usize,
@@ -138,6 +141,7 @@ mod tests {
             handover_protocol: crate::handover::wire::PROTOCOL,
             after_handover_wait: false,
             ready_file: None,
+            handover_reload: false,
             relay: Mechanism::Splice,
             data_threads: 2,
             max_connections: None,

@@ -210,7 +210,14 @@ fn three_handovers_then_a_clean_stop() {
         } else {
             shepherd_bin()
         };
-        let new = w.agent.successor(&bin, &[]);
+        // Round 2 loads its programs and swaps them into the links, as an
+        // upgrade that changes them does; the others keep the programs.
+        let extra: &[&str] = if round == 2 {
+            &["--handover-reload-programs"]
+        } else {
+            &[]
+        };
+        let new = w.agent.successor(&bin, extra);
         let mut old = std::mem::replace(&mut w.agent, new);
         assert_exited_cleanly(&mut old);
         let (_, health) = w.agent.http("GET", "/healthz", None);

@@ -31,6 +31,11 @@ pub struct RunArgs {
     /// directory.
     #[arg(long, value_name = "PATH")]
     ready_file: Option<PathBuf>,
+    /// In a hand-over, load this build's programs and swap them into the
+    /// links even if the running agent runs the same object (for tests of
+    /// an upgrade that changes the programs).
+    #[arg(long, hide = true)]
+    handover_reload_programs: bool,
     /// The hand-over protocol to speak (for tests of a refused hand-over).
     #[arg(long, hide = true, default_value_t = shepherd::handover::wire::PROTOCOL)]
     handover_protocol: u32,
@@ -138,6 +143,7 @@ pub fn run(args: RunArgs, api_socket: PathBuf) -> anyhow::Result<ExitCode> {
         handover_protocol: args.handover_protocol,
         after_handover_wait: args.after_handover == AfterHandover::Wait,
         ready_file: args.ready_file,
+        handover_reload: args.handover_reload_programs,
         relay: args.relay,
         data_threads: args.data_threads.unwrap_or_else(default_data_threads),
         max_connections: args.max_connections,

@@ -136,6 +136,10 @@ pub struct Kernel {
     pub max_endpoints: u32,
     pub max_translations: u32,
     pub max_proxied_flows: u32,
+    /// A hash of the running agent's eBPF object: a successor with the
+    /// same object keeps the programs already in the links (see
+    /// `EbpfInterception::adopt`).
+    pub object: u64,
 }
 
 /// One connection, and whether a backend descriptor follows its client's.

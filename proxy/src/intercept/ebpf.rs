@@ -126,6 +126,14 @@ pub fn kernel_endpoint_entries(max_endpoints: u32) -> u32 {
         .saturating_add(16)
 }
 
+/// FNV-1a of the embedded object: two builds with the same programs and
+/// maps have the same.
+pub fn object_hash() -> u64 {
+    OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// The object built by `cargo xtask build-ebpf` (empty if it was not built).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shepherd.bpf.o"));
 
@@ -207,6 +215,8 @@ fn dup_map(name: &'static str, m: &Map) -> Result<MapData, InterceptError> {
 /// finish: the predecessor's links, opened, with the programs to swap in.
 pub struct Adopted {
     links: Vec<(super::super::handover::wire::LinkPin, std::os::fd::OwnedFd)>,
+    /// The predecessor's eBPF object is this build's: its programs stay.
+    same: bool,
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> InterceptError {
@@ -423,11 +433,15 @@ impl EbpfInterception {
                 max_endpoints: self.sizes.endpoints,
                 max_translations: self.sizes.translations,
                 max_proxied_flows: self.sizes.proxied_flows,
+                object: object_hash(),
             },
             fds,
         ))
     }
 
+    /// `reload`: load and swap the programs even if the predecessor's
+    /// object is this build's (tests of the swap).
+    ///
     /// Loads the programs with the maps a predecessor handed over (`fds`,
     /// as `kernel` lists them) and takes its links. aya opens maps and
     /// links only from bpffs, so they are pinned in a [`BpfDir`] under
@@ -438,6 +452,7 @@ impl EbpfInterception {
         kernel: &crate::handover::wire::Kernel,
         fds: Vec<std::os::fd::OwnedFd>,
         spare: &Path,
+        reload: bool,
     ) -> Result<(Self, Adopted), InterceptError> {
         if OBJECT.is_empty() {
             return Err(InterceptError::NoObject);
@@ -477,11 +492,25 @@ impl EbpfInterception {
             .load(OBJECT)
             .map_err(|e| InterceptError::Load(e.to_string()))?;
         drop(dir);
-        for (program, _, _) in PLACES {
-            load_program(&mut ebpf, program)?;
+        // The same object: the programs in the links are this build's, so
+        // none is loaded (loading runs the verifier and the JIT, which
+        // stalls every connection on a 2-core node for ~100 ms, hand-over
+        // or not: BENCHMARKS.md) and none is swapped. Another object: each
+        // program is loaded and swapped in after the commit.
+        let same = kernel.object == object_hash() && !reload;
+        if !same {
+            for (program, _, _) in PLACES {
+                load_program(&mut ebpf, program)?;
+            }
         }
         let me = Self::from_loaded(ebpf, Vec::new(), None, sizes)?;
-        Ok((me, Adopted { links: opened }))
+        Ok((
+            me,
+            Adopted {
+                links: opened,
+                same,
+            },
+        ))
     }
 
     /// After the commit point: swaps this agent's programs into the links
@@ -516,20 +545,24 @@ impl EbpfInterception {
                 tracing::info!(program, iface = %pin.iface, "interface no longer configured; its link goes with the predecessor");
                 continue;
             }
-            let swapped = program_mut(&mut ebpf, program).and_then(|prog| {
-                let fd = prog.fd().map_err(|e| InterceptError::Attach {
-                    program,
-                    iface: pin.iface.clone(),
-                    detail: e.to_string(),
-                })?;
-                super::pin::link_update(link.as_fd(), fd.as_fd()).map_err(|e| {
-                    InterceptError::Attach {
+            let swapped = if adopted.same {
+                Ok(())
+            } else {
+                program_mut(&mut ebpf, program).and_then(|prog| {
+                    let fd = prog.fd().map_err(|e| InterceptError::Attach {
                         program,
                         iface: pin.iface.clone(),
-                        detail: format!("swapping it into the predecessor's link: {e}"),
-                    }
+                        detail: e.to_string(),
+                    })?;
+                    super::pin::link_update(link.as_fd(), fd.as_fd()).map_err(|e| {
+                        InterceptError::Attach {
+                            program,
+                            iface: pin.iface.clone(),
+                            detail: format!("swapping it into the predecessor's link: {e}"),
+                        }
+                    })
                 })
-            });
+            };
             if let Err(e) = swapped {
                 tracing::error!(error = %e, "the predecessor's program keeps running in this link (same maps)");
                 failed.get_or_insert(e);
@@ -553,6 +586,11 @@ impl EbpfInterception {
                     .iter()
                     .any(|a| a.program == program && &a.iface == iface);
                 if !have {
+                    // Loaded already unless the predecessor's programs stayed.
+                    let prog = program_mut(&mut ebpf, program)?;
+                    if prog.fd().is_err() {
+                        load_program(&mut ebpf, program)?;
+                    }
                     let prog = program_mut(&mut ebpf, program)?;
                     let a = attach(prog, program, iface, ingress)?;
                     links.push(a);
