@@ -111,7 +111,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (lock, api_listener, listeners, intercept, control, restored, routing) = match start {
         Start::Fresh(lock) => {
             shepherd::intercept::pin::sweep_stale();
-            let api_listener = api::socket::bind(&config.api_socket)?;
+            let api_listener = api::socket::bind(&config.api_socket)?
+                .into_std()
+                .context("the API listener")?;
             let listeners = transport::listener::transparent_listeners(
                 config.data_threads,
                 config.listen_backlog,
@@ -220,7 +222,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let fds = server::AgentFds {
         lock_file,
         lock_listener,
-        api: api_listener.as_raw_fd(),
+        api: std::os::fd::AsRawFd::as_raw_fd(&api_listener),
         listeners: listeners.iter().map(AsRawFd::as_raw_fd).collect(),
     };
     let loops = listeners.len();
@@ -266,27 +268,41 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // so exit with an error and let the supervisor restart the agent. A
     // hand-over ends the API too (see `api::serve`).
     let (died_tx, died_rx) = tokio::sync::oneshot::channel::<String>();
+    // One listener for the agent's life: a signal is never lost between
+    // two of them (the API's stop, and the wait after a hand-over).
+    let signalled = spawn_signal_watch();
+    let mut stop_signal = signalled.clone();
     let stop = async move {
         tokio::select! {
-            () = shutdown_signal() => {}
+            _ = stop_signal.wait_for(|s| *s) => {}
             why = failure.wait() => {
                 tracing::error!(reason = %why, "a data-plane thread died; stopping the agent");
                 let _ = died_tx.send(why);
             }
         }
     };
-    api::serve::serve(api_listener, app, stop, freezer.subscribe()).await;
-    if freezer.state() == FreezeState::Frozen {
+    // The API serves on a duplicate: the listener handed over is this one,
+    // which stays open until the agent is done, whenever the API stops.
+    let api_for_serve = api_listener
+        .try_clone()
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)
+        })
+        .context("duplicating the API listener")?;
+    api::serve::serve(api_for_serve, app, stop, freezer.subscribe()).await;
+    if freezer.handing_over() && freezer.state() != FreezeState::Committed {
         // Stopped in the middle of a hand-over: its outcome decides what
         // stopping means (every step is bounded). Stopping now would shut
         // down sockets the successor may already own.
         tracing::info!("a hand-over is in progress; waiting for its outcome before stopping");
-        let mut rx = freezer.subscribe();
-        let _ = tokio::time::timeout(
-            Duration::from_secs(60),
-            rx.wait_for(|s| *s != FreezeState::Frozen),
-        )
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while freezer.handing_over()
+            && freezer.state() != FreezeState::Committed
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     sweeper.abort();
     counter.abort();
@@ -303,12 +319,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // connections that were only closing finish first.
         socket_cleanup.0 = None;
         std::mem::forget(_handover_cleanup);
-        lock.hand_over();
         let deadline = Instant::now() + Duration::from_secs(5);
         while relay_slots.live() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // Hold nothing from here: a process that kept a descriptor of the
+        // lock, a link or a map would keep them from a successor's crash
+        // (see LIFECYCLE.md).
         drop(data_plane);
+        drop(control);
+        drop(intercept);
+        drop(api_listener);
+        lock.hand_over();
         tracing::info!(
             connections = done.connections,
             successor = done.successor_pid,
@@ -319,7 +341,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             // Under a supervisor that restarts what exits (a DaemonSet's
             // container): holding nothing, wait to be stopped.
             tracing::info!("holding nothing; waiting for SIGTERM (--after-handover wait)");
-            shutdown_signal().await;
+            let mut s = signalled;
+            let _ = s.wait_for(|s| *s).await;
         }
         return Ok(());
     }
@@ -405,7 +428,7 @@ struct Adoption {
     /// commit: before it the lock is the running agent's, and a `Flock`
     /// dropped on a failure would unlock it for both.
     lock: (std::os::fd::OwnedFd, Option<std::os::fd::OwnedFd>),
-    api: tokio::net::UnixListener,
+    api: std::os::unix::net::UnixListener,
     listeners: Vec<std::net::TcpListener>,
     control: Arc<Control>,
     restored: Vec<Restored>,
@@ -430,8 +453,6 @@ fn adopt(
     let state = state.conns;
     {
         let api = std::os::unix::net::UnixListener::from(fds.api);
-        api.set_nonblocking(true)?;
-        let api = tokio::net::UnixListener::from_std(api)?;
         let listeners: Vec<std::net::TcpListener> = fds
             .listeners
             .into_iter()
@@ -472,12 +493,13 @@ fn adopt(
         let mut restored = Vec::with_capacity(state.len());
         for (c, (client, backend)) in state.into_iter().zip(fds.conns) {
             let dst = c.state.orig_dst;
-            let endpoint = match shepherd::relay::Endpoints::endpoint_for(control.as_ref(), dst)
-                .or_else(|| {
-                    draining_states
-                        .get(&shepherd::endpoint::EndpointAddr(dst))
-                        .cloned()
-                }) {
+            let draining = draining_states
+                .get(&shepherd::endpoint::EndpointAddr(dst))
+                .cloned()
+                .filter(|_| c.draining);
+            let endpoint = match draining
+                .or_else(|| shepherd::relay::Endpoints::endpoint_for(control.as_ref(), dst))
+            {
                 Some(e) => e,
                 None => anyhow::bail!(
                     "connection {} is to {dst}, which the state does not describe",
@@ -665,6 +687,19 @@ fn raise_fd_limit() -> u64 {
         }
     }
     r.rlim_cur
+}
+
+/// Watches SIGTERM and SIGINT from now on: the value turns true at the
+/// first one.
+fn spawn_signal_watch() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+        // Keep the sender: receivers wait on a value, not a closed channel.
+        std::future::pending::<()>().await;
+    });
+    rx
 }
 
 async fn shutdown_signal() {

@@ -130,10 +130,21 @@ impl InstanceLock {
         })
     }
 
-    /// Lets go of the locks after a hand-over without unlocking: the
-    /// successor holds the same open lock file, and an unlock would be its.
+    /// Lets go of the locks after a hand-over: closes this process's
+    /// descriptors without unlocking. The successor holds the same open
+    /// lock file, so the lock stays (an unlock would release it for the
+    /// successor too), and the same abstract socket.
     pub fn hand_over(self) {
-        std::mem::forget(self);
+        use std::os::fd::AsRawFd;
+        let Self { _file, _listener } = self;
+        // Not dropped: `Flock`'s drop unlocks. Its descriptor is closed
+        // here instead (closing one descriptor of an open file keeps its
+        // lock while another, the successor's, is open).
+        let fd = _file.as_raw_fd();
+        std::mem::forget(_file);
+        // SAFETY: `fd` was the forgotten `File`'s; nothing else closes it.
+        unsafe { libc::close(fd) };
+        drop(_listener);
     }
 }
 

@@ -19,7 +19,7 @@ const TICK: Duration = Duration::from_millis(10);
 /// cores. Unpaced, 4 transfers alone keep 200 small streams waiting up to
 /// ~300 ms on this machine, hand-over or not (measured; see the closing
 /// note of the restart issue).
-const BULK: u64 = 96 << 20;
+const BULK: u64 = 160 << 20;
 const BULK_RATE: u64 = 24 << 20;
 /// The pause a client may see during a hand-over, generously: the bench
 /// measures the real one.
@@ -203,6 +203,13 @@ fn three_handovers_then_a_clean_stop() {
         .map(|_| CounterStream::start(&w.t.client, w.ep(), TICK))
         .collect();
     let copy = copy_of_binary();
+    let iface = w.t.node_client_if().to_string();
+    let mut programs = program_ids(&w.t.node, &iface);
+    assert_eq!(
+        programs.len(),
+        3,
+        "intercept and two translate programs on {iface}"
+    );
     for round in 1..=3u64 {
         std::thread::sleep(Duration::from_millis(200));
         let bin = if round % 2 == 1 {
@@ -210,9 +217,10 @@ fn three_handovers_then_a_clean_stop() {
         } else {
             shepherd_bin()
         };
-        // Round 2 loads its programs and swaps them into the links, as an
+        // Round 3 loads its programs and swaps them into the links, as an
         // upgrade that changes them does; the others keep the programs.
-        let extra: &[&str] = if round == 2 {
+        // (Last: a successor inherits its predecessor's arguments.)
+        let extra: &[&str] = if round == 3 {
             &["--handover-reload-programs"]
         } else {
             &[]
@@ -223,6 +231,23 @@ fn three_handovers_then_a_clean_stop() {
         let (_, health) = w.agent.http("GET", "/healthz", None);
         let health: serde_json::Value = serde_json::from_str(&health).expect("json");
         assert_eq!(health["handovers"], round, "{health}");
+        // The links carried over: as many programs, in the same places;
+        // new ones only where the successor loaded and swapped its own.
+        let now = program_ids(&w.t.node, &iface);
+        assert_eq!(
+            now.len(),
+            programs.len(),
+            "links added or lost: {programs:?} -> {now:?}"
+        );
+        if round == 3 {
+            assert!(
+                now.iter().all(|id| !programs.contains(id)),
+                "the reloaded programs were not swapped in: {programs:?} -> {now:?}"
+            );
+        } else {
+            assert_eq!(now, programs, "the same object's programs were replaced");
+        }
+        programs = now;
         w.one_echo(b'a' + round as u8)
             .expect("a new connection after the hand-over");
     }
@@ -296,19 +321,25 @@ fn incompatible_successor_is_refused_and_nothing_is_lost() {
     w.assert_no_rst();
 }
 
-/// The programs attached (tcx) to `iface` in `ns`, both directions.
-fn attached_programs(ns: &shepherd_tests::netns::Netns, iface: &str) -> usize {
+/// The ids of the programs attached (tcx) to `iface` in `ns`, ingress then
+/// egress, in chain order.
+fn program_ids(ns: &shepherd_tests::netns::Netns, iface: &str) -> Vec<u32> {
     use aya::programs::tc::{SchedClassifier, TcAttachType};
     shepherd_tests::netns::in_netns(ns, || {
         [TcAttachType::Ingress, TcAttachType::Egress]
             .into_iter()
-            .map(|dir| {
+            .flat_map(|dir| {
                 SchedClassifier::query_tcx(iface, dir)
-                    .map(|(_, progs)| progs.len())
-                    .unwrap_or(0)
+                    .map(|(_, progs)| progs.iter().map(|p| p.id()).collect::<Vec<_>>())
+                    .unwrap_or_default()
             })
-            .sum()
+            .collect()
     })
+}
+
+/// How many programs are attached (tcx) to `iface` in `ns`.
+fn attached_programs(ns: &shepherd_tests::netns::Netns, iface: &str) -> usize {
+    program_ids(ns, iface).len()
 }
 
 /// 7. SIGKILL (a crash hands nothing over). What LIFECYCLE.md defines:

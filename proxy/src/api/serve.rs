@@ -54,7 +54,7 @@ pub async fn serve(
         let state = *freeze.borrow_and_update();
         match state {
             FreezeState::Committed => break,
-            FreezeState::Frozen => {
+            FreezeState::Frozen(_) => {
                 tokio::select! {
                     () = &mut shutdown => break,
                     r = freeze.changed() => if r.is_err() { break },

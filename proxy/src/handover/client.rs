@@ -117,7 +117,12 @@ impl Offer {
     pub fn ready(self) -> Result<Received, TakeoverError> {
         wire::send(self.chan.as_fd(), &Msg::Ready)?;
         let descriptors = match wire::recv(self.chan.as_fd()) {
-            Ok(Msg::State { descriptors }) => descriptors,
+            Ok(Msg::State { descriptors }) if descriptors <= wire::MAX_DESCRIPTORS => descriptors,
+            Ok(Msg::State { descriptors }) => {
+                return Err(self.failed(TakeoverError::Unexpected(format!(
+                    "{descriptors} descriptors announced"
+                ))))
+            }
             Ok(Msg::Failed { reason }) => return Err(TakeoverError::Failed(reason)),
             Ok(m) => return Err(self.failed(TakeoverError::Unexpected(format!("{m:?}")))),
             Err(e) => return Err(e.into()),
@@ -237,8 +242,11 @@ fn read_state(memfd: OwnedFd) -> Result<State, TakeoverError> {
     let len = f
         .metadata()
         .map_err(|e| TakeoverError::Wire(WireError::Io(e)))?
-        .len() as usize;
-    let mut buf = vec![0u8; len];
+        .len();
+    if len > wire::MAX_STATE_BYTES {
+        return Err(TakeoverError::Unexpected(format!("a state of {len} bytes")));
+    }
+    let mut buf = vec![0u8; len as usize];
     f.read_exact_at(&mut buf, 0)
         .map_err(|e| TakeoverError::Wire(WireError::Io(e)))?;
     Ok(wire::decode_state(&buf)?)

@@ -78,7 +78,7 @@ pub fn send_fds(chan: BorrowedFd<'_>, fds: &[BorrowedFd<'_>]) -> Result<(), ScmE
 /// batch. Every descriptor received is owned (closed on drop), also those of
 /// a batch that turns out malformed.
 pub fn recv_fds(chan: BorrowedFd<'_>, expected: usize) -> Result<Vec<OwnedFd>, ScmError> {
-    let mut out = Vec::with_capacity(expected);
+    let mut out = Vec::with_capacity(expected.min(4 * MAX_PER_MESSAGE));
     let mut batches: usize = 0;
     while out.len() < expected {
         let mut header = [0u8; 4];

@@ -178,6 +178,7 @@ fn serve_one(chan: BorrowedFd<'_>, s: &Serving) -> Result<HandedOver, String> {
         );
         return Err(reason);
     }
+    s.freezer.set_handing_over(true);
     let result = hand_over(chan, s, pid);
     if let Err(why) = &result {
         let _ = wire::send(
@@ -188,6 +189,7 @@ fn serve_one(chan: BorrowedFd<'_>, s: &Serving) -> Result<HandedOver, String> {
         );
         s.freezer.thaw();
         s.control.thaw();
+        s.freezer.set_handing_over(false);
     }
     result
 }
@@ -238,6 +240,7 @@ fn hand_over(chan: BorrowedFd<'_>, s: &Serving, successor_pid: u32) -> Result<Ha
         fds.extend(c.backend);
         states.push(wire::Conn {
             backend_fd: c.backend.is_some(),
+            draining: c.endpoint.is_draining(),
             state: c.state,
         });
     }

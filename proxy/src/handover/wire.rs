@@ -18,7 +18,15 @@ use std::time::SystemTime;
 /// [`State`] or to the kernel maps' layout changes it: a successor and a
 /// predecessor must speak the same one, or the hand-over is refused and
 /// the running agent keeps serving.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
+
+/// The most descriptors a hand-over may announce: two per connection at
+/// the most connections an agent can hold, and a few more.
+pub const MAX_DESCRIPTORS: usize = 2 * 1_048_576 + 64;
+
+/// The largest state a successor reads (a hand-over carries at most the
+/// hold budget's bytes and a little per connection).
+pub const MAX_STATE_BYTES: u64 = 64 << 30;
 
 /// The largest control message.
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -147,6 +155,9 @@ pub struct Kernel {
 pub struct Conn {
     pub state: ConnState,
     pub backend_fd: bool,
+    /// Its endpoint was removed and drains (one registered again at the
+    /// same address is another endpoint).
+    pub draining: bool,
 }
 
 /// Everything a hand-over carries besides descriptors. Descriptors follow
@@ -249,6 +260,7 @@ mod tests {
             conns: (0..conns)
                 .map(|i| Conn {
                     backend_fd: i % 2 == 0,
+                    draining: false,
                     state: ConnState {
                         id: i as u64,
                         client: "10.0.0.1:40000".parse().expect("addr"),

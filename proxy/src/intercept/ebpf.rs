@@ -183,6 +183,8 @@ pub struct EbpfInterception {
     /// Handed over: the maps are the successor's, and changes to them from
     /// here are dropped (see [`detach`](Self::detach)).
     detached: std::sync::atomic::AtomicBool,
+    /// A link still runs a predecessor's program (its swap failed).
+    stale_links: std::sync::atomic::AtomicBool,
 }
 
 /// A second descriptor for a map, to pin it by.
@@ -373,12 +375,17 @@ impl EbpfInterception {
             sizes,
             ebpf: Mutex::new(ebpf),
             detached: Default::default(),
+            stale_links: Default::default(),
         })
     }
 
     /// After a hand-over: every later change to the maps is dropped (they
     /// are the successor's), reads still work.
     pub fn detach(&self) {
+        // Under both maps' locks: a change in progress finishes first, and
+        // one that waits for a lock finds the flag set once it has it.
+        let _t = self.translate.lock();
+        let _e = self.endpoints.lock();
         self.detached
             .store(true, std::sync::atomic::Ordering::Release);
     }
@@ -433,7 +440,13 @@ impl EbpfInterception {
                 max_endpoints: self.sizes.endpoints,
                 max_translations: self.sizes.translations,
                 max_proxied_flows: self.sizes.proxied_flows,
-                object: object_hash(),
+                // A link whose swap failed runs an older build's program:
+                // a successor must load and swap even with this object.
+                object: if self.stale_links.load(std::sync::atomic::Ordering::Acquire) {
+                    0
+                } else {
+                    object_hash()
+                },
             },
             fds,
         ))
@@ -526,6 +539,13 @@ impl EbpfInterception {
         shield_ifaces: &[String],
     ) -> Result<(), InterceptError> {
         let poisoned = || InterceptError::Load("eBPF state lock poisoned".into());
+        {
+            // The predecessor changed translations until its commit, after
+            // this agent first read the count: count the entries now.
+            let mut t = self.translations()?;
+            let n = t.flows.keys().filter(|k| k.is_ok()).count() as u32;
+            t.publish(n)?;
+        }
         let mut ebpf = self.ebpf.lock().map_err(|_| poisoned())?;
         let mut links = self.links.lock().map_err(|_| poisoned())?;
         let mut failed = None;
@@ -565,6 +585,8 @@ impl EbpfInterception {
             };
             if let Err(e) = swapped {
                 tracing::error!(error = %e, "the predecessor's program keeps running in this link (same maps)");
+                self.stale_links
+                    .store(true, std::sync::atomic::Ordering::Release);
                 failed.get_or_insert(e);
             }
             // Ours either way: dropping it would detach it.
@@ -787,6 +809,9 @@ impl Interception for EbpfInterception {
             map: MAP_ENDPOINTS,
             detail: "lock poisoned".into(),
         })?;
+        if self.is_detached() {
+            return Ok(());
+        }
         if let Ok(mut stats) = self.stats.lock() {
             if stats.get(&key, 0).is_err() {
                 let cpus = aya::util::nr_cpus().map_err(|(_, e)| InterceptError::Map {
@@ -810,6 +835,9 @@ impl Interception for EbpfInterception {
             return Ok(());
         }
         if let Ok(mut eps) = self.endpoints.lock() {
+            if self.is_detached() {
+                return Ok(());
+            }
             match eps.remove(&key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err(MAP_ENDPOINTS)(e)),
@@ -845,6 +873,9 @@ impl Interception for EbpfInterception {
             return Ok(());
         }
         let mut m = self.translations()?;
+        if self.is_detached() {
+            return Ok(());
+        }
         // Under the old pod address (what node→pod packets carry at the
         // origin) and the new one (what pod→node packets carry there); the
         // destination sees the same two. See `FlowKey`.
@@ -872,6 +903,9 @@ impl Interception for EbpfInterception {
             return Ok(());
         }
         let mut m = self.translations()?;
+        if self.is_detached() {
+            return Ok(());
+        }
         // `flow` is keyed by the old pod address; its entry names the new
         // one. The old-address entry goes last, so a failure in between
         // leaves it to find the other by on a retry.
@@ -898,7 +932,11 @@ impl Interception for EbpfInterception {
         if self.is_detached() {
             return Ok(());
         }
-        self.translations()?.insert_counted(key, t)
+        let mut m = self.translations()?;
+        if self.is_detached() {
+            return Ok(());
+        }
+        m.insert_counted(key, t)
     }
 
     fn occupancy(&self) -> super::Occupancy {

@@ -540,12 +540,14 @@ impl Conn {
 
     /// The data plane is frozen: reports this connection and waits for the
     /// hand-over's verdict, touching neither socket meanwhile.
-    async fn freeze(&mut self) -> Result<FreezeState, ConnError> {
+    async fn freeze(&mut self, generation: u64) -> Result<FreezeState, ConnError> {
         let snapshot = self.snapshot()?;
-        self.ctx.freezer.report(snapshot);
+        self.ctx.freezer.report(generation, snapshot);
+        // Until this freeze ends: committed, thawed, or another freeze
+        // (after this one timed out), which this connection reports to anew.
         let verdict = self
             .freeze_rx
-            .wait_for(|s| *s != FreezeState::Frozen)
+            .wait_for(|s| *s != FreezeState::Frozen(generation))
             .await
             .map(|s| *s)
             .unwrap_or(FreezeState::Committed);
@@ -557,10 +559,15 @@ impl Conn {
             // Frozen for a hand-over (after any mode change, which the
             // control plane made before it froze).
             let mode_pending = self.mode_rx.has_changed().unwrap_or(false);
-            if !mode_pending && *self.freeze_rx.borrow_and_update() != FreezeState::Running {
-                match self.freeze().await? {
+            let freeze = *self.freeze_rx.borrow_and_update();
+            if !mode_pending {
+                match freeze {
+                    FreezeState::Running => {}
                     FreezeState::Committed => return Ok(Ended::HandedOver),
-                    _ => continue,
+                    FreezeState::Frozen(g) => match self.freeze(g).await? {
+                        FreezeState::Committed => return Ok(Ended::HandedOver),
+                        _ => continue,
+                    },
                 }
             }
             let hold = self.holding();

@@ -28,7 +28,9 @@ use tokio::sync::{watch, Notify};
 pub enum FreezeState {
     Running,
     /// Nothing is accepted or relayed; connections wait for the verdict.
-    Frozen,
+    /// The number tells one freeze from the next: a connection reports
+    /// once per freeze, and a report of an earlier one is ignored.
+    Frozen(u64),
     /// Handed over: frozen connections end without touching their sockets.
     Committed,
 }
@@ -44,6 +46,11 @@ pub struct Freezer {
     paused_loops: AtomicUsize,
     frozen: Mutex<Vec<ConnSnapshot>>,
     changed: Notify,
+    /// The last freeze's number.
+    generation: std::sync::atomic::AtomicU64,
+    /// A hand-over is under way (from before the control plane's freeze
+    /// to its outcome): stopping the agent must wait for the outcome.
+    handing_over: std::sync::atomic::AtomicBool,
 }
 
 /// A connection counted as relaying; dropping it uncounts it.
@@ -83,12 +90,25 @@ impl Freezer {
         *self.state.borrow()
     }
 
-    /// A frozen connection reports itself.
-    pub fn report(&self, s: ConnSnapshot) {
+    /// A connection frozen by freeze `generation` reports itself; a
+    /// report of an earlier freeze (that timed out) is dropped.
+    pub fn report(&self, generation: u64, s: ConnSnapshot) {
         if let Ok(mut f) = self.frozen.lock() {
-            f.push(s);
+            if *self.state.borrow() == FreezeState::Frozen(generation) {
+                f.push(s);
+            }
         }
         self.changed.notify_waiters();
+    }
+
+    /// Marks a hand-over as under way (`true`) or over.
+    pub fn set_handing_over(&self, on: bool) {
+        self.handing_over.store(on, Ordering::Release);
+    }
+
+    /// Whether a hand-over is under way.
+    pub fn handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::Acquire)
     }
 
     /// An accept loop stopped accepting (`true`) or starts again.
@@ -109,7 +129,11 @@ impl Freezer {
         loops: usize,
         timeout: Duration,
     ) -> Result<Vec<ConnSnapshot>, FreezeError> {
-        self.state.send_replace(FreezeState::Frozen);
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        if let Ok(mut f) = self.frozen.lock() {
+            f.clear();
+            self.state.send_replace(FreezeState::Frozen(generation));
+        }
         let done = || {
             let reported = self.frozen.lock().map(|f| f.len()).unwrap_or(0);
             let paused = self.paused_loops.load(Ordering::Acquire);
@@ -151,8 +175,8 @@ impl Freezer {
     pub fn thaw(&self) {
         if let Ok(mut f) = self.frozen.lock() {
             f.clear();
+            self.state.send_replace(FreezeState::Running);
         }
-        self.state.send_replace(FreezeState::Running);
     }
 
     /// The hand-over is committed: frozen connections end silently.
@@ -170,6 +194,8 @@ impl Default for Freezer {
             paused_loops: AtomicUsize::new(0),
             frozen: Mutex::new(Vec::new()),
             changed: Notify::new(),
+            generation: Default::default(),
+            handing_over: Default::default(),
         }
     }
 }

@@ -111,7 +111,7 @@ pub async fn accept_loop(
             // Accepted connections all count as active by now.
             freezer.loop_paused(true);
             let verdict = state
-                .wait_for(|s| *s != FreezeState::Frozen)
+                .wait_for(|s| !matches!(s, FreezeState::Frozen(_)))
                 .await
                 .map(|s| *s);
             freezer.loop_paused(false);
