@@ -291,12 +291,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
         .context("duplicating the API listener")?;
     api::serve::serve(api_for_serve, app, stop, freezer.subscribe()).await;
-    if freezer.handing_over() && freezer.state() != FreezeState::Committed {
+    if freezer.stop() && freezer.state() != FreezeState::Committed {
         // Stopped in the middle of a hand-over: its outcome decides what
         // stopping means (every step is bounded). Stopping now would shut
         // down sockets the successor may already own.
         tracing::info!("a hand-over is in progress; waiting for its outcome before stopping");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // Longer than all of a hand-over's step timeouts together.
+        let deadline = Instant::now() + Duration::from_secs(180);
         while freezer.handing_over()
             && freezer.state() != FreezeState::Committed
             && Instant::now() < deadline

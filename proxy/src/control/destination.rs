@@ -333,7 +333,9 @@ impl Control {
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
             if let Some(control) = control.upgrade() {
-                let _op = control.op_when_open().await;
+                let Some(_op) = control.op_when_open().await else {
+                    return;
+                };
                 // Only if nobody completed it: a migration completed as
                 // a success must not turn into a failure now.
                 let _ = control.complete(&id, Some("deadline".into()), false);

@@ -103,6 +103,8 @@ struct Gate {
     closed: std::sync::atomic::AtomicBool,
     in_flight: std::sync::atomic::AtomicUsize,
     opened: tokio::sync::Notify,
+    /// Handed over: never opens again.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 /// A call that changes state, counted until it returns.
@@ -131,14 +133,26 @@ impl Control {
 
     /// [`op`](Self::op), waiting for the gate to open (the agent's own
     /// timers, which must not be lost).
-    pub(crate) async fn op_when_open(&self) -> Op<'_> {
+    /// `None` once the agent has handed over (the gate never opens again).
+    pub(crate) async fn op_when_open(&self) -> Option<Op<'_>> {
         loop {
             let opened = self.gate.opened.notified();
+            if self.gate.retired.load(Ordering::SeqCst) {
+                return None;
+            }
             if let Ok(op) = self.op() {
-                return op;
+                return Some(op);
             }
             opened.await;
         }
+    }
+
+    /// Handed over: the gate stays closed, and the agent's own timers
+    /// waiting for it give up (they hold the control plane, and with it
+    /// the kernel objects, which the old agent must let go of).
+    pub fn retire(&self) {
+        self.gate.retired.store(true, Ordering::SeqCst);
+        self.gate.opened.notify_waiters();
     }
 
     /// Stops every call that changes state, waiting (up to `timeout`) for

@@ -208,7 +208,9 @@ impl Control {
             };
             // Not while a hand-over is in progress: the hold is the next
             // agent's if it commits, this one's again if not.
-            let _op = control.op_when_open().await;
+            let Some(_op) = control.op_when_open().await else {
+                return;
+            };
             let due = lock(&control.migrations)
                 .get(&id)
                 .is_some_and(|m| m.phase == Phase::Holding && m.stats.epoch == epoch);

@@ -246,7 +246,10 @@ fn read_state(memfd: OwnedFd) -> Result<State, TakeoverError> {
     if len > wire::MAX_STATE_BYTES {
         return Err(TakeoverError::Unexpected(format!("a state of {len} bytes")));
     }
-    let mut buf = vec![0u8; len as usize];
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len as usize)
+        .map_err(|_| TakeoverError::Unexpected(format!("no memory for a state of {len} bytes")))?;
+    buf.resize(len as usize, 0);
     f.read_exact_at(&mut buf, 0)
         .map_err(|e| TakeoverError::Wire(WireError::Io(e)))?;
     Ok(wire::decode_state(&buf)?)

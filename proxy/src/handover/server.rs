@@ -122,6 +122,17 @@ pub fn spawn(
         })
 }
 
+/// Thaws an agent whose hand-over did not finish (dropped in a panic).
+struct Unfinished<'a>(&'a Serving);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        self.0.freezer.thaw();
+        self.0.control.thaw();
+        self.0.freezer.set_handing_over(false);
+    }
+}
+
 /// What the agent handed over, for its last log line.
 #[derive(Debug)]
 pub struct HandedOver {
@@ -178,8 +189,21 @@ fn serve_one(chan: BorrowedFd<'_>, s: &Serving) -> Result<HandedOver, String> {
         );
         return Err(reason);
     }
-    s.freezer.set_handing_over(true);
+    if !s.freezer.begin_handover() {
+        let reason = "the agent is stopping".to_string();
+        let _ = wire::send(
+            chan,
+            &Msg::Refused {
+                reason: reason.clone(),
+            },
+        );
+        return Err(reason);
+    }
+    // Whatever happens below (a panic included), an unfinished hand-over
+    // thaws everything.
+    let guard = Unfinished(s);
     let result = hand_over(chan, s, pid);
+    std::mem::forget(guard);
     if let Err(why) = &result {
         let _ = wire::send(
             chan,
@@ -281,6 +305,7 @@ fn hand_over(chan: BorrowedFd<'_>, s: &Serving, successor_pid: u32) -> Result<Ha
     // connection that was only closing here must not remove a draining
     // endpoint's entry the successor relays through).
     s.intercept.detach();
+    s.control.retire();
     s.freezer.commit();
     let _ = wire::send(chan, &Msg::Done);
     let frozen_for = frozen.elapsed();

@@ -539,13 +539,6 @@ impl EbpfInterception {
         shield_ifaces: &[String],
     ) -> Result<(), InterceptError> {
         let poisoned = || InterceptError::Load("eBPF state lock poisoned".into());
-        {
-            // The predecessor changed translations until its commit, after
-            // this agent first read the count: count the entries now.
-            let mut t = self.translations()?;
-            let n = t.flows.keys().filter(|k| k.is_ok()).count() as u32;
-            t.publish(n)?;
-        }
         let mut ebpf = self.ebpf.lock().map_err(|_| poisoned())?;
         let mut links = self.links.lock().map_err(|_| poisoned())?;
         let mut failed = None;
@@ -616,6 +609,28 @@ impl EbpfInterception {
                     let prog = program_mut(&mut ebpf, program)?;
                     let a = attach(prog, program, iface, ingress)?;
                     links.push(a);
+                }
+            }
+        }
+        drop(links);
+        drop(ebpf);
+        // The predecessor changed translations until its commit, after this
+        // agent first read the count: count the entries now. On any error
+        // the count read before stays (a short count would stop
+        // translations that are still needed).
+        if let Ok(mut t) = self.translations() {
+            let mut n = 0u32;
+            let mut whole = true;
+            for k in t.flows.keys() {
+                if k.is_err() {
+                    whole = false;
+                    break;
+                }
+                n = n.saturating_add(1);
+            }
+            if whole && n != t.installed {
+                if let Err(e) = t.publish(n) {
+                    tracing::warn!(error = %e, "publishing the translation count");
                 }
             }
         }

@@ -571,7 +571,7 @@ impl Conn {
                 }
             }
             let hold = self.holding();
-            if hold.is_none() && self.backend.is_none() && !self.down.eof {
+            if hold.is_none() && self.backend.is_none() && !self.down.eof && !mode_pending {
                 // A freeze gives up the connect (a half-open socket is
                 // nothing to hand over): the next agent connects afresh.
                 let connector = self.ctx.connector.clone();

@@ -51,6 +51,8 @@ pub struct Freezer {
     /// A hand-over is under way (from before the control plane's freeze
     /// to its outcome): stopping the agent must wait for the outcome.
     handing_over: std::sync::atomic::AtomicBool,
+    /// The agent is stopping (see [`Freezer::stop`]).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// A connection counted as relaying; dropping it uncounts it.
@@ -101,7 +103,31 @@ impl Freezer {
         self.changed.notify_waiters();
     }
 
-    /// Marks a hand-over as under way (`true`) or over.
+    /// Marks a hand-over as under way, unless the agent is stopping;
+    /// returns whether it did. With [`stop`](Self::stop), exactly one of
+    /// the two wins.
+    pub fn begin_handover(&self) -> bool {
+        let Ok(_g) = self.frozen.lock() else {
+            return false;
+        };
+        if self.stopping.load(Ordering::Acquire) {
+            return false;
+        }
+        self.handing_over.store(true, Ordering::Release);
+        true
+    }
+
+    /// The agent is stopping: no hand-over may begin. Returns whether one
+    /// is under way (the caller waits for its outcome).
+    pub fn stop(&self) -> bool {
+        let Ok(_g) = self.frozen.lock() else {
+            return self.handing_over();
+        };
+        self.stopping.store(true, Ordering::Release);
+        self.handing_over()
+    }
+
+    /// Marks a hand-over as over (`false`).
     pub fn set_handing_over(&self, on: bool) {
         self.handing_over.store(on, Ordering::Release);
     }
@@ -196,6 +222,7 @@ impl Default for Freezer {
             changed: Notify::new(),
             generation: Default::default(),
             handing_over: Default::default(),
+            stopping: Default::default(),
         }
     }
 }

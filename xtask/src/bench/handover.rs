@@ -33,7 +33,7 @@ pub fn run(quick: bool, target_dir: &Path) -> Result<Section> {
         ..Default::default()
     };
     let mut pause = Row::new(
-        "client-visible pause (longest echo gap - tick)",
+        "longest echo gap - tick: no hand-over (baseline), one hand-over",
         "ms",
         false,
     );
@@ -53,8 +53,11 @@ pub fn run(quick: bool, target_dir: &Path) -> Result<Section> {
         let r =
             one(n, target_dir, quick).with_context(|| format!("hand-over with {n} connections"))?;
         let v = format!("{n} conns");
+        for s in &r.baseline_ms {
+            pause.push(&format!("{n} conns, baseline"), *s);
+        }
         for s in &r.pause_ms {
-            pause.push(&v, *s);
+            pause.push(&format!("{n} conns, hand-over"), *s);
         }
         for s in &r.frozen_ms {
             frozen.push(&v, *s);
@@ -75,6 +78,9 @@ pub fn run(quick: bool, target_dir: &Path) -> Result<Section> {
 }
 
 struct Result1 {
+    /// The same measure over a window as long as a hand-over, with none:
+    /// what the load itself costs the clients on this machine.
+    baseline_ms: Vec<f64>,
     pause_ms: Vec<f64>,
     frozen_ms: Vec<f64>,
     took_ms: Vec<f64>,
@@ -121,6 +127,7 @@ fn one(n: usize, target_dir: &Path, quick: bool) -> Result<Result1> {
     let streams = Tickers::start(&t.client, ep, n, tick)?;
     std::thread::sleep(Duration::from_millis(1000));
     let mut r = Result1 {
+        baseline_ms: Vec::new(),
         pause_ms: Vec::new(),
         frozen_ms: Vec::new(),
         took_ms: Vec::new(),
@@ -129,6 +136,16 @@ fn one(n: usize, target_dir: &Path, quick: bool) -> Result<Result1> {
     };
     let rounds = if quick { 1 } else { ROUNDS };
     for round in 0..rounds {
+        // The baseline: a window about as long as a hand-over's (a few
+        // seconds here, plus the 600 ms after it), with no hand-over.
+        let b0 = Instant::now();
+        std::thread::sleep(if quick {
+            Duration::from_millis(600)
+        } else {
+            Duration::from_millis(3600)
+        });
+        r.baseline_ms
+            .push((streams.max_gap_since(b0).saturating_sub(tick)).as_secs_f64() * 1e3);
         let t0 = Instant::now();
         let new = agent.successor(&copies[round % copies.len()], &[]);
         r.took_ms.push(t0.elapsed().as_secs_f64() * 1e3);
