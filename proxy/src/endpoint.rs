@@ -408,14 +408,7 @@ impl EndpointState {
     /// Registers a connection; the guard deregisters it when dropped.
     pub fn register(self: &Arc<Self>, info: Arc<ConnInfo>) -> ConnGuard {
         self.connections_total.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut conns) = self.conns.lock() {
-            conns.insert(info.id, info.clone());
-        }
-        ConnGuard {
-            endpoint: self.clone(),
-            id: info.id,
-            handed_over: false,
-        }
+        self.adopt(info)
     }
 
     /// Registers a connection handed over by the previous agent (counted

@@ -127,3 +127,20 @@ pub fn u(v: &Value, key: &str) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
+
+/// Panics if the agent's fwmark rule is still in `node`'s namespace (a
+/// stopped agent removes the policy rule and route it installed).
+pub fn assert_no_policy_rule(node: &str) {
+    let rules = String::from_utf8_lossy(
+        &std::process::Command::new("ip")
+            .args(["-n", node, "rule"])
+            .output()
+            .expect("ip rule")
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        !rules.contains("0x53480001"),
+        "fwmark rule left behind:\n{rules}"
+    );
+}

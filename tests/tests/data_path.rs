@@ -76,18 +76,7 @@ fn steady_state_relays_every_byte() {
     let node = w.t.node.name().to_string();
     let World { agent, .. } = w;
     drop(agent);
-    let rules = String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["-n", &node, "rule"])
-            .output()
-            .expect("ip rule")
-            .stdout,
-    )
-    .into_owned();
-    assert!(
-        !rules.contains("0x53480001"),
-        "fwmark rule left behind:\n{rules}"
-    );
+    shepherd_tests::single::assert_no_policy_rule(&node);
 }
 
 /// With several data threads, `intercept` spreads SYNs over their listeners

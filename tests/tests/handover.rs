@@ -265,18 +265,7 @@ fn three_handovers_then_a_clean_stop() {
         .expect("the agent stops on SIGTERM");
     assert!(status.success(), "{status}\n{}", w.agent.log());
     assert!(w.agent.log().contains("shutting down"), "{}", w.agent.log());
-    let rules = String::from_utf8_lossy(
-        &std::process::Command::new("ip")
-            .args(["-n", &node, "rule"])
-            .output()
-            .expect("ip rule")
-            .stdout,
-    )
-    .into_owned();
-    assert!(
-        !rules.contains("0x53480001"),
-        "fwmark rule left behind:\n{rules}"
-    );
+    shepherd_tests::single::assert_no_policy_rule(&node);
 }
 
 /// 5. A successor that speaks another hand-over protocol is refused: it
